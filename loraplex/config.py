@@ -1,0 +1,111 @@
+"""EngineConfig: every engine option, validated once."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20,
+               "gib": 1 << 30}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # checkpoint directory; None = the demo model in data_dir
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # prompt + output tokens; None = the model's own limit
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    kv_cache_memory: str | int | float | None = None  # bytes ("4GiB"), or a fraction of free GPU memory
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    served_model_name: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be at least 2, got {self.max_model_len}")
+        if self.kv_cache_memory is not None:
+            parse_memory(self.kv_cache_memory)
+
+    @classmethod
+    def from_options(cls, **options) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**options)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda was asked for but torch sees no CUDA device; use --device cpu")
+        return device
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir or os.environ.get("LORAPLEX_HOME") or Path.home() / ".cache" / "loraplex")
+
+    def kv_cache_bytes(self, device: torch.device) -> int:
+        """Bytes for the KV cache: as given, or a share of the device's free memory."""
+        value = self.kv_cache_memory
+        if value is None:
+            value = DEFAULT_GPU_KV_CACHE_FRACTION if device.type == "cuda" else DEFAULT_CPU_KV_CACHE_BYTES
+        amount = parse_memory(value)
+        if isinstance(amount, float):
+            if device.type != "cuda":
+                raise ValueError("kv_cache_memory: a fraction applies to GPU memory only; on the CPU give "
+                                 "bytes, e.g. 2GiB")
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * amount)
+        return amount
+
+
+def parse_memory(value: str | int | float) -> int | float:
+    """'2GiB' / '512MB' / 1073741824 -> bytes (int); 0.9 -> a fraction (float in (0, 1])."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"kv_cache_memory: {value!r} is not a size; write e.g. 2GiB, 512MB, or 0.9")
+        number = float(match.group(1)) * _SIZE_UNITS[unit]
+        if unit == "" and number <= 1:
+            return _fraction(number)
+        return int(number)
+    if isinstance(number, float) and number <= 1:
+        return _fraction(number)
+    if number < 1:
+        raise ValueError(f"kv_cache_memory: must be positive, got {value!r}")
+    return int(number)
+
+
+def _fraction(number: float) -> float:
+    if not 0 < number <= 1:
+        raise ValueError(f"kv_cache_memory: a fraction must be in (0, 1], got {number}")
+    return float(number)

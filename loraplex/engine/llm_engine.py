@@ -1,0 +1,221 @@
+"""LLMEngine: add_request / step / abort over the scheduler, the model runner and the tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex.config import EngineConfig
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.model_runner import ModelRunner, kv_cache_block_bytes
+from loraplex.engine.sampling import SampleResult, SamplingParams
+from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.sequence import Sequence, TokenLogprob
+from loraplex.kernels.backend import select_backend
+from loraplex.models.loader import load_model
+from loraplex.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str  # all output text so far
+    token_ids: list[int]  # all output tokens so far
+    delta_text: str  # text new since the previous output of this request
+    delta_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype(self.device)
+        backend = select_backend(self.device)
+        self.model = load_model(model_dir, self.dtype, self.device, backend)
+        model_config = self.model.config
+        self.tokenizer = Tokenizer.from_dir(model_dir, model_config.eos_token_ids)
+        self.max_model_len = self._max_model_len(model_config.max_position_embeddings)
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.block_manager, self.dtype, self.device, config.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._next_id = 0
+        logger.info("loaded %s (%s, %s, %s backend): %d KV blocks of %d tokens, max_model_len %d",
+                    model_dir, model_config.architecture, self.dtype, backend.name, num_blocks,
+                    config.block_size, self.max_model_len)
+
+    def _max_model_len(self, model_limit: int) -> int:
+        requested = self.config.max_model_len
+        if requested is None:
+            return model_limit
+        if requested > model_limit:
+            raise ValueError(f"max_model_len: {requested} exceeds the model's max_position_embeddings "
+                             f"({model_limit}); lower it")
+        return requested
+
+    def _num_kv_blocks(self) -> int:
+        block_bytes = kv_cache_block_bytes(self.model, self.config.block_size, self.dtype)
+        num_blocks = self.config.kv_cache_bytes(self.device) // block_bytes
+        needed = -(-self.max_model_len // self.config.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"kv_cache_memory: {num_blocks * block_bytes} bytes hold {num_blocks} blocks of "
+                f"{self.config.block_size} tokens, but one sequence of max_model_len {self.max_model_len} "
+                f"needs {needed} ({needed * block_bytes} bytes); raise kv_cache_memory or lower max_model_len"
+            )
+        return num_blocks
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a prompt (text, or token ids); returns its request id. Raises ValueError at once for
+        a request that could never run."""
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self._seqs:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        self._check_fits(token_ids, params)
+        eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(
+            request_id, text, token_ids, params,
+            stop_token_ids=frozenset(eos | set(params.stop_token_ids)),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
+            generator=generator,
+            arrival_time=arrival_time,
+        )
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            token_ids, text = list(prompt), None
+            vocab = self.model.config.vocab_size
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        return text, token_ids
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens"
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks; returns False if it was not running or waiting."""
+        seq = self.scheduler.abort(request_id)
+        self._seqs.pop(request_id, None)
+        return seq is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._seqs)
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch: prefill chunks and decodes together. Returns an output for every request
+        that produced a token."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        sampled_seqs, result = self.runner.execute(batch)
+        for seq, num_new in batch.scheduled:
+            seq.num_computed_tokens += num_new
+            self.block_manager.commit(seq)
+        outputs = []
+        for row, seq in enumerate(sampled_seqs):
+            self._append_token(seq, result, row)
+            outputs.append(self._output(seq))
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+                del self._seqs[seq.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, result: SampleResult, row: int) -> None:
+        token = result.token_ids[row]
+        seq.token_ids.append(token)
+        if result.logprobs is not None and seq.params.logprobs is not None:
+            seq.logprobs.append(TokenLogprob(token, result.logprobs[row], result.top_logprobs[row]))
+        if token in seq.stop_token_ids:
+            seq.finish("stop", token)
+            return
+        previous_len = len(seq.output_text)
+        seq.output_text += seq.detokenizer.step(seq.token_ids)
+        if self._check_stop_strings(seq, previous_len):
+            return
+        if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.output_text += seq.detokenizer.flush(seq.token_ids)
+            seq.finish("length")
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, previous_len: int) -> bool:
+        text = seq.output_text
+        for stop in seq.params.stop:
+            # Only the new text, plus enough before it for a stop string that straddles the boundary.
+            index = text.find(stop, max(previous_len - len(stop) + 1, 0))
+            if index >= 0:
+                end = index + len(stop) if seq.params.include_stop_str_in_output else index
+                seq.output_text = text[:end]
+                seq.finish("stop", stop)
+                return True
+        return False
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        # While running, hold back a tail that may still turn out to start a stop string.
+        holdback = 0 if seq.is_finished else max((len(s) - 1 for s in seq.params.stop), default=0)
+        emit_upto = max(len(seq.output_text) - holdback, seq.num_emitted_chars)
+        delta_text = seq.output_text[seq.num_emitted_chars : emit_upto]
+        seq.num_emitted_chars = emit_upto
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=seq.output_text[:emit_upto],
+            token_ids=list(seq.output_token_ids),
+            delta_text=delta_text,
+            delta_token_ids=seq.output_token_ids[-1:],
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_cached_tokens,
+        )

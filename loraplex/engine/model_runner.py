@@ -1,0 +1,106 @@
+"""Turns a scheduled batch into tensors, runs the model, and samples."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.sampling import Sampler, SampleResult
+from loraplex.engine.scheduler import SchedulerOutput
+from loraplex.engine.sequence import Sequence
+from loraplex.kernels.backend import AttentionMetadata
+from loraplex.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # [num_sampled]: rows of the hidden states that give logits
+    sampled_seqs: list[Sequence]
+
+
+def kv_cache_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, dtype: torch.dtype,
+                 device: torch.device, seed: int) -> None:
+        self.model = model
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.device = device
+        self.sampler = Sampler(device, seed)
+        c = model.config
+        # [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: one allocation for all layers.
+        self.kv_cache = torch.zeros(
+            2, c.num_layers, block_manager.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+            dtype=dtype, device=device,
+        )
+        for i, attn in enumerate(model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> tuple[list[Sequence], SampleResult | None]:
+        """Run one step; returns the sequences that sampled a token and what they sampled."""
+        inputs = self.prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [num_tokens, hidden]
+        if not inputs.sampled_seqs:
+            return [], None
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_sampled, vocab]
+        params = [seq.params for seq in inputs.sampled_seqs]
+        generators = [seq.generator for seq in inputs.sampled_seqs]
+        return inputs.sampled_seqs, self.sampler(logits, params, generators)
+
+    def prepare(self, batch: SchedulerOutput) -> StepInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start_loc = [0]
+        sample_indices: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, num_new in batch.scheduled:
+            start = seq.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self.block_manager.slot(seq, p) for p in range(start, end))
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            if end == seq.num_tokens:  # the whole known sequence is computed: sample the next token
+                sample_indices.append(query_start_loc[-1] - 1)
+                sampled.append(seq)
+        max_blocks = max(len(seq.block_table) for seq, _ in batch.scheduled)
+        block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in batch.scheduled]
+        as_tensor = self._tensor
+        meta = AttentionMetadata(
+            slot_mapping=as_tensor(slots, torch.int64),
+            block_tables=as_tensor(block_tables, torch.int32),
+            seq_lens=as_tensor(seq_lens, torch.int32),
+            query_start_loc=as_tensor(query_start_loc, torch.int32),
+            max_query_len=max(n for _, n in batch.scheduled),
+        )
+        self.model.backend.prepare(meta, self.block_size)
+        return StepInputs(
+            input_ids=as_tensor(input_ids, torch.int64),
+            positions=as_tensor(positions, torch.int64),
+            meta=meta,
+            sample_indices=as_tensor(sample_indices, torch.int64),
+            sampled_seqs=sampled,
+        )
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        # Built on the host and copied once; pinned memory makes the copy asynchronous on CUDA.
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t

@@ -1,0 +1,132 @@
+"""Per-request sampling parameters and the batched sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None = none; 0 = the chosen token's; k = plus the k most likely
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= -1, "top_k", f"must be -1, 0 (off) or a positive count, got {self.top_k}")
+        _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]  # one per sampled row
+    logprobs: list[float] | None = None  # chosen token's log-probability, per row
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # (token id, logprob), per row
+
+
+def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
+    """Mask to -inf every token that top-k, then top-p, then min-p rule out.
+
+    logits: [n, vocab] fp32, already divided by temperature. top_k: [n] int (<= 0 = off);
+    top_p, min_p: [n] fp32 (1.0 and 0.0 = off). Top-k keeps ties with the k-th logit; top-p keeps the
+    smallest prefix of the sorted tokens whose mass reaches top_p (the most likely token always stays);
+    min-p keeps tokens whose probability is at least min_p times the top token's.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = sorted_logits.gather(1, (k - 1).unsqueeze(1))  # [n, 1]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [n, vocab]
+    keep_sorted = mass_before < top_p.unsqueeze(1)
+    # The smallest kept logit is the threshold: everything at or above it stays.
+    threshold = sorted_logits.masked_fill(~keep_sorted, float("inf")).min(dim=-1, keepdim=True).values
+    logits = logits.masked_fill(logits < threshold, float("-inf"))
+
+    probs = logits.softmax(dim=-1)
+    min_prob = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < min_prob, float("-inf"))
+
+
+class Sampler:
+    """Picks one token per row; a row with a seed draws from its own generator only."""
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> SampleResult:
+        """logits: [n, vocab] fp32, one row per sequence that samples this step."""
+        if all(p.greedy for p in params):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, params, generators)
+        result = SampleResult(token_ids.tolist())
+        if any(p.logprobs is not None for p in params):
+            self._add_logprobs(result, logits, token_ids, params)
+        return result
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams], generators) -> torch.Tensor:
+        dev = logits.device
+        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+        top_k = torch.tensor([p.top_k for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        filtered = apply_filters(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
+        probs = filtered.softmax(dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (the Gumbel-max trick).
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def _add_logprobs(result: SampleResult, logits, token_ids, params: list[SamplingParams]) -> None:
+        # Log-probabilities of the model's own distribution, before temperature and filters.
+        logprobs = logits.log_softmax(dim=-1)
+        result.logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
+        k = max(p.logprobs or 0 for p in params)
+        if k == 0:
+            result.top_logprobs = [[] for _ in params]
+            return
+        values, indices = logprobs.topk(k, dim=-1)
+        values, indices = values.tolist(), indices.tolist()
+        result.top_logprobs = [
+            list(zip(indices[row][: p.logprobs or 0], values[row][: p.logprobs or 0], strict=True))
+            for row, p in enumerate(params)
+        ]

@@ -1,0 +1,85 @@
+"""One request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stop_token_ids: frozenset[int],
+        detokenizer: IncrementalDetokenizer,
+        generator: torch.Generator | None,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.stop_token_ids = stop_token_ids
+        self.detokenizer = detokenizer
+        self.generator = generator
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output
+        self.num_computed_tokens = 0  # tokens whose keys and values are in the cache
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.output_text = ""
+        self.num_emitted_chars = 0  # of output_text, handed out as deltas already
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.stop_reason: int | str | None = None  # the stop token id or string that ended it
+        self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on first admission
+        self.first_token_time: float | None = None
+        self.cache_salt: str | None = None  # keeps prefix-cache blocks apart when their KV differs
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"status={self.status.value})")

@@ -1,0 +1,127 @@
+"""Pure-torch twins of the Triton ops: the CPU path and the oracle of the kernel tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store this step's keys and values in the paged cache.
+
+    Semantics:
+        for t in range(num_tokens):
+            block, offset = divmod(slot_mapping[t], block_size)
+            k_cache[block, offset] = key[t]
+            v_cache[block, offset] = value[t]
+
+    Shapes:
+        key, value:      [num_tokens, num_kv_heads, head_dim]
+        k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+        slot_mapping:    [num_tokens] int64
+    """
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each query token over its sequence's paged keys and values.
+
+    Sequence b owns query tokens query_start_loc[b]:query_start_loc[b+1] (its newest q_len_b
+    tokens) and seq_lens[b] cached tokens, this step's included. Its i-th query token sits at
+    position p = seq_lens[b] - q_len_b + i and attends to positions 0..p.
+
+    Semantics:
+        for b in range(num_seqs):
+            keys = concat(k_cache[block_tables[b, j]] for j)[:seq_lens[b]]     # [seq_len, Hkv, D]
+            for i, t in enumerate(range(query_start_loc[b], query_start_loc[b+1])):
+                p = seq_lens[b] - q_len_b + i
+                out[t] = softmax(query[t] @ keys[:p+1]^T * scale) @ values[:p+1]  # per head,
+                                                        # query head h reads kv head h // (H // Hkv)
+
+    Shapes:
+        query:           [num_tokens, num_heads, head_dim]
+        k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+        block_tables:    [num_seqs, max_blocks_per_seq] int32 (unused entries may hold any block)
+        seq_lens:        [num_seqs] int32
+        query_start_loc: [num_seqs + 1] int32
+        returns:         [num_tokens, num_heads, head_dim]
+    """
+    plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
+    return paged_attention_planned(query, k_cache, v_cache, plan, scale)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Per-step layout of the padded attention; built once per step, shared by every layer."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq]
+    padded_index: torch.Tensor  # [num_tokens]: flat token -> row of [num_seqs * max_query_len]
+    mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_kv_len] bool, True = attend
+    max_query_len: int
+
+
+def plan_paged_attention(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int
+) -> AttentionPlan:
+    num_seqs = block_tables.shape[0]
+    device = block_tables.device
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    num_tokens = int(query_start_loc[-1])
+    max_query_len = int(query_lens.max())
+    max_kv_len = block_tables.shape[1] * block_size
+
+    # Scatter the flat query tokens into a padded [num_seqs, max_query_len] grid.
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
+    index_in_seq = torch.arange(num_tokens, device=device) - query_start_loc[seq_of_token]
+    padded_index = seq_of_token * max_query_len + index_in_seq
+
+    # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
+    first_pos = (seq_lens - query_lens).unsqueeze(1)  # [num_seqs, 1]
+    q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
+    q_pos = torch.where(q_pos < seq_lens.unsqueeze(1), q_pos, torch.zeros_like(q_pos))
+    kv_pos = torch.arange(max_kv_len, device=device)
+    mask = kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [num_seqs, max_query_len, max_kv_len]
+    return AttentionPlan(block_tables.long(), padded_index, mask.unsqueeze(1), max_query_len)
+
+
+def paged_attention_planned(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
+) -> torch.Tensor:
+    """`paged_attention` with its layout computed beforehand by `plan_paged_attention`."""
+    num_heads, head_dim = query.shape[1:]
+    num_seqs, max_query_len = plan.block_tables.shape[0], plan.max_query_len
+    num_kv_heads = k_cache.shape[2]
+    max_kv_len = plan.mask.shape[-1]
+
+    padded_q = query.new_zeros(num_seqs * max_query_len, num_heads, head_dim)
+    padded_q.index_copy_(0, plan.padded_index, query)
+    padded_q = padded_q.view(num_seqs, max_query_len, num_heads, head_dim).transpose(1, 2)
+
+    # [num_seqs, max_kv_len, num_kv_heads, head_dim] -> [num_seqs, num_kv_heads, max_kv_len, head_dim]
+    keys = k_cache[plan.block_tables].view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[plan.block_tables].view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        padded_q, keys.to(query.dtype), values.to(query.dtype),
+        attn_mask=plan.mask, scale=scale, enable_gqa=num_heads != num_kv_heads,
+    )  # [num_seqs, num_heads, max_query_len, head_dim]
+    out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)
+    return out[plan.padded_index]

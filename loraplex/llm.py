@@ -1,0 +1,77 @@
+"""`LLM`: offline batch generation, the Python face of the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from loraplex.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine, RequestOutput
+from loraplex.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_DIRNAME = "demo-tiny"
+
+
+def resolve_model_dir(config: EngineConfig) -> Path:
+    """The checkpoint directory to serve: `config.model`, or the demo model, made once in the data dir."""
+    if config.model is not None:
+        path = Path(config.model).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"model: {path} is not a directory; pass a Hugging Face checkpoint directory")
+        return path
+    from loraplex.models.demo import write_demo_model
+
+    path = config.resolved_data_dir() / DEMO_MODEL_DIRNAME
+    if not (path / "config.json").exists():
+        logger.info("writing the demo model to %s (once)", path)
+        write_demo_model(path)
+    return path
+
+
+class LLM:
+    """Generate completions for many prompts at once::
+
+        llm = LLM(model="/models/Llama-3.2-1B", dtype="float32")
+        outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    """
+
+    def __init__(self, model: str | None = None, **engine_options) -> None:
+        config = EngineConfig.from_options(model=model, **engine_options)
+        self.engine = LLMEngine(config, resolve_model_dir(config))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """All prompts run concurrently through the engine; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params, strict=True):
+                ids.append(self.engine.add_request(prompt, sp))
+        except ValueError as e:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise ValueError(f"prompt {len(ids)}: {e}") from None
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[i] for i in ids]

@@ -1,0 +1,117 @@
+"""Load a Hugging Face checkpoint directory into `LlamaForCausalLM`, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loraplex.kernels.backend import TorchBackend
+from loraplex.models.llama import LlamaForCausalLM, MergedLinear
+from loraplex.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# Tensors some checkpoints carry that the model recomputes or does not need.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def find_weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index}: names {missing[0].name}, which is not in {model_dir}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise ValueError(
+            f"{model_dir}: holds only pickle weights (*.bin/*.pt), which loraplex does not load; convert "
+            "them with `transformers`: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+            "safe_serialization=True)"
+        )
+    raise FileNotFoundError(f"{model_dir}: no *.safetensors weights found")
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, backend: TorchBackend
+) -> LlamaForCausalLM:
+    config = ModelConfig.from_file(model_dir / "config.json")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend, dtype)
+    model.to_empty(device=device)
+    unfilled = set(_target_names(model))
+    for path in find_weight_files(model_dir):
+        for name, tensor in _read_tensors(path):
+            _load_tensor(model, config, path, name, tensor, unfilled)
+    if unfilled:
+        names = ", ".join(sorted(unfilled)[:5])
+        raise ValueError(f"{model_dir}: checkpoint lacks {len(unfilled)} tensor(s) the model needs: {names}")
+    model.model.rotary.build(device, config.max_position_embeddings)
+    return model.eval().requires_grad_(False)
+
+
+def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    # safe_open memory-maps the file: each tensor is read as it is copied into its parameter.
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open objects are not iterable)
+            yield name, f.get_tensor(name)
+
+
+def _target_names(model: LlamaForCausalLM) -> Iterator[str]:
+    """Every checkpoint tensor name the model expects, fused shards named as the checkpoint has them."""
+    shards_of: dict[str, list[str]] = {}  # fused module -> checkpoint projections
+    for ckpt_leaf, (fused_leaf, _) in model.packed_modules.items():
+        shards_of.setdefault(fused_leaf, []).append(ckpt_leaf)
+    for name, _ in model.named_parameters():
+        module, _, kind = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        for ckpt_leaf in shards_of.get(leaf, [leaf]):
+            yield ".".join(part for part in (parent, ckpt_leaf, kind) if part)
+
+
+def _load_tensor(model, config: ModelConfig, path: Path, name: str, tensor, unfilled: set[str]) -> None:
+    if name.endswith(IGNORED_SUFFIXES):
+        return
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return  # tied: the embedding matrix doubles as the output head
+    destination = _destination(model, name)
+    if destination is None:
+        raise ValueError(f"{path.name}: unexpected tensor {name!r}; it is not part of a "
+                         f"{config.architecture} with this config.json")
+    param, rows = destination
+    target = param.data if rows is None else param.data[rows]
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                         f"expected {tuple(target.shape)} from config.json")
+    target.copy_(tensor)
+    unfilled.discard(name)
+
+
+def _destination(model: LlamaForCausalLM, name: str) -> tuple[torch.nn.Parameter, slice | None] | None:
+    module_path, _, kind = name.rpartition(".")
+    parent, _, leaf = module_path.rpartition(".")
+    rows = None
+    if leaf in model.packed_modules:
+        fused_leaf, shard = model.packed_modules[leaf]
+        module_path = f"{parent}.{fused_leaf}"
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return None
+    param = getattr(module, kind, None)
+    if not isinstance(param, torch.nn.Parameter):
+        return None
+    if leaf in model.packed_modules:
+        if not isinstance(module, MergedLinear):
+            return None
+        rows = module.shard_rows(shard)
+    return param, rows

@@ -1,0 +1,113 @@
+"""Tokenizer, special tokens and chat template of a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        add_bos_token: bool | None = None,
+        chat_template: str | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
+        self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
+        own_eos = backend.token_to_id(eos_token) if eos_token else None
+        self.eos_token_ids = tuple(dict.fromkeys([*eos_token_ids, *([own_eos] if own_eos is not None else [])]))
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._compiled_template = None
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; loraplex reads the fast-tokenizer file tokenizer.json")
+        config = _read_json(model_dir / "tokenizer_config.json")
+        generation = _read_json(model_dir / "generation_config.json")
+        gen_eos = generation.get("eos_token_id")
+        if gen_eos is not None:
+            eos_token_ids = tuple(gen_eos) if isinstance(gen_eos, list) else (gen_eos,)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template_file = model_dir / "chat_template.jinja"
+        if template is None and template_file.exists():
+            template = template_file.read_text()
+        return cls(
+            HFTokenizer.from_file(str(path)),
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+            add_bos_token=config.get("add_bos_token"),
+            chat_template=template,
+            eos_token_ids=eos_token_ids,
+        )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # Some tokenizer.json files leave BOS to the Python tokenizer class; honour add_bos_token here.
+        needs_bos = add_special_tokens and self.add_bos_token and self.bos_token_id is not None
+        if needs_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        if not self.chat_template:
+            raise ValueError("this model has no chat template (tokenizer_config.json `chat_template` or "
+                             "chat_template.jinja); send a plain prompt to the completions API instead")
+        if self._compiled_template is None:
+            self._compiled_template = _compile(self.chat_template)
+        return self._compiled_template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **kwargs,
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_text(token: str | dict | None) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _compile(template: str):
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
