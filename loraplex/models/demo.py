@@ -27,9 +27,9 @@ BOS_ID, EOS_ID, IM_START_ID, IM_END_ID, PAD_ID = range(len(SPECIAL_TOKENS))
 VOCAB_SIZE = 2048  # includes the special tokens and the 256-byte alphabet
 
 MODEL_SEED = 20240601
-EMBED_STD = 0.5  # tied lm_head: logit std ~ sqrt(hidden) * EMBED_STD = 4, peaked but not one-hot
+EMBED_STD = 0.5  # tied lm_head: logit std ~ sqrt(hidden) * EMBED_STD = 8; peaked, top-1 prob ~0.6
 PROJ_GAIN = 1.5  # projection std = PROJ_GAIN / sqrt(fan_in): layers dominate the residual stream
-ADAPTER_REL = 0.1  # LoRA delta rms ~ ADAPTER_REL * rms(input), i.e. a third of the base projection
+ADAPTER_REL = 0.1  # LoRA delta rms ~ ADAPTER_REL * rms(input): logits move O(1), ~1/3 of argmaxes flip
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -111,7 +111,8 @@ def base_weights(config: dict[str, Any], seed: int = MODEL_SEED) -> dict[str, to
         weights[prefix + "input_layernorm.weight"] = torch.ones(hidden)
         weights[prefix + "post_attention_layernorm.weight"] = torch.ones(hidden)
         for name, (out, inp) in linear_shapes(config).items():
-            weights[f"{prefix}{_PARENT[name]}.{name}.weight"] = _randn((out, inp), PROJ_GAIN / math.sqrt(inp), gen)
+            std = PROJ_GAIN / math.sqrt(inp)
+            weights[f"{prefix}{_PARENT[name]}.{name}.weight"] = _randn((out, inp), std, gen)
     weights["model.norm.weight"] = torch.ones(hidden)
     return weights
 
@@ -140,7 +141,7 @@ def _corpus_lines() -> Iterator[str]:
 
 
 def build_tokenizer() -> Tokenizer:
-    """Byte-level BPE trained on the shipped corpus; BPE merge ties break by pair id, so it is deterministic."""
+    """Byte-level BPE trained on the shipped corpus; deterministic (merge ties break by pair id)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -205,6 +206,14 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
+def _write_adapter(adir: Path, base_name: str, spec: dict[str, Any], seed: int) -> None:
+    r, alpha, targets = spec["r"], spec["alpha"], spec["targets"]
+    adir.mkdir(parents=True)
+    tensors = adapter_weights(DEMO_CONFIG, r, alpha, targets, seed)
+    save_file(tensors, str(adir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(adir / "adapter_config.json", _adapter_config(base_name, r, alpha, targets))
+
+
 def _write_files(out: Path, base_name: str, adapters: bool) -> None:
     """Everything into `out`; config.json last so its presence means the rest is complete."""
     save_file(base_weights(DEMO_CONFIG), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -213,11 +222,7 @@ def _write_files(out: Path, base_name: str, adapters: bool) -> None:
     _write_json(out / "generation_config.json", _generation_config())
     if adapters:
         for index, (name, spec) in enumerate(DEMO_ADAPTERS.items()):
-            adir = out / "adapters" / name
-            adir.mkdir(parents=True)
-            tensors = adapter_weights(DEMO_CONFIG, spec["r"], spec["alpha"], spec["targets"], MODEL_SEED + 1 + index)
-            save_file(tensors, str(adir / "adapter_model.safetensors"), metadata={"format": "pt"})
-            _write_json(adir / "adapter_config.json", _adapter_config(base_name, spec["r"], spec["alpha"], spec["targets"]))
+            _write_adapter(out / "adapters" / name, base_name, spec, seed=MODEL_SEED + 1 + index)
     _write_json(out / "config.json", DEMO_CONFIG)
 
 
@@ -225,12 +230,24 @@ def _exists_error(target: Path) -> FileExistsError:
     return FileExistsError(f"{target} already holds a model; remove it or pick another directory")
 
 
+def _check_target(target: Path) -> None:
+    if (target / "config.json").exists():
+        raise _exists_error(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; remove it or pick another directory")
+
+
+def _make_readable(root: Path) -> None:
+    # mkdtemp and safetensors create owner-only entries; a model directory should be world-readable
+    os.chmod(root, 0o755)
+    for path in root.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; remove it or pick another directory")
     # existing directory without config.json: move entries in, config.json last
     entries = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
     if any((target / e.name).exists() for e in entries):
@@ -247,13 +264,12 @@ def write_demo_model(directory: str | Path, *, adapters: bool = True) -> Path:
     write never leaves a directory with a config.json but missing weights.
     """
     target = Path(directory)
-    if (target / "config.json").exists():
-        raise _exists_error(target)
+    _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _write_files(tmp, target.resolve().name, adapters)
+        _make_readable(tmp)
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

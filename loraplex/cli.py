@@ -1,0 +1,162 @@
+"""`loraplex generate | demo-model`: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from loraplex.config import EngineConfig
+from loraplex.engine.sampling import SamplingParams
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    defaults = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", help="Hugging Face checkpoint directory (default: the demo model)")
+    g.add_argument("--data-dir", help="where the demo model is kept (default: $LORAPLEX_HOME or "
+                   "~/.cache/loraplex)")
+    g.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto = bfloat16 on CUDA, float32 on the CPU")
+    g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit)")
+    g.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                   help="sequences running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                   help="tokens per step, prefill chunks and decodes together")
+    g.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV-cache block")
+    g.add_argument("--kv-cache-memory", help="KV cache size: bytes (4GiB, 512MB) or a fraction of free "
+                   "GPU memory (0.85); default 1GiB on the CPU, 0.85 on CUDA")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between "
+                   "requests with the same prefix")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model, "data_dir": args.data_dir, "dtype": args.dtype, "device": args.device,
+        "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
+        "kv_cache_memory": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts offline and print or write the results")
+    add_engine_args(gen)
+    src = gen.add_argument_group("prompts")
+    src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", type=Path, help='JSON lines: {"prompt": ..., optional sampling fields}')
+    src.add_argument("--output", type=Path, help="write JSON lines here instead of stdout")
+    samp = gen.add_argument_group("sampling (defaults for every prompt)")
+    samp.add_argument("--max-tokens", type=int, default=64)
+    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    samp.add_argument("--top-p", type=float, default=1.0)
+    samp.add_argument("--top-k", type=int, default=0)
+    samp.add_argument("--min-p", type=float, default=0.0)
+    samp.add_argument("--seed", type=int, help="per-request seed: the same seed gives the same output")
+    samp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    samp.add_argument("--ignore-eos", action="store_true")
+
+    demo = sub.add_parser("demo-model", help="write the small demo checkpoint and its demo adapters")
+    demo.add_argument("directory", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _demo_model(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"loraplex {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from loraplex.models.demo import write_demo_model
+
+    path = write_demo_model(args.directory)
+    print(f"wrote the demo model to {path}")
+    return 0
+
+
+def _default_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed, "stop": list(args.stop),
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def read_prompts_file(path: Path, defaults: dict[str, Any]) -> tuple[list, list[SamplingParams]]:
+    prompts, params = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError(f'{where}: each line must be an object with a "prompt" field')
+        unknown = set(record) - SAMPLING_FIELDS - {"prompt"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; sampling fields are "
+                             f"{', '.join(sorted(SAMPLING_FIELDS))}")
+        prompt = record.pop("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
+            raise ValueError(f"{where}: prompt must be a string or a list of token ids")
+        try:
+            params.append(SamplingParams(**{**defaults, **record}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: holds no prompts")
+    return prompts, params
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from loraplex.llm import LLM
+
+    defaults = _default_params(args)
+    if args.prompts_file is not None:
+        prompts, params = read_prompts_file(args.prompts_file, defaults)
+    elif args.prompt:
+        prompts, params = args.prompt, [SamplingParams(**defaults)] * len(args.prompt)
+    else:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
+    llm = LLM(**engine_options(args))
+    outputs = llm.generate(prompts, params, use_tqdm=args.prompts_file is not None)
+    if args.prompts_file is None and args.output is None:
+        for prompt, out in zip(prompts, outputs, strict=True):
+            print(f"{prompt}{out.text}\n")
+        return 0
+    lines = [
+        json.dumps({"index": i, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason},
+                   ensure_ascii=False)
+        for i, out in enumerate(outputs)
+    ]
+    if args.output is None:
+        print("\n".join(lines))
+    else:
+        args.output.write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} completions to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""AsyncEngine: the engine behind an asyncio server.
+
+One background task steps the engine in a worker thread, so the event loop stays free to accept
+requests and stream tokens. The engine itself is not thread-safe: requests are added and aborted
+only between steps, under one lock that the stepping task releases after every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+from loraplex.engine.llm_engine import LLMEngine, RequestOutput
+from loraplex.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = asyncio.Lock()
+        self._has_work = asyncio.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._ids = itertools.count()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loraplex-engine")
+
+    async def shutdown(self) -> None:
+        """Abort whatever is still running and stop the stepping task."""
+        for request_id in list(self._streams):
+            await self.abort(request_id)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's outputs as they come; the last has `finished` set. Closing the
+        iterator early (a client went away) aborts the request and frees its KV blocks."""
+        self.start()
+        request_id = request_id or f"req-{next(self._ids)}"
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        async with self._lock:
+            self.engine.add_request(prompt, params, request_id)  # ValueError for a bad request
+            self._streams[request_id] = queue
+        self._has_work.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        async with self._lock:
+            self.engine.abort_request(request_id)
+            self._streams.pop(request_id, None)
+
+    async def _run(self) -> None:
+        while True:
+            await self._has_work.wait()
+            async with self._lock:
+                try:
+                    outputs = await asyncio.to_thread(self.engine.step)
+                except Exception as e:  # a failed step fails its requests, not the server
+                    logger.exception("engine step failed; aborting %d request(s)", len(self._streams))
+                    self._fail_all(e)
+                    outputs = []
+                if not self.engine.has_unfinished_requests():
+                    self._has_work.clear()
+            for out in outputs:
+                queue = self._streams.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, queue in self._streams.items():
+            self.engine.abort_request(request_id)
+            queue.put_nowait(EngineDeadError(f"engine step failed: {error}"))
+        self._streams.clear()
