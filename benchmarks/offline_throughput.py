@@ -95,8 +95,8 @@ def main() -> None:
           f"output {args.output_len}, {args.dtype} on {args.device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})")
     print("| engine | generated tok/s |\n|---|---|")
-    print(f"| loraplex | {ours:.1f} |\n| transformers.generate (static batch {args.hf_batch_size or args.num_requests}) "
-          f"| {theirs:.1f} |")
+    static = args.hf_batch_size or args.num_requests
+    print(f"| loraplex | {ours:.1f} |\n| transformers.generate (static batch {static}) | {theirs:.1f} |")
     print(f"ratio loraplex / transformers: {ours / theirs:.2f}x")
 
 
