@@ -6,3 +6,22 @@ import torch
 # kernel module is imported (at @triton.jit), so it must be set before any test module imports one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo checkpoint (with its adapters), written once per test session."""
+    from loraplex.models.demo import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_llm(demo_dir):
+    """An fp32 CPU engine on the demo model, shared by tests that leave it idle when done."""
+    from loraplex import LLM
+
+    return LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=512, kv_cache_memory="64MiB")

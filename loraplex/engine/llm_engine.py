@@ -48,7 +48,7 @@ class LLMEngine:
         self.model = load_model(model_dir, self.dtype, self.device, backend)
         model_config = self.model.config
         self.tokenizer = Tokenizer.from_dir(model_dir, model_config.eos_token_ids)
-        self.max_model_len = self._max_model_len(model_config.max_position_embeddings)
+        self.max_model_len = self._max_model_len(model_config.max_position_embeddings, model_config.sliding_window)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -59,13 +59,16 @@ class LLMEngine:
                     model_dir, model_config.architecture, self.dtype, backend.name, num_blocks,
                     config.block_size, self.max_model_len)
 
-    def _max_model_len(self, model_limit: int) -> int:
+    def _max_model_len(self, max_positions: int, sliding_window: int | None) -> int:
+        # Attention here is global: beyond a sliding window the model would attend to more than it
+        # was trained on, so sequences stop at the window.
+        limit = min(max_positions, sliding_window or max_positions)
         requested = self.config.max_model_len
         if requested is None:
-            return model_limit
-        if requested > model_limit:
-            raise ValueError(f"max_model_len: {requested} exceeds the model's max_position_embeddings "
-                             f"({model_limit}); lower it")
+            return limit
+        if requested > limit:
+            raise ValueError(f"max_model_len: {requested} exceeds the model's limit of {limit} tokens "
+                             "(max_position_embeddings, or its sliding window); lower it")
         return requested
 
     def _num_kv_blocks(self) -> int:

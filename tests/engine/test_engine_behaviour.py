@@ -1,0 +1,118 @@
+"""Engine behaviour seen from its public API: stops, limits, abort, seeds, deltas, logprobs."""
+
+import pytest
+import torch
+
+from loraplex import SamplingParams
+
+
+def _engine_drained(llm) -> bool:
+    bm = llm.engine.block_manager
+    return not llm.engine.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks
+
+
+def test_max_tokens_gives_length(demo_llm):
+    out = demo_llm.generate("Once upon a time", SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 7
+    assert out.finish_reason == "length"
+    assert _engine_drained(demo_llm)
+
+
+def test_stop_token_id_ends_generation(demo_llm):
+    greedy = demo_llm.generate("The lighthouse", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    stop_at = greedy.token_ids[4]
+    first = greedy.token_ids.index(stop_at)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_at])
+    out = demo_llm.generate("The lighthouse", params)[0]
+    assert out.token_ids == greedy.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_stop_string_truncates_text(demo_llm):
+    greedy = demo_llm.generate("The garden", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    text = greedy.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "the greedy text must have a usable middle"
+    out = demo_llm.generate("The garden", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+    kept = demo_llm.generate(
+        "The garden",
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+    )[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_streamed_deltas_add_up_and_hold_back_stop_prefixes(demo_llm):
+    engine = demo_llm.engine
+    greedy = demo_llm.generate("A letter", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    stop = greedy.text[-4:]  # only found at the very end
+    rid = engine.add_request("A letter", SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))
+    deltas = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            deltas.append(out.delta_text)
+            # While running, no emitted text may contain the stop string's beginning that later ends it.
+            assert stop not in "".join(deltas)
+    assert "".join(deltas) == out.text
+    assert out.finished and out.text == greedy.text[: greedy.text.index(stop)]
+
+
+def test_request_that_cannot_fit_is_refused_at_once(demo_llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        demo_llm.engine.add_request([5] * 500, SamplingParams(max_tokens=13))
+    assert not demo_llm.engine.has_unfinished_requests()
+
+
+def test_bad_prompts_are_refused(demo_llm):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        demo_llm.engine.add_request([5, 999999], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        demo_llm.engine.add_request([], SamplingParams())
+
+
+def test_abort_frees_blocks_and_spares_the_rest(demo_llm):
+    engine = demo_llm.engine
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    keep = engine.add_request("Bridges cross rivers", params)
+    drop = engine.add_request("Gardens grow slowly", params)
+    engine.step()
+    engine.step()
+    assert engine.abort_request(drop)
+    assert not engine.abort_request(drop)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == keep
+            if out.finished:
+                finished[out.request_id] = out
+    alone = demo_llm.generate("Bridges cross rivers", params)[0]
+    assert finished[keep].token_ids == alone.token_ids
+    assert _engine_drained(demo_llm)
+
+
+def test_seed_gives_same_output_whatever_the_batch(demo_llm):
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = demo_llm.generate("The harbour at dawn", params)[0].token_ids
+    crowd = ["Other text", "def f(x):", "The harbour at dawn", "More words here and there"]
+    others = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    batch = demo_llm.generate(crowd, [others, others, params, others])
+    assert batch[2].token_ids == alone
+    different = demo_llm.generate("The harbour at dawn", SamplingParams(
+        max_tokens=16, temperature=1.0, top_p=0.95, seed=4321, ignore_eos=True))[0].token_ids
+    assert different != alone
+
+
+def test_logprobs_match_the_model_distribution(demo_llm):
+    params = SamplingParams(max_tokens=3, temperature=0, logprobs=3, ignore_eos=True)
+    out = demo_llm.generate("Once", params)[0]
+    assert len(out.logprobs) == 3
+    for entry, token in zip(out.logprobs, out.token_ids, strict=True):
+        assert entry.token_id == token
+        assert [t for t, _ in entry.top][0] == token  # greedy picks the most likely
+        values = [v for _, v in entry.top]
+        assert values == sorted(values, reverse=True) and len(values) == 3
+        assert entry.logprob == pytest.approx(values[0])
+        assert all(v <= 0 for v in values)
+    assert sum(torch.tensor([v for _, v in out.logprobs[0].top]).exp()) <= 1.0 + 1e-5

@@ -1,0 +1,73 @@
+"""`loraplex generate` and `loraplex demo-model`, run through `cli.main` as a user would."""
+
+import json
+
+from loraplex import LLM, SamplingParams
+from loraplex.cli import main
+
+ENGINE = ["--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory", "32MiB"]
+
+
+def test_prompts_file_writes_one_line_per_prompt(demo_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "Once upon a time", "max_tokens": 5}) + "\n\n"
+        + json.dumps({"prompt": [0, 40, 41, 42], "max_tokens": 3, "temperature": 0.9, "seed": 7}) + "\n"
+        + json.dumps({"prompt": "The garden"}) + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--model", str(demo_dir), *ENGINE, "--prompts-file", str(prompts),
+               "--output", str(out), "--max-tokens", "4", "--ignore-eos"])
+    assert rc == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert [len(line["token_ids"]) for line in lines] == [5, 3, 4]  # per-line max_tokens wins
+    assert all(line["finish_reason"] == "length" for line in lines)
+
+    # The CLI is a thin layer: the same request through the Python API gives the same tokens.
+    llm = LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=256, kv_cache_memory="32MiB")
+    expected = llm.generate("Once upon a time", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert lines[0]["token_ids"] == expected.token_ids
+    assert lines[0]["text"] == expected.text
+
+
+def test_prompt_flags_print_completions(demo_dir, capsys):
+    rc = main(["generate", "--model", str(demo_dir), *ENGINE, "--prompt", "Hello", "--prompt", "Bye",
+               "--max-tokens", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Hello") and "\n\nBye" in printed
+
+
+def test_bad_prompts_file_names_the_line_and_field(demo_dir, tmp_path, capsys):
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "x", "tempreature": 1}) + "\n")
+    rc = main(["generate", "--model", str(demo_dir), *ENGINE, "--prompts-file", str(prompts)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "tempreature" in err
+
+
+def test_bad_sampling_value_is_a_clear_error(demo_dir, capsys):
+    rc = main(["generate", "--model", str(demo_dir), *ENGINE, "--prompt", "x", "--top-p", "1.5"])
+    assert rc == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_default_model_is_the_demo_made_once_in_the_data_dir(tmp_path, capsys):
+    data_dir = tmp_path / "home"
+    args = ["generate", "--data-dir", str(data_dir), *ENGINE, "--prompt", "Hi", "--max-tokens", "2"]
+    assert main(args) == 0
+    config = data_dir / "demo-tiny" / "config.json"
+    assert config.exists()
+    written = config.stat().st_mtime_ns
+    assert main(args) == 0
+    assert config.stat().st_mtime_ns == written  # reused, not rewritten
+
+
+def test_demo_model_command_refuses_to_overwrite(tmp_path, capsys):
+    target = tmp_path / "demo"
+    assert main(["demo-model", str(target)]) == 0
+    assert (target / "adapters").is_dir()
+    assert main(["demo-model", str(target)]) == 2
+    assert "remove it" in capsys.readouterr().err
