@@ -27,6 +27,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: str | int | float | None = None  # bytes ("4GiB"), or a fraction of free GPU memory
     enable_prefix_caching: bool = True
+    max_loras: int = 8  # adapter slots on the device = distinct adapters in one batch; 0 = no adapters
+    max_lora_rank: int = 16
+    max_cpu_adapters: int = 64  # parsed adapters kept in host memory
     seed: int = 0
     served_model_name: str | None = None
     data_dir: str | None = None
@@ -36,9 +39,14 @@ class EngineConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank", "max_cpu_adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.max_loras < 0:
+            raise ValueError(f"max_loras: must be 0 (no adapters) or more, got {self.max_loras}")
+        if self.max_cpu_adapters < self.max_loras:
+            raise ValueError(f"max_cpu_adapters: must be at least max_loras ({self.max_loras}), "
+                             f"got {self.max_cpu_adapters}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -40,18 +40,22 @@ class LLM:
         outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     """
 
-    def __init__(self, model: str | None = None, **engine_options) -> None:
+    def __init__(self, model: str | None = None, adapters: dict[str, str] | None = None, **engine_options) -> None:
         config = EngineConfig.from_options(model=model, **engine_options)
         self.engine = LLMEngine(config, resolve_model_dir(config))
         self.tokenizer = self.engine.tokenizer
+        for name, path in (adapters or {}).items():
+            self.engine.add_adapter(name, path)
 
     def generate(
         self,
         prompts: str | list[int] | Sequence[str | list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        adapter: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
-        """All prompts run concurrently through the engine; outputs come back in prompt order."""
+        """All prompts run concurrently through the engine; outputs come back in prompt order.
+        `adapter` names one adapter for every prompt, or one per prompt (None = the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -59,10 +63,13 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"adapter: {len(adapters)} given for {len(prompts)} prompts")
         ids: list[str] = []
         try:
-            for prompt, sp in zip(prompts, params, strict=True):
-                ids.append(self.engine.add_request(prompt, sp))
+            for prompt, sp, name in zip(prompts, params, adapters, strict=True):
+                ids.append(self.engine.add_request(prompt, sp, adapter=name))
         except ValueError as e:
             for request_id in ids:
                 self.engine.abort_request(request_id)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from loraplex.adapters_store.cache import AdapterManager
 from loraplex.config import EngineConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
@@ -20,6 +23,8 @@ from loraplex.models.loader import load_model
 from loraplex.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    adapter: str | None = None  # None = the base model
 
 
 class LLMEngine:
@@ -51,7 +57,13 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(model_config.max_position_embeddings, model_config.sliding_window)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.adapters: AdapterManager | None = None
+        if config.max_loras > 0:
+            self.model.enable_lora(config.max_loras, config.max_lora_rank)
+            self.adapters = AdapterManager(self.model, config.max_loras, config.max_lora_rank,
+                                           config.max_cpu_adapters, self.device)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.adapters)
         self.runner = ModelRunner(self.model, self.block_manager, self.dtype, self.device, config.seed)
         self._seqs: dict[str, Sequence] = {}
         self._next_id = 0
@@ -83,6 +95,24 @@ class LLMEngine:
             )
         return num_blocks
 
+    # -- adapters ------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Register a PEFT LoRA directory under `name`; it is read and validated now."""
+        if self.adapters is None:
+            raise ValueError("max_loras is 0: this engine serves no adapters; start it with max_loras >= 1")
+        validate_adapter_name(name)
+        self.adapters.register(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter: requests already running on it finish, new ones are refused."""
+        if self.adapters is None or name not in self.adapters:
+            raise ValueError(f"adapter: {name!r} is not registered")
+        self.adapters.unregister(name)
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self.adapters.paths) if self.adapters is not None else []
+
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(
@@ -91,10 +121,14 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        adapter: str | None = None,
     ) -> str:
-        """Queue a prompt (text, or token ids); returns its request id. Raises ValueError at once for
-        a request that could never run."""
+        """Queue a prompt (text, or token ids), on an adapter or the base model (None); returns its
+        request id. Raises ValueError at once for a request that could never run."""
         params = params or SamplingParams()
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            known = ", ".join(self.adapter_names()) or "none"
+            raise ValueError(f"adapter: {adapter!r} is not registered (registered: {known})")
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
@@ -113,6 +147,9 @@ class LLMEngine:
             generator=generator,
             arrival_time=arrival_time,
         )
+        if adapter is not None:
+            seq.adapter = seq.cache_salt = adapter
+            self.adapters.prefetch(adapter)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -158,13 +195,18 @@ class LLMEngine:
         """Run one batch: prefill chunks and decodes together. Returns an output for every request
         that produced a token."""
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
+        outputs = []
+        for seq in batch.failed:
+            outputs.append(self._output(seq))
+            del self._seqs[seq.request_id]
+        if not batch.scheduled:
+            if self.has_unfinished_requests():
+                time.sleep(0.001)  # only adapter loads are pending: let them progress
+            return outputs
         sampled_seqs, result = self.runner.execute(batch)
         for seq, num_new in batch.scheduled:
             seq.num_computed_tokens += num_new
             self.block_manager.commit(seq)
-        outputs = []
         for row, seq in enumerate(sampled_seqs):
             self._append_token(seq, result, row)
             outputs.append(self._output(seq))
@@ -221,4 +263,11 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             num_cached_tokens=seq.num_cached_tokens,
+            adapter=seq.adapter,
         )
+
+
+def validate_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")

@@ -11,7 +11,7 @@ from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.sampling import Sampler, SampleResult
 from loraplex.engine.scheduler import SchedulerOutput
 from loraplex.engine.sequence import Sequence
-from loraplex.kernels.backend import AttentionMetadata
+from loraplex.kernels.backend import AttentionMetadata, LoRABatch
 from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
+    lora: LoRABatch | None
     sample_indices: torch.Tensor  # [num_sampled]: rows of the hidden states that give logits
     sampled_seqs: list[Sequence]
 
@@ -52,7 +53,7 @@ class ModelRunner:
     def execute(self, batch: SchedulerOutput) -> tuple[list[Sequence], SampleResult | None]:
         """Run one step; returns the sequences that sampled a token and what they sampled."""
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [num_tokens, hidden]
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)  # [num_tokens, hidden]
         if not inputs.sampled_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_sampled, vocab]
@@ -68,11 +69,13 @@ class ModelRunner:
         query_start_loc = [0]
         sample_indices: list[int] = []
         sampled: list[Sequence] = []
+        token_slots: list[int] = []
         for seq, num_new in batch.scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
+            token_slots.extend([seq.lora_slot] * num_new)
             slots.extend(self.block_manager.slot(seq, p) for p in range(start, end))
             seq_lens.append(end)
             query_start_loc.append(query_start_loc[-1] + num_new)
@@ -90,10 +93,15 @@ class ModelRunner:
             max_query_len=max(n for _, n in batch.scheduled),
         )
         self.model.backend.prepare(meta, self.block_size)
+        lora = None
+        if any(seq.lora_slot >= 0 for seq, _ in batch.scheduled):
+            lora = LoRABatch.make(as_tensor(token_slots, torch.int32))
+            self.model.backend.prepare_lora(lora)
         return StepInputs(
             input_ids=as_tensor(input_ids, torch.int64),
             positions=as_tensor(positions, torch.int64),
             meta=meta,
+            lora=lora,
             sample_indices=as_tensor(sample_indices, torch.int64),
             sampled_seqs=sampled,
         )

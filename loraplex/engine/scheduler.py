@@ -4,6 +4,11 @@ Running sequences go first, oldest first, one decode token each or the next chun
 waiting ones join while the token budget, the sequence limit and the free KV blocks allow. Out of
 blocks, the newest running sequence is preempted: its blocks are freed and it is recomputed later
 from its tokens (prompt + output so far), first in line. Nothing is dropped.
+
+Adapters: a waiting sequence whose adapter is still loading from disk is passed over (its load
+runs in the background) without holding back those behind it. One whose adapter needs a slot
+while every slot serves running sequences waits too; once it has been passed over MAX_SKIPS
+times, nobody behind it is admitted until it is, so the slots drain and it cannot starve.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from loraplex.adapters_store.cache import AdapterManager
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.sequence import Sequence, SequenceStatus
+
+MAX_SKIPS = 64
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # their adapter could not be loaded
 
     @property
     def num_batched_tokens(self) -> int:
@@ -26,12 +35,14 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.failed
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 adapters: AdapterManager | None = None) -> None:
         self.block_manager = block_manager
+        self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -49,7 +60,7 @@ class Scheduler:
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
-                    self.block_manager.free(seq)
+                    self._release(seq)
                     seq.finish("abort")
                     return seq
         return None
@@ -57,7 +68,13 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence the engine has finished and free its blocks."""
         self.running.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        if seq.lora_slot >= 0:
+            self.adapters.release(seq.adapter)
+            seq.lora_slot = -1
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -87,24 +104,49 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                return
+            if seq.adapter is not None and seq.adapter in self.adapters.errors:
+                self.waiting.remove(seq)
+                seq.finish("error", self.adapters.errors[seq.adapter])
+                out.failed.append(seq)
+                continue
+            admissible = self._adapter_admissible(seq)
+            if admissible is None:
+                return  # starving for a slot: strict order until it gets one
+            if not admissible:
+                continue
             self.block_manager.reuse_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.can_append(seq, num_new):
                 self.block_manager.free(seq)  # give back the cached prefix it borrowed
                 seq.num_computed_tokens = 0
-                break
-            self.waiting.popleft()
+                return
+            if seq.adapter is not None:
+                seq.lora_slot = self.adapters.acquire(seq.adapter)
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.block_manager.append_slots(seq, num_new)
             out.scheduled.append((seq, num_new))
             budget -= num_new
 
+    def _adapter_admissible(self, seq: Sequence) -> bool | None:
+        """True: its adapter (if any) can take a slot now. False: pass it over this round. None: it
+        has been passed over too often for want of a slot; admit nobody behind it."""
+        if seq.adapter is None:
+            return True
+        if not self.adapters.ready(seq.adapter):
+            return False  # loading from disk in the background
+        if self.adapters.slots.can_place(seq.adapter):
+            return True
+        seq.num_skips += 1
+        return None if seq.num_skips > MAX_SKIPS else False
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from loraplex.kernels import reference
+from loraplex.kernels.lora_meta import LoRAKernelMeta
 
 
 @dataclass
@@ -19,6 +21,75 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
     plan: object = field(default=None)  # backend-specific layout, filled by `Backend.prepare`
+
+
+class LoRAWeights(Protocol):
+    """What `add_lora` reads of a layer's adapter slots (see models/lora.py)."""
+
+    a: torch.Tensor  # [max_loras, num_slices, max_rank, in_features]
+    b: torch.Tensor  # [max_loras, out_features, max_rank]
+    ranks: torch.Tensor  # [max_loras, num_slices] int32
+    scales: torch.Tensor  # [max_loras, num_slices] fp32
+    slice_offsets: list[int]
+
+    def max_rank_of(self, slots: list[int]) -> int: ...
+
+
+@dataclass
+class LoRABatch:
+    """This step's tokens grouped by adapter slot; built once per step by the runner."""
+
+    meta: LoRAKernelMeta
+    active_slots: list[int]  # meta.active_slots on the host
+    plan: object = field(default=None)  # backend-specific, filled by `Backend.prepare_lora`
+
+    @classmethod
+    def make(cls, token_slots: torch.Tensor) -> LoRABatch | None:
+        """None when no token of the step uses an adapter: the layers then skip the LoRA term."""
+        meta = LoRAKernelMeta.make(token_slots)
+        if meta.num_active == 0:
+            return None
+        return cls(meta, meta.active_slots.tolist())
+
+
+@dataclass
+class _SegmentGroup:
+    # Segments of some active slots, padded to the longest of them with an index to a zero row.
+    index: torch.Tensor  # [num_segments, seg_len] int64 into [num_tokens + 1]
+    valid: torch.Tensor  # [num_segments * seg_len] bool
+    rows: torch.Tensor  # [num_valid] int64: the token each valid padded row belongs to
+    slots: torch.Tensor  # [num_segments] int64
+    slots_host: list[int]
+
+
+# Segments up to this many tokens (decodes, short prompts) share one padded bmm; longer ones (prompt
+# chunks) get their own, so a skewed batch never pads every adapter to the longest prompt.
+_SHORT_SEGMENT = 16
+
+
+def _segment_groups(meta: LoRAKernelMeta, active_slots: list[int]) -> list[_SegmentGroup]:
+    starts = meta.seg_starts.tolist()
+    lengths = [hi - lo for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+    short = [i for i, n in enumerate(lengths) if n <= _SHORT_SEGMENT]
+    groups = [short] if short else []
+    groups += [[i] for i, n in enumerate(lengths) if n > _SHORT_SEGMENT]
+    return [_segment_group(meta, starts, lengths, members, active_slots) for members in groups]
+
+
+def _segment_group(meta: LoRAKernelMeta, starts: list[int], lengths: list[int], members: list[int],
+                   active_slots: list[int]) -> _SegmentGroup:
+    num_tokens = meta.token_slots.shape[0]
+    device = meta.token_slots.device
+    seg_len = max(lengths[i] for i in members)
+    start = torch.tensor([starts[i] for i in members], device=device)
+    length = torch.tensor([lengths[i] for i in members], device=device)
+    offsets = torch.arange(seg_len, device=device)
+    valid = offsets.unsqueeze(0) < length.unsqueeze(1)  # [num_segments, seg_len]
+    positions = (start.unsqueeze(1) + offsets).clamp(max=num_tokens - 1)
+    index = torch.where(valid, meta.sorted_token_ids.long()[positions], num_tokens)
+    slots_host = [active_slots[i] for i in members]
+    return _SegmentGroup(index, valid.flatten(), index.flatten()[valid.flatten()],
+                         torch.tensor(slots_host, device=device), slots_host)
 
 
 class TorchBackend:
@@ -36,6 +107,38 @@ class TorchBackend:
 
     def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         return reference.paged_attention_planned(query, k_cache, v_cache, meta.plan, scale)
+
+    def prepare_lora(self, batch: LoRABatch) -> None:
+        batch.plan = _segment_groups(batch.meta, batch.active_slots)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
+        """y += the adapter term of every token, as `reference.lora_shrink` then `lora_expand`.
+
+        The CPU path batches segments with bmm: a few large matmuls per layer instead of one small
+        one per adapter.
+        """
+        x_padded = torch.cat((x, x.new_zeros(1, x.shape[1])))  # row num_tokens: the zero row
+        for group in batch.plan:
+            rank = weights.max_rank_of(group.slots_host)  # padded rank columns hold zeros: skip them
+            if rank > 0:
+                self._add_lora_group(y, x_padded, weights, group, rank)
+
+    @staticmethod
+    def _add_lora_group(y, x_padded, weights: LoRAWeights, group: _SegmentGroup, rank: int) -> None:
+        num_segments, seg_len = group.index.shape
+        x_rows = x_padded[group.index]  # [num_segments, seg_len, in]
+        a = weights.a[group.slots, :, :rank]  # [num_segments, num_slices, rank, in]
+        num_slices = a.shape[1]
+        h = torch.bmm(x_rows, a.flatten(1, 2).transpose(1, 2))  # [num_segments, seg_len, num_slices * rank]
+        h = h.view(num_segments, seg_len, num_slices, rank)
+        scales = weights.scales[group.slots].to(h.dtype)  # [num_segments, num_slices]
+        offsets = weights.slice_offsets
+        deltas = []
+        for i in range(num_slices):
+            b = weights.b[group.slots, offsets[i] : offsets[i + 1], :rank]  # [num_segments, out_i, rank]
+            deltas.append(torch.bmm(h[:, :, i] * scales[:, i, None, None], b.transpose(1, 2)))
+        delta = torch.cat(deltas, dim=-1).flatten(0, 1)[group.valid]  # [num_valid, out]
+        y.index_add_(0, group.rows, delta.to(y.dtype))
 
 
 class TritonBackend(TorchBackend):
@@ -55,6 +158,16 @@ class TritonBackend(TorchBackend):
         return paged_attention(
             query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
         )
+
+    def prepare_lora(self, batch: LoRABatch) -> None:
+        pass
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
+        from loraplex.kernels.lora_expand import lora_expand
+        from loraplex.kernels.lora_shrink import lora_shrink
+
+        h = lora_shrink(x, weights.a, weights.ranks, batch.meta)
+        lora_expand(y, h, weights.b, weights.ranks, weights.scales, batch.meta, weights.slice_offsets)
 
 
 def select_backend(device: torch.device) -> TorchBackend:

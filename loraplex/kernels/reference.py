@@ -125,3 +125,80 @@ def paged_attention_planned(
     )  # [num_seqs, num_heads, max_query_len, head_dim]
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)
     return out[plan.padded_index]
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+) -> torch.Tensor:
+    """First half of the batched LoRA product: project each token to its adapter's low rank.
+
+    Semantics:
+        h = zeros(num_tokens, num_slices, max_rank, fp32)
+        for t in range(num_tokens):
+            s = token_slots[t]
+            if s < 0: continue                                   # token without adapter
+            for i in range(num_slices):
+                r = ranks[s, i]                                   # 0: slice not adapted
+                h[t, i, :r] = x[t] @ lora_a[s, i, :r]^T
+
+    Shapes:
+        x:           [num_tokens, in_features]
+        lora_a:      [max_loras, num_slices, max_rank, in_features]
+        ranks:       [max_loras, num_slices] int32
+        token_slots: [num_tokens] int32, -1 = no adapter
+        returns h:   [num_tokens, num_slices, max_rank] fp32
+    """
+    max_loras, num_slices, max_rank, _ = lora_a.shape
+    h = x.new_zeros(x.shape[0], num_slices, max_rank, dtype=torch.float32)
+    for slot in token_slots.unique().tolist():
+        if slot < 0:
+            continue
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        for i in range(num_slices):
+            r = int(ranks[slot, i])
+            h[rows, i, :r] = x[rows].float() @ lora_a[slot, i, :r].float().T
+    return h
+
+
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    slice_offsets: list[int],
+) -> None:
+    """Second half: add each token's adapter output, slice by slice, into `y` in place.
+
+    Semantics:
+        for t in range(num_tokens):
+            s = token_slots[t]
+            if s < 0: continue
+            for i in range(num_slices):
+                r = ranks[s, i]
+                lo, hi = slice_offsets[i], slice_offsets[i + 1]
+                y[t, lo:hi] += (h[t, i, :r] @ lora_b[s, lo:hi, :r]^T) * scales[s, i]
+
+    Shapes:
+        y:             [num_tokens, out_features] (the base layer's output)
+        h:             [num_tokens, num_slices, max_rank] fp32, from lora_shrink
+        lora_b:        [max_loras, out_features, max_rank]
+        ranks:         [max_loras, num_slices] int32
+        scales:        [max_loras, num_slices] fp32
+        token_slots:   [num_tokens] int32, -1 = no adapter
+        slice_offsets: num_slices + 1 ints, from 0 to out_features
+    """
+    num_slices = h.shape[1]
+    for slot in token_slots.unique().tolist():
+        if slot < 0:
+            continue
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        for i in range(num_slices):
+            r = int(ranks[slot, i])
+            lo, hi = slice_offsets[i], slice_offsets[i + 1]
+            delta = (h[rows, i, :r] @ lora_b[slot, lo:hi, :r].float().T) * float(scales[slot, i])
+            y[rows, lo:hi] += delta.to(y.dtype)

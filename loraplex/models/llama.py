@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.kernels.backend import AttentionMetadata, TorchBackend
+from loraplex.kernels.backend import AttentionMetadata, LoRABatch, TorchBackend
+from loraplex.models.lora import LoRASlotWeights
 from loraplex.models.model_config import ModelConfig
 
 
@@ -30,16 +31,26 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class MergedLinear(nn.Linear):
-    """One matmul for several checkpoint projections stacked along the output dimension."""
+class AdaptableLinear(nn.Linear):
+    """A linear layer that may stack several checkpoint projections along its output (fused q/k/v,
+    gate/up) and adds the LoRA term of each token's adapter slot."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 backend: TorchBackend) -> None:
         super().__init__(in_features, sum(output_sizes), bias=bias, dtype=dtype)
         self.output_sizes = output_sizes
+        self.backend = backend
+        self.lora: LoRASlotWeights | None = None  # allocated by LlamaForCausalLM.enable_lora
 
     def shard_rows(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])
         return slice(start, start + self.output_sizes[shard])
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = super().forward(x)  # [num_tokens, out_features]
+        if lora is not None and self.lora is not None:
+            self.backend.add_lora(y, x, self.lora, lora)
+        return y
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -98,51 +109,53 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.qkv_bias, dtype
+        self.qkv_proj = AdaptableLinear(
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.qkv_bias, dtype, backend
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias, dtype=dtype)
+        self.o_proj = AdaptableLinear(self.q_size, [config.hidden_size], config.o_bias, dtype, backend)
         self.rotary = rotary
         self.backend = backend
         # [num_blocks, block_size, num_kv_heads, head_dim] each, bound by the model runner.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+                lora: LoRABatch | None) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj(out.reshape(num_tokens, self.q_size), lora)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, backend: TorchBackend, dtype: torch.dtype) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], config.mlp_bias, dtype)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias, dtype=dtype)
+        self.gate_up_proj = AdaptableLinear(config.hidden_size, [size, size], config.mlp_bias, dtype, backend)
+        self.down_proj = AdaptableLinear(size, [config.hidden_size], config.mlp_bias, dtype, backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: TorchBackend, dtype) -> None:
         super().__init__()
         self.self_attn = Attention(config, rotary, backend, dtype)
-        self.mlp = MLP(config, dtype)
+        self.mlp = MLP(config, backend, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+                lora: LoRABatch | None) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaModel(nn.Module):
@@ -155,10 +168,11 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                lora: LoRABatch | None):
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         for layer in self.layers:
-            x = layer(positions, x, meta)
+            x = layer(positions, x, meta, lora)
         return self.norm(x)
 
 
@@ -181,9 +195,11 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        """[num_tokens] ids and positions -> [num_tokens, hidden] final hidden states."""
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                lora: LoRABatch | None = None):
+        """[num_tokens] ids and positions -> [num_tokens, hidden] final hidden states. `lora` maps
+        tokens to adapter slots (None: no token uses one)."""
+        return self.model(input_ids, positions, meta, lora)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] fp32 logits."""
@@ -192,3 +208,22 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]
+
+    def lora_targets(self) -> dict[tuple[int, str], tuple[AdaptableLinear, int]]:
+        """(layer, checkpoint projection) -> (the layer computing it, its slice index)."""
+        targets = {}
+        for i, layer in enumerate(self.model.layers):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                fused, shard = self.packed_modules.get(name, (name, 0))
+                parent = layer.self_attn if hasattr(layer.self_attn, fused) else layer.mlp
+                targets[(i, name)] = (getattr(parent, fused), shard)
+        return targets
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Allocate `max_loras` adapter slots of up to `max_rank` in every adaptable layer."""
+        weight = self.model.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, AdaptableLinear):
+                module.lora = LoRASlotWeights.allocate(
+                    max_loras, max_rank, module.in_features, module.output_sizes, weight.dtype, weight.device
+                )

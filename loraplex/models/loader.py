@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from loraplex.kernels.backend import TorchBackend
-from loraplex.models.llama import LlamaForCausalLM, MergedLinear
+from loraplex.models.llama import AdaptableLinear, LlamaForCausalLM
 from loraplex.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _destination(model: LlamaForCausalLM, name: str) -> tuple[torch.nn.Parameter
     if not isinstance(param, torch.nn.Parameter):
         return None
     if leaf in model.packed_modules:
-        if not isinstance(module, MergedLinear):
+        if not isinstance(module, AdaptableLinear):
             return None
         rows = module.shard_rows(shard)
     return param, rows

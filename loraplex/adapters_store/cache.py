@@ -1,0 +1,197 @@
+"""Adapter memory: disk -> host LRU cache -> GPU slots.
+
+Disk reads and validation run on a background thread, so a request whose adapter is not resident
+never stalls the batch. Moving a host-resident adapter into a slot is a device copy done between
+steps. An adapter used by a running sequence is never evicted from its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
+from loraplex.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+class HostCache:
+    """Parsed adapters in host memory, least recently used first out."""
+
+    def __init__(self, capacity: int, pin_memory: bool) -> None:
+        self.capacity = capacity
+        self.pin_memory = pin_memory
+        self.entries: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self.evictions = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def get(self, name: str) -> LoRAAdapter | None:
+        adapter = self.entries.get(name)
+        if adapter is not None:
+            self.entries.move_to_end(name)
+        return adapter
+
+    def put(self, adapter: LoRAAdapter) -> None:
+        if self.pin_memory:
+            adapter = _pinned(adapter)
+        self.entries[adapter.name] = adapter
+        self.entries.move_to_end(adapter.name)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+            self.evictions += 1
+
+    def drop(self, name: str) -> None:
+        self.entries.pop(name, None)
+
+
+def _pinned(adapter: LoRAAdapter) -> LoRAAdapter:
+    # Page-locked host memory lets the host -> GPU copy run asynchronously.
+    for key, module in adapter.modules.items():
+        adapter.modules[key] = type(module)(module.a.pin_memory(), module.b.pin_memory(), module.scale)
+    return adapter
+
+
+class SlotPool:
+    """`max_loras` slots in the model's adapter layers; reference-counted by running sequences."""
+
+    def __init__(self, model: LlamaForCausalLM, max_loras: int) -> None:
+        self.model = model
+        self.targets = model.lora_targets()
+        self.slot_of: dict[str, int] = {}
+        self.users: dict[str, int] = {}  # adapter -> running sequences using it
+        self.idle: OrderedDict[str, None] = OrderedDict()  # resident, unused: evictable, LRU first
+        self.free_slots = list(range(max_loras - 1, -1, -1))
+        self.loads = 0
+        self.evictions = 0
+
+    def resident(self, name: str) -> bool:
+        return name in self.slot_of
+
+    def can_place(self, name: str) -> bool:
+        return name in self.slot_of or bool(self.free_slots) or bool(self.idle)
+
+    def acquire(self, name: str, host: HostCache) -> int | None:
+        """The adapter's slot, loading it from the host cache (evicting an idle adapter) if needed;
+        None if every slot is in use or the adapter is not in host memory."""
+        if name not in self.slot_of:
+            adapter = host.get(name)
+            if adapter is None or not (self.free_slots or self.idle):
+                return None
+            if not self.free_slots:
+                victim, _ = self.idle.popitem(last=False)
+                self.free_slots.append(self.slot_of.pop(victim))
+                self.evictions += 1
+            slot = self.free_slots.pop()
+            self._write(slot, adapter)
+            self.loads += 1
+            self.slot_of[name] = slot
+        self.idle.pop(name, None)
+        self.users[name] = self.users.get(name, 0) + 1
+        return self.slot_of[name]
+
+    def release(self, name: str) -> None:
+        self.users[name] -= 1
+        if self.users[name] == 0:
+            del self.users[name]
+            self.idle[name] = None
+
+    def evict(self, name: str) -> bool:
+        """Drop an unused adapter from its slot (after it was deleted); False while in use."""
+        if name in self.users:
+            return False
+        if name in self.slot_of:
+            self.idle.pop(name, None)
+            self.free_slots.append(self.slot_of.pop(name))
+        return True
+
+    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        for (layer, module), (linear, shard) in self.targets.items():
+            weights = adapter.modules.get((layer, module))
+            if weights is None:
+                linear.lora.clear_slice(slot, shard)
+            else:
+                linear.lora.write(slot, shard, weights.a, weights.b, weights.scale)
+
+
+class AdapterManager:
+    """Registered adapters by name, and where each one currently is."""
+
+    def __init__(self, model: LlamaForCausalLM, max_loras: int, max_lora_rank: int, max_cpu_adapters: int,
+                 device: torch.device) -> None:
+        self.model_config = model.config
+        self.max_lora_rank = max_lora_rank
+        self.paths: dict[str, Path] = {}
+        self.host = HostCache(max_cpu_adapters, pin_memory=device.type == "cuda")
+        self.slots = SlotPool(model, max_loras)
+        self.disk_loads = 0
+        self.load_seconds: list[float] = []  # disk -> host, per background load
+        self._loads: dict[str, tuple[Future, float]] = {}
+        self.errors: dict[str, str] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+
+    def register(self, name: str, path: str | Path, validate: bool = True) -> LoRAAdapter | None:
+        """Make `name` servable. Validation reads the adapter now and keeps it in the host cache."""
+        path = Path(path)
+        adapter = None
+        if validate:
+            adapter = load_peft_lora(path, name, self.model_config, self.max_lora_rank)
+            self.host.put(adapter)
+        self.paths[name] = path
+        self.errors.pop(name, None)
+        return adapter
+
+    def unregister(self, name: str) -> None:
+        self.paths.pop(name, None)
+        self.host.drop(name)
+        self.slots.evict(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.paths
+
+    def ready(self, name: str) -> bool:
+        """True when the adapter can go into a slot now; otherwise starts loading it from disk."""
+        self._collect()
+        if self.slots.resident(name) or name in self.host:
+            return True
+        self.prefetch(name)
+        return False
+
+    def prefetch(self, name: str) -> None:
+        if name in self._loads or name in self.host or self.slots.resident(name) or name not in self.paths:
+            return
+        future = self._executor.submit(load_peft_lora, self.paths[name], name, self.model_config, self.max_lora_rank)
+        self._loads[name] = (future, time.perf_counter())
+
+    def _collect(self) -> None:
+        """Move finished background loads into the host cache."""
+        for name, (future, started) in list(self._loads.items()):
+            if not future.done():
+                continue
+            del self._loads[name]
+            try:
+                adapter = future.result()
+            except Exception as e:  # the file changed or vanished since it was registered
+                logger.error("adapter %s failed to load: %s", name, e)
+                self.errors[name] = str(e)
+                continue
+            if name in self.paths:
+                self.host.put(adapter)
+                self.disk_loads += 1
+                self.load_seconds.append(time.perf_counter() - started)
+
+    def acquire(self, name: str) -> int | None:
+        return self.slots.acquire(name, self.host)
+
+    def release(self, name: str) -> None:
+        self.slots.release(name)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,245 @@
+"""Triton LoRA shrink: the GPU twin of `reference.lora_shrink` (segmented gather matmul, SGMV).
+
+Semantics (identical to the reference):
+    h = zeros(num_tokens, num_slices, max_rank, fp32)
+    for every token t with slot s = token_slots[t] >= 0, and every slice i with rank r = ranks[s, i]:
+        h[t, i, :r] = x[t] @ lora_a[s, i, :r]^T
+    Tokens without an adapter (slot -1) and padded rank columns (>= r) stay zero.
+
+Kernel design:
+    `LoRAKernelMeta` sorts the batch's tokens by adapter slot into one segment per active slot, so
+    every adapter's A matrix is read once per tile of its tokens instead of once per token. One
+    program per (token tile of a segment, rank tile, slice, segment): it gathers up to BLOCK_M token
+    rows of x through `sorted_token_ids` (the batch is in any order), walks in_features in BLOCK_K
+    tiles and accumulates x_tile @ A[slot, slice, r-tile, k-tile]^T in fp32 with tl.dot (tensor
+    cores for fp16/bf16; exact IEEE fp32 for fp32). Programs past the end of their segment, and rank
+    tiles starting at or beyond the slot's rank for that slice, return at once: padded rank columns
+    are never read nor computed, so whatever the pool holds there (stale weights, NaN) is harmless.
+    `h` is zero-filled first; the kernel writes only the computed entries.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels.lora_meta import LoRAKernelMeta
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,  # [num_tokens, in_features], unit stride along in_features
+    a_ptr,  # [max_loras, num_slices, max_rank, in_features]
+    h_ptr,  # [num_tokens, num_slices, max_rank] fp32, zero-filled
+    ranks_ptr,  # [max_loras, num_slices]
+    sorted_ids_ptr,  # [num_tokens] int32: token indices sorted by slot
+    active_slots_ptr,  # [num_active] int32
+    seg_starts_ptr,  # [num_active + 1] int32
+    in_features,
+    max_rank,
+    num_r_tiles,  # cdiv(max_rank, BLOCK_R): axis 0 of the grid is (token tile, rank tile)
+    stride_xt,
+    stride_al, stride_as, stride_ar,
+    stride_ht, stride_hs,
+    stride_rl, stride_rs,
+    BLOCK_M: tl.constexpr,  # tokens per tile (>= 16 for tl.dot)
+    BLOCK_R: tl.constexpr,  # rank columns per tile (>= 16)
+    BLOCK_K: tl.constexpr,  # in_features per step of the reduction (>= 16)
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    slice_id = tl.program_id(1)
+    seg = tl.program_id(2)
+    m_tile = pid // num_r_tiles
+    r_tile = pid % num_r_tiles
+
+    seg_start = tl.load(seg_starts_ptr + seg)
+    seg_len = tl.load(seg_starts_ptr + seg + 1) - seg_start
+    m_start = m_tile * BLOCK_M
+    if m_start >= seg_len:  # the segment is shorter than the longest one
+        return
+    slot = tl.load(active_slots_ptr + seg).to(tl.int64)
+    rank = tl.load(ranks_ptr + slot * stride_rl + slice_id * stride_rs).to(tl.int32)
+    rank = tl.minimum(rank, max_rank)  # never read past the pool's padded rank
+    r_start = r_tile * BLOCK_R
+    if r_start >= rank:  # padded rank columns (and rank-0 slices) are not computed
+        return
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seg_len
+    tokens = tl.load(sorted_ids_ptr + seg_start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_rows = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
+    a_cols = a_ptr + slot * stride_al + slice_id * stride_as + offs_r[None, :] * stride_ar  # [1, BLOCK_R]
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k_start in range(0, in_features, BLOCK_K):
+        k = k_start + offs_k
+        k_mask = k < in_features
+        x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [M, K]
+        a = tl.load(a_cols + k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # A^T: [K, R]
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+
+    h_ptrs = h_ptr + tokens[:, None] * stride_ht + slice_id * stride_hs + offs_r[None, :]
+    tl.store(h_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def _check_meta(meta: LoRAKernelMeta, num_tokens: int, device: torch.device) -> None:
+    """Shape, dtype and device checks of the per-step token layout (shared with lora_expand)."""
+    if not isinstance(meta, LoRAKernelMeta):
+        raise ValueError(f"meta must be a LoRAKernelMeta, got {type(meta).__name__}")
+    if meta.active_slots.dim() != 1:
+        raise ValueError(f"meta.active_slots must be 1-D, got {tuple(meta.active_slots.shape)}")
+    num_active = meta.active_slots.shape[0]
+    expected = {
+        "meta.token_slots": (num_tokens,),
+        "meta.sorted_token_ids": (num_tokens,),
+        "meta.active_slots": (num_active,),
+        "meta.seg_starts": (num_active + 1,),
+    }
+    for name, shape in expected.items():
+        t = getattr(meta, name.split(".")[1])
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for {num_tokens} tokens, got {tuple(t.shape)}")
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if meta.max_seg_len < 0 or meta.max_seg_len > num_tokens:
+        raise ValueError(f"meta.max_seg_len {meta.max_seg_len} out of range for {num_tokens} tokens")
+
+
+def _check_ranks(name: str, t: torch.Tensor, max_loras: int, num_slices: int, device: torch.device) -> None:
+    if tuple(t.shape) != (max_loras, num_slices):
+        raise ValueError(f"{name} must be [max_loras={max_loras}, num_slices={num_slices}], got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _check_block(name: str, value: int) -> None:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+def _check(
+    x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRAKernelMeta, out: torch.Tensor | None
+) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [num_tokens, in_features], got {tuple(x.shape)}")
+    if lora_a.dim() != 4:
+        raise ValueError(
+            f"lora_a must be [max_loras, num_slices, max_rank, in_features], got {tuple(lora_a.shape)}"
+        )
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} not supported, expected one of {_SUPPORTED_DTYPES}")
+    if lora_a.dtype != x.dtype:
+        raise ValueError(f"lora_a dtype {lora_a.dtype} must match x dtype {x.dtype}")
+    max_loras, num_slices, max_rank, in_features = lora_a.shape
+    if x.shape[1] != in_features:
+        raise ValueError(f"x in_features {x.shape[1]} != lora_a in_features {in_features}")
+    if num_slices < 1 or max_rank < 1:
+        raise ValueError(f"lora_a needs >= 1 slice and max_rank >= 1, got {tuple(lora_a.shape)}")
+    # Rows are addressed through a stride (x may be a view); in_features must be the unit-stride axis.
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise ValueError("x must be contiguous along in_features")
+    if not lora_a.is_contiguous():
+        raise ValueError("lora_a must be contiguous")
+    device = x.device
+    if lora_a.device != device:
+        raise ValueError(f"lora_a is on {lora_a.device}, expected x's device {device}")
+    _check_ranks("ranks", ranks, max_loras, num_slices, device)
+    if ranks.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"ranks must be int32 or int64, got {ranks.dtype}")
+    _check_meta(meta, x.shape[0], device)
+    if out is not None:
+        shape = (x.shape[0], num_slices, max_rank)
+        if tuple(out.shape) != shape:
+            raise ValueError(f"out must be [num_tokens, num_slices, max_rank] = {shape}, got {tuple(out.shape)}")
+        if out.dtype != torch.float32:
+            raise ValueError(f"out must be float32, got {out.dtype}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        if out.device != device:
+            raise ValueError(f"out is on {out.device}, expected {device}")
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: LoRAKernelMeta,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Project every token onto its adapter's A matrices: h[t, i, :r] = x[t] @ lora_a[slot, i, :r]^T.
+
+    Same contract as `reference.lora_shrink(x, lora_a, ranks, meta.token_slots)` (see the module
+    docstring).
+
+    Shapes:
+        x:       [num_tokens, in_features], fp16 / bf16 / fp32, unit stride along in_features
+        lora_a:  [max_loras, num_slices, max_rank, in_features], x's dtype, contiguous
+        ranks:   [max_loras, num_slices] int32 (0: slice not adapted; clamped to max_rank)
+        meta:    the step's tokens sorted by slot (`LoRAKernelMeta.make(token_slots)`)
+        out:     optional [num_tokens, num_slices, max_rank] fp32 contiguous buffer, overwritten
+        returns: h, [num_tokens, num_slices, max_rank] fp32 (`out` when given)
+    """
+    return _lora_shrink(x, lora_a, ranks, meta, out)
+
+
+def _lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: LoRAKernelMeta,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_r: int | None = None,
+    block_k: int | None = None,
+) -> torch.Tensor:
+    """`lora_shrink` with optional tile-size overrides (tests use them to force tilings)."""
+    _check(x, lora_a, ranks, meta, out)
+    num_tokens = x.shape[0]
+    _, num_slices, max_rank, in_features = lora_a.shape
+    if out is None:
+        out = torch.zeros((num_tokens, num_slices, max_rank), dtype=torch.float32, device=x.device)
+    else:
+        out.zero_()
+    if meta.num_active == 0 or meta.max_seg_len == 0:
+        return out
+
+    # Untuned defaults: decode-sized segments get 16-row tiles and 16-column rank tiles (more
+    # programs for the few segments of a decode step); prefill segments get bigger tiles.
+    if block_m is None:
+        block_m = min(64, max(16, triton.next_power_of_2(meta.max_seg_len)))
+    if block_r is None:
+        block_r = 16 if block_m == 16 else min(64, max(16, triton.next_power_of_2(max_rank)))
+    if block_k is None:
+        block_k = min(64, max(16, triton.next_power_of_2(in_features)))
+    for name, value in (("block_m", block_m), ("block_r", block_r), ("block_k", block_k)):
+        _check_block(name, value)
+
+    num_r_tiles = triton.cdiv(max_rank, block_r)
+    grid = (triton.cdiv(meta.max_seg_len, block_m) * num_r_tiles, num_slices, meta.num_active)
+    _lora_shrink_kernel[grid](
+        x, lora_a, out, ranks,
+        meta.sorted_token_ids, meta.active_slots, meta.seg_starts,
+        in_features, max_rank, num_r_tiles,
+        x.stride(0),
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        out.stride(0), out.stride(1),
+        ranks.stride(0), ranks.stride(1),
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        DOT_PRECISION="ieee",  # exact fp32 (no tf32); a no-op for fp16/bf16 operands
+        num_warps=4,
+    )
+    return out

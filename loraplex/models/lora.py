@@ -1,0 +1,62 @@
+"""Adapter slots inside the model: every adaptable linear layer holds the stacked LoRA weights of
+`max_loras` slots, and adds the adapters' outputs of a batch in one pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoRASlotWeights:
+    """The stacked LoRA weights of one linear layer (several checkpoint projections when fused).
+
+    Invariant: entries beyond a slot's rank are zero, so the torch path may compute up to the
+    largest active rank without masking.
+    """
+
+    a: torch.Tensor  # [max_loras, num_slices, max_rank, in_features]
+    b: torch.Tensor  # [max_loras, out_features, max_rank]
+    ranks: torch.Tensor  # [max_loras, num_slices] int32 (0 = this slot leaves the slice alone)
+    scales: torch.Tensor  # [max_loras, num_slices] fp32
+    slice_offsets: list[int]  # num_slices + 1 row offsets into out_features
+    ranks_host: list[list[int]]  # ranks, on the host: sizes the torch path without a device sync
+
+    @classmethod
+    def allocate(cls, max_loras: int, max_rank: int, in_features: int, output_sizes: list[int],
+                 dtype: torch.dtype, device: torch.device) -> LoRASlotWeights:
+        num_slices = len(output_sizes)
+        offsets = [0]
+        for size in output_sizes:
+            offsets.append(offsets[-1] + size)
+        return cls(
+            a=torch.zeros(max_loras, num_slices, max_rank, in_features, dtype=dtype, device=device),
+            b=torch.zeros(max_loras, offsets[-1], max_rank, dtype=dtype, device=device),
+            ranks=torch.zeros(max_loras, num_slices, dtype=torch.int32, device=device),
+            scales=torch.zeros(max_loras, num_slices, dtype=torch.float32, device=device),
+            slice_offsets=offsets,
+            ranks_host=[[0] * num_slices for _ in range(max_loras)],
+        )
+
+    def write(self, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Put one projection's A [rank, in] and B [out_slice, rank] into a slot."""
+        rank = a.shape[0]
+        lo, hi = self.slice_offsets[slice_index], self.slice_offsets[slice_index + 1]
+        self.clear_slice(slot, slice_index)
+        self.a[slot, slice_index, :rank].copy_(a, non_blocking=True)
+        self.b[slot, lo:hi, :rank].copy_(b, non_blocking=True)
+        self.ranks[slot, slice_index] = rank
+        self.scales[slot, slice_index] = scale
+        self.ranks_host[slot][slice_index] = rank
+
+    def clear_slice(self, slot: int, slice_index: int) -> None:
+        lo, hi = self.slice_offsets[slice_index], self.slice_offsets[slice_index + 1]
+        self.a[slot, slice_index].zero_()
+        self.b[slot, lo:hi].zero_()
+        self.ranks[slot, slice_index] = 0
+        self.scales[slot, slice_index] = 0.0
+        self.ranks_host[slot][slice_index] = 0
+
+    def max_rank_of(self, slots: list[int]) -> int:
+        return max((max(self.ranks_host[s]) for s in slots), default=0)
