@@ -14,6 +14,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.sampling import SamplingParams
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+LINE_FIELDS = {"prompt", "adapter"}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "GPU memory (0.85); default 1GiB on the CPU, 0.85 on CUDA")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between "
                    "requests with the same prefix")
+    g.add_argument("--served-model-name", help="the base model's name (default: the model dir's name, "
+                   "'demo' for the demo model)")
+    a = parser.add_argument_group("adapters")
+    a.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="register a PEFT LoRA directory under NAME (repeatable)")
+    a.add_argument("--max-loras", type=int, default=defaults.max_loras,
+                   help="adapter slots on the device: the most distinct adapters in one batch")
+    a.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
+    a.add_argument("--max-cpu-adapters", type=int, default=defaults.max_cpu_adapters,
+                   help="parsed adapters kept in host memory (LRU)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -43,7 +54,22 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,
+        "served_model_name": args.served_model_name, "max_loras": args.max_loras,
+        "max_lora_rank": args.max_lora_rank, "max_cpu_adapters": args.max_cpu_adapters,
+        "adapters": parse_adapter_args(args.adapter),
     }
+
+
+def parse_adapter_args(values: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {value!r}: write NAME=PATH, e.g. --adapter support=/adapters/support-v3")
+        if name in adapters:
+            raise ValueError(f"--adapter: {name!r} is given twice")
+        adapters[name] = path
+    return adapters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     src.add_argument("--prompts-file", type=Path, help='JSON lines: {"prompt": ..., optional sampling fields}')
     src.add_argument("--output", type=Path, help="write JSON lines here instead of stdout")
+    src.add_argument("--use-adapter", metavar="NAME", help="run every prompt on this adapter (a prompts-file "
+                     'line may name its own with "adapter")')
     samp = gen.add_argument_group("sampling (defaults for every prompt)")
     samp.add_argument("--max-tokens", type=int, default=64)
     samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
@@ -100,8 +128,9 @@ def _default_params(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def read_prompts_file(path: Path, defaults: dict[str, Any]) -> tuple[list, list[SamplingParams]]:
-    prompts, params = [], []
+def read_prompts_file(path: Path, defaults: dict[str, Any], default_adapter: str | None = None):
+    """-> (prompts, sampling params, adapter names), one each per non-empty line."""
+    prompts, params, adapters = [], [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -112,11 +141,14 @@ def read_prompts_file(path: Path, defaults: dict[str, Any]) -> tuple[list, list[
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or "prompt" not in record:
             raise ValueError(f'{where}: each line must be an object with a "prompt" field')
-        unknown = set(record) - SAMPLING_FIELDS - {"prompt"}
+        unknown = set(record) - SAMPLING_FIELDS - LINE_FIELDS
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; sampling fields are "
                              f"{', '.join(sorted(SAMPLING_FIELDS))}")
         prompt = record.pop("prompt")
+        adapter = record.pop("adapter", default_adapter)
+        if adapter is not None and not isinstance(adapter, str):
+            raise ValueError(f"{where}: adapter must be a string (an adapter name) or null")
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
             raise ValueError(f"{where}: prompt must be a string or a list of token ids")
         try:
@@ -124,9 +156,10 @@ def read_prompts_file(path: Path, defaults: dict[str, Any]) -> tuple[list, list[
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
         prompts.append(prompt)
+        adapters.append(adapter)
     if not prompts:
         raise ValueError(f"{path}: holds no prompts")
-    return prompts, params
+    return prompts, params, adapters
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -134,28 +167,33 @@ def _generate(args: argparse.Namespace) -> int:
 
     defaults = _default_params(args)
     if args.prompts_file is not None:
-        prompts, params = read_prompts_file(args.prompts_file, defaults)
+        prompts, params, adapters = read_prompts_file(args.prompts_file, defaults, args.use_adapter)
     elif args.prompt:
         prompts, params = args.prompt, [SamplingParams(**defaults)] * len(args.prompt)
+        adapters = [args.use_adapter] * len(prompts)
     else:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
     llm = LLM(**engine_options(args))
-    outputs = llm.generate(prompts, params, use_tqdm=args.prompts_file is not None)
+    adapters = [llm.resolve_adapter(name) for name in adapters]
+    outputs = llm.generate(prompts, params, use_tqdm=args.prompts_file is not None, adapter=adapters)
     if args.prompts_file is None and args.output is None:
         for prompt, out in zip(prompts, outputs, strict=True):
             print(f"{prompt}{out.text}\n")
         return 0
-    lines = [
-        json.dumps({"index": i, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason},
-                   ensure_ascii=False)
-        for i, out in enumerate(outputs)
-    ]
+    lines = [json.dumps(_record(i, out), ensure_ascii=False) for i, out in enumerate(outputs)]
     if args.output is None:
         print("\n".join(lines))
     else:
         args.output.write_text("\n".join(lines) + "\n")
         print(f"wrote {len(lines)} completions to {args.output}", file=sys.stderr)
     return 0
+
+
+def _record(index: int, out) -> dict[str, Any]:
+    record = {"index": index, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+    if out.adapter is not None:
+        record["adapter"] = out.adapter
+    return record
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,22 +16,31 @@ from loraplex.engine.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_DIRNAME = "demo-tiny"
+DEMO_SERVED_NAME = "demo"
 
 
-def resolve_model_dir(config: EngineConfig) -> Path:
-    """The checkpoint directory to serve: `config.model`, or the demo model, made once in the data dir."""
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    served_name: str  # what requests call the base model
+    adapters: dict[str, Path]  # adapters that come with the model (the demo's)
+
+
+def resolve_model(config: EngineConfig) -> ResolvedModel:
+    """The checkpoint to serve: `config.model`, or the demo model, made once in the data dir."""
     if config.model is not None:
         path = Path(config.model).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"model: {path} is not a directory; pass a Hugging Face checkpoint directory")
-        return path
-    from loraplex.models.demo import write_demo_model
+        return ResolvedModel(path, config.served_model_name or path.resolve().name, {})
+    from loraplex.models.demo import DEMO_ADAPTERS, write_demo_model
 
     path = config.resolved_data_dir() / DEMO_MODEL_DIRNAME
     if not (path / "config.json").exists():
         logger.info("writing the demo model to %s (once)", path)
         write_demo_model(path)
-    return path
+    adapters = {name: path / "adapters" / name for name in DEMO_ADAPTERS}
+    return ResolvedModel(path, config.served_model_name or DEMO_SERVED_NAME, adapters)
 
 
 class LLM:
@@ -42,10 +52,19 @@ class LLM:
 
     def __init__(self, model: str | None = None, adapters: dict[str, str] | None = None, **engine_options) -> None:
         config = EngineConfig.from_options(model=model, **engine_options)
-        self.engine = LLMEngine(config, resolve_model_dir(config))
+        resolved = resolve_model(config)
+        self.engine = LLMEngine(config, resolved.path)
         self.tokenizer = self.engine.tokenizer
-        for name, path in (adapters or {}).items():
-            self.engine.add_adapter(name, path)
+        self.served_model_name = resolved.served_name
+        if config.max_loras > 0:
+            for name, path in {**resolved.adapters, **(adapters or {})}.items():
+                self.engine.add_adapter(name, path)
+        elif adapters:
+            raise ValueError("adapters: given, but max_loras is 0; allow at least one adapter slot")
+
+    def resolve_adapter(self, name: str | None) -> str | None:
+        """A request's model name -> adapter name; the base model's own name (or None) -> None."""
+        return None if name in (None, self.served_model_name) else name
 
     def generate(
         self,

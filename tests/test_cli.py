@@ -71,3 +71,41 @@ def test_demo_model_command_refuses_to_overwrite(tmp_path, capsys):
     assert (target / "adapters").is_dir()
     assert main(["demo-model", str(target)]) == 2
     assert "remove it" in capsys.readouterr().err
+
+
+def test_adapters_by_flag_and_by_line(demo_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "Once upon a time", "adapter": "beta"}) + "\n"
+        + json.dumps({"prompt": "Once upon a time", "adapter": None}) + "\n"
+        + json.dumps({"prompt": "Once upon a time"}) + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--model", str(demo_dir), *ENGINE, "--prompts-file", str(prompts), "--output", str(out),
+               "--max-tokens", "6", "--ignore-eos", "--adapter", f"beta={demo_dir}/adapters/beta",
+               "--adapter", f"gamma={demo_dir}/adapters/gamma", "--use-adapter", "gamma"])
+    assert rc == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line.get("adapter") for line in lines] == ["beta", None, "gamma"]
+
+    llm = LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=256, kv_cache_memory="32MiB",
+              adapters={"beta": demo_dir / "adapters" / "beta", "gamma": demo_dir / "adapters" / "gamma"})
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = llm.generate(["Once upon a time"] * 3, params, adapter=["beta", None, "gamma"])
+    assert [line["token_ids"] for line in lines] == [o.token_ids for o in expected]
+    assert len({tuple(line["token_ids"]) for line in lines}) == 3  # each adapter changes the output
+
+
+def test_unknown_adapter_is_a_clear_error(demo_dir, capsys):
+    rc = main(["generate", "--model", str(demo_dir), *ENGINE, "--prompt", "x", "--use-adapter", "nope"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "not registered" in err
+
+
+def test_base_model_answers_to_its_served_name(demo_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--model", str(demo_dir), *ENGINE, "--prompt", "x", "--output", str(out),
+               "--served-model-name", "basey", "--use-adapter", "basey", "--max-tokens", "2"])
+    assert rc == 0
+    assert "adapter" not in json.loads(out.read_text())
