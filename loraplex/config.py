@@ -105,6 +105,8 @@ def parse_memory(value: str | int | float) -> int | float:
         number = float(match.group(1)) * _SIZE_UNITS[unit]
         if unit == "" and number <= 1:
             return _fraction(number)
+        if number < 1:
+            raise ValueError(f"kv_cache_memory: {value!r} comes to less than one byte")
         return int(number)
     if isinstance(number, float) and number <= 1:
         return _fraction(number)

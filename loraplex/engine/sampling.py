@@ -69,7 +69,8 @@ def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     sorted_probs = sorted_logits.softmax(dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [n, vocab]
-    keep_sorted = mass_before < top_p.unsqueeze(1)
+    # top_p = 1 keeps everything: the float cumsum may reach 1 before the tail of a large vocabulary.
+    keep_sorted = (mass_before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
     # The smallest kept logit is the threshold: everything at or above it stays.
     threshold = sorted_logits.masked_fill(~keep_sorted, float("inf")).min(dim=-1, keepdim=True).values
     logits = logits.masked_fill(logits < threshold, float("-inf"))

@@ -23,7 +23,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def find_weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map): {e}") from None
         files = sorted({model_dir / name for name in weight_map.values()})
         missing = [f for f in files if not f.exists()]
         if missing:
