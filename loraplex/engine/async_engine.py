@@ -49,7 +49,8 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield this request's outputs as they come; the last has `finished` set. Closing the
         iterator early (a client went away) aborts the request and frees its KV blocks."""
@@ -57,7 +58,7 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         async with self._lock:
-            self.engine.add_request(prompt, params, request_id)  # ValueError for a bad request
+            self.engine.add_request(prompt, params, request_id, adapter=adapter)  # ValueError: bad request
             self._streams[request_id] = queue
         self._has_work.set()
         finished = False

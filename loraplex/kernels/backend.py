@@ -138,7 +138,7 @@ class TorchBackend:
             b = weights.b[group.slots, offsets[i] : offsets[i + 1], :rank]  # [num_segments, out_i, rank]
             deltas.append(torch.bmm(h[:, :, i] * scales[:, i, None, None], b.transpose(1, 2)))
         delta = torch.cat(deltas, dim=-1).flatten(0, 1)[group.valid]  # [num_valid, out]
-        y.index_add_(0, group.rows, delta.to(y.dtype))
+        y[group.rows] += delta.to(y.dtype)  # each token sits in one segment: rows are unique
 
 
 class TritonBackend(TorchBackend):
