@@ -58,7 +58,7 @@ class _SegmentGroup:
     index: torch.Tensor  # [num_segments, seg_len] int64 into [num_tokens + 1]
     valid: torch.Tensor  # [num_segments * seg_len] bool
     rows: torch.Tensor  # [num_valid] int64: the token each valid padded row belongs to
-    slots: torch.Tensor  # [num_segments] int64
+    slots: torch.Tensor | slice  # [num_segments] int64, or a slice when the slots are consecutive
     slots_host: list[int]
 
 
@@ -88,8 +88,11 @@ def _segment_group(meta: LoRAKernelMeta, starts: list[int], lengths: list[int], 
     positions = (start.unsqueeze(1) + offsets).clamp(max=num_tokens - 1)
     index = torch.where(valid, meta.sorted_token_ids.long()[positions], num_tokens)
     slots_host = [active_slots[i] for i in members]
-    return _SegmentGroup(index, valid.flatten(), index.flatten()[valid.flatten()],
-                         torch.tensor(slots_host, device=device), slots_host)
+    first = slots_host[0]
+    # Consecutive slots (the common case for a fresh pool) index the slot weights as a view, not a copy.
+    consecutive = slots_host == list(range(first, first + len(slots_host)))
+    slots = slice(first, first + len(slots_host)) if consecutive else torch.tensor(slots_host, device=device)
+    return _SegmentGroup(index, valid.flatten(), index.flatten()[valid.flatten()], slots, slots_host)
 
 
 class TorchBackend:
