@@ -219,6 +219,17 @@ def test_a_block_is_reused_only_under_an_identical_prefix():
     assert bm.reuse_cached_prefix(c) == 4
 
 
+def test_a_matching_block_after_a_different_parent_is_not_reused():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    p, q, r, s = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]
+    compute(bm, make_seq("pq", p + q + [0]))
+    compute(bm, make_seq("rs", r + s + [0]))
+    # p is cached as a first block and s as a second block, but s only after r: its keys and values
+    # were computed in r's context, so after p it must be computed again
+    z = make_seq("ps", p + s + [0])
+    assert bm.reuse_cached_prefix(z) == 4
+
+
 def test_prefix_caching_disabled_shares_nothing():
     bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
     a = make_seq("a", list(range(9)))

@@ -185,3 +185,26 @@ def test_long_prompt_and_long_output(trained_tokenizer):
     pieces = stream(tok, tok.encode(prompt), tok.encode(text))
     assert all(REPLACEMENT not in piece for piece in pieces)
     assert "".join(pieces) == text
+
+
+class CountingTokenizer(Tokenizer):
+    """Records how many ids each decode call is given."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        super().__init__(inner.backend)
+        self.sizes: list[int] = []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.sizes.append(len(ids))
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_each_step_decodes_a_bounded_window(trained_tokenizer):
+    # Decoding the whole output on every step would be quadratic in its length.
+    tok = CountingTokenizer(trained_tokenizer)
+    text = " ".join(TEXTS) * 8
+    output_ids = tok.encode(text)
+    assert len(output_ids) > 400
+    pieces = stream(tok, tok.encode("a prompt of some length " * 5), output_ids)
+    assert "".join(pieces) == text
+    assert max(tok.sizes) <= 24, max(tok.sizes)

@@ -140,6 +140,9 @@ def test_filters_combine():
     assert kept(probs, top_k=5, min_p=0.3) == [0, 1, 2]
     assert kept(probs, top_k=2, top_p=1.0, min_p=0.0) == [0, 1]
     assert kept(probs, top_k=3, top_p=0.95, min_p=0.6) == [0, 1]  # 0.2 < 0.21
+    # top-p measures the mass after top-k: of [0.5, 0.3] renormalised the first is 0.625 >= 0.55
+    assert kept(P4, top_k=2, top_p=0.55) == [0]
+    assert kept(P4, top_k=0, top_p=0.55) == [0, 1]
 
 
 def test_rows_with_different_settings_in_one_call():

@@ -277,6 +277,24 @@ def test_several_preemptions_in_one_step_keep_their_order_in_the_queue():
     assert scheduled(out) == [("a", 1), ("b", 1)]
 
 
+def test_a_step_that_preempts_admits_nobody():
+    sched = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=6, prefix_caching=False)
+    a = make_seq("a", 4, max_tokens=10)
+    c = make_seq("c", 12, max_tokens=2, first=50)
+    sched.add(a)
+    sched.add(c)
+    assert scheduled(run_step(sched)) == [("a", 4), ("c", 2)]
+    assert scheduled(run_step(sched)) == [("a", 1), ("c", 5)]
+    assert sched.block_manager.num_free_blocks == 0
+    out = run_step(sched)
+    # c needs a third block for its next chunk: it is the newest, so it preempts itself. Its two
+    # freed blocks would hold a 5-token chunk of it again, but nobody joins in a preempting step.
+    assert ids(out.preempted) == ["c"]
+    assert scheduled(out) == [("a", 1)]
+    assert ids(sched.waiting) == ["c"] and sched.block_manager.num_free_blocks == 2
+    assert scheduled(run_step(sched)) == [("a", 1), ("c", 5)]
+
+
 def test_the_oldest_keeps_running_when_blocks_run_out():
     sched = make_scheduler(num_blocks=2, block_size=4, prefix_caching=False)
     a = make_seq("a", 4, max_tokens=10)
