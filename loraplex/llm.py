@@ -30,9 +30,11 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
     """The checkpoint to serve: `config.model`, or the demo model, made once in the data dir."""
     if config.model is not None:
         path = Path(config.model).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"model: {path} is not a directory; pass a Hugging Face checkpoint directory")
-        return ResolvedModel(path, config.served_model_name or path.resolve().name, {})
+        if not path.exists():
+            raise FileNotFoundError(f"model: {path} does not exist; pass a Hugging Face checkpoint directory or a "
+                                    ".gguf file")
+        name = path.resolve().stem if path.is_file() else path.resolve().name
+        return ResolvedModel(path, config.served_model_name or name, {})
     from loraplex.models.demo import DEMO_ADAPTERS, write_demo_model
 
     path = config.resolved_data_dir() / DEMO_MODEL_DIRNAME

@@ -53,7 +53,7 @@ class LLMEngine:
         backend = select_backend(self.device)
         self.model = load_model(model_dir, self.dtype, self.device, backend)
         model_config = self.model.config
-        self.tokenizer = Tokenizer.from_dir(model_dir, model_config.eos_token_ids)
+        self.tokenizer = Tokenizer.from_path(model_dir, model_config.eos_token_ids)
         self.max_model_len = self._max_model_len(model_config.max_position_embeddings, model_config.sliding_window)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)

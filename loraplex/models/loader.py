@@ -44,20 +44,36 @@ def find_weight_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir}: no *.safetensors weights found")
 
 
+def is_gguf(path: Path) -> bool:
+    """A .gguf file, or a directory holding one and no config.json."""
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return not (path / "config.json").exists() and any(path.glob("*.gguf"))
+
+
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, backend: TorchBackend
+    model_path: Path, dtype: torch.dtype, device: torch.device, backend: TorchBackend
 ) -> LlamaForCausalLM:
-    config = ModelConfig.from_file(model_dir / "config.json")
+    """Build the model from a Hugging Face checkpoint directory or a GGUF file."""
+    if is_gguf(model_path):
+        from loraplex.models.gguf import read_gguf
+
+        checkpoint = read_gguf(model_path)
+        config = ModelConfig.from_dict(checkpoint.config, source=checkpoint.path.name)
+        tensors = ((checkpoint.path, name, tensor) for name, tensor in checkpoint.tensors())
+    else:
+        config = ModelConfig.from_file(model_path / "config.json")
+        files = find_weight_files(model_path)
+        tensors = ((path, name, tensor) for path in files for name, tensor in _read_tensors(path))
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, dtype)
     model.to_empty(device=device)
     unfilled = set(_target_names(model))
-    for path in find_weight_files(model_dir):
-        for name, tensor in _read_tensors(path):
-            _load_tensor(model, config, path, name, tensor, unfilled)
+    for path, name, tensor in tensors:
+        _load_tensor(model, config, path, name, tensor, unfilled)
     if unfilled:
         names = ", ".join(sorted(unfilled)[:5])
-        raise ValueError(f"{model_dir}: checkpoint lacks {len(unfilled)} tensor(s) the model needs: {names}")
+        raise ValueError(f"{model_path}: checkpoint lacks {len(unfilled)} tensor(s) the model needs: {names}")
     model.model.rotary.build(device, config.max_position_embeddings)
     return model.eval().requires_grad_(False)
 

@@ -58,6 +58,22 @@ class Tokenizer:
             eos_token_ids=eos_token_ids,
         )
 
+    @classmethod
+    def from_path(cls, path: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        """From a checkpoint directory, or from the metadata of a GGUF file."""
+        from loraplex.models.loader import is_gguf
+
+        if not is_gguf(path):
+            return cls.from_dir(path, eos_token_ids)
+        from loraplex.models.gguf import read_gguf
+
+        checkpoint = read_gguf(path)
+        config = checkpoint.tokenizer_config
+        eos = checkpoint.generation_config.get("eos_token_id")
+        return cls(checkpoint.tokenizer, bos_token=config.get("bos_token"), eos_token=config.get("eos_token"),
+                   add_bos_token=config.get("add_bos_token"), chat_template=config.get("chat_template"),
+                   eos_token_ids=(eos,) if eos is not None else eos_token_ids)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         # Some tokenizer.json files leave BOS to the Python tokenizer class; honour add_bos_token here.
