@@ -94,8 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     samp.add_argument("--ignore-eos", action="store_true")
 
-    demo = sub.add_parser("demo-model", help="write the small demo checkpoint and its demo adapters")
+    demo = sub.add_parser("demo-model", help="write the default model (SmolLM2-135M-Instruct) to DIR")
     demo.add_argument("directory", type=Path)
+    demo.add_argument("--tiny", action="store_true", help="write the tiny random-weight Llama (and its three "
+                      "adapters) instead: made locally, no download")
+
+    convert = sub.add_parser("convert", help="convert a GGUF file to a Hugging Face checkpoint directory")
+    convert.add_argument("source", type=Path, help="a .gguf file (or a directory holding one)")
+    convert.add_argument("-o", "--output", type=Path, required=True, help="the directory to write")
     return parser
 
 
@@ -106,17 +112,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "convert":
+            return _convert(args)
         return _demo_model(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"loraplex {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from loraplex.models.demo import write_demo_model
+    if args.tiny:
+        from loraplex.models.demo import write_demo_model
 
-    path = write_demo_model(args.directory)
+        path = write_demo_model(args.directory)
+    else:
+        from loraplex.models.default_model import write_default_model
+
+        path = write_default_model(args.directory)
     print(f"wrote the demo model to {path}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from loraplex.models.gguf import convert_gguf
+
+    path = convert_gguf(args.source, args.output, progress=True)
+    print(f"wrote a Hugging Face checkpoint to {path}")
     return 0
 
 

@@ -12,11 +12,14 @@ from tqdm import tqdm
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sampling import SamplingParams
+from loraplex.models.default_model import SERVED_NAME, default_model_dir
 
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_DIRNAME = "demo-tiny"
 DEMO_SERVED_NAME = "demo"
+DEMO_ADAPTERS_DIR = Path(__file__).parent / "demo_adapters"  # trained for SmolLM2 by examples/train_demo_adapters.py
+DEMO_ADAPTER_NAMES = ("pirate", "shout", "json")
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ class ResolvedModel:
 
 
 def resolve_model(config: EngineConfig) -> ResolvedModel:
-    """The checkpoint to serve: `config.model`, or the demo model, made once in the data dir."""
+    """The checkpoint to serve: `config.model`, or else SmolLM2-135M-Instruct with the demo adapters
+    (made once in the data dir), or else, when SmolLM2 cannot be had, the tiny random demo model."""
     if config.model is not None:
         path = Path(config.model).expanduser()
         if not path.exists():
@@ -35,11 +39,23 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
                                     ".gguf file")
         name = path.resolve().stem if path.is_file() else path.resolve().name
         return ResolvedModel(path, config.served_model_name or name, {})
+    data_dir = config.resolved_data_dir()
+    try:
+        path = default_model_dir(data_dir)
+    except (RuntimeError, OSError, ValueError) as e:
+        logger.warning("SmolLM2-135M-Instruct is not available (%s); serving the tiny random demo model instead", e)
+        return tiny_demo_model(config)
+    adapters = {name: DEMO_ADAPTERS_DIR / name for name in DEMO_ADAPTER_NAMES if (DEMO_ADAPTERS_DIR / name).is_dir()}
+    return ResolvedModel(path, config.served_model_name or SERVED_NAME, adapters)
+
+
+def tiny_demo_model(config: EngineConfig) -> ResolvedModel:
+    """The tiny random-weight Llama (made locally, no download): the fallback and the tests' model."""
     from loraplex.models.demo import DEMO_ADAPTERS, write_demo_model
 
     path = config.resolved_data_dir() / DEMO_MODEL_DIRNAME
     if not (path / "config.json").exists():
-        logger.info("writing the demo model to %s (once)", path)
+        logger.info("writing the tiny demo model to %s (once)", path)
         write_demo_model(path)
     adapters = {name: path / "adapters" / name for name in DEMO_ADAPTERS}
     return ResolvedModel(path, config.served_model_name or DEMO_SERVED_NAME, adapters)
