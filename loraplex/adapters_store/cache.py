@@ -68,6 +68,7 @@ class SlotPool:
         self.slot_of: dict[str, int] = {}
         self.users: dict[str, int] = {}  # adapter -> running sequences using it
         self.idle: OrderedDict[str, None] = OrderedDict()  # resident, unused: evictable, LRU first
+        self.retired: set[str] = set()  # evicted while in use: freed when the last user releases it
         self.free_slots = list(range(max_loras - 1, -1, -1))
         self.loads = 0
         self.evictions = 0
@@ -101,11 +102,17 @@ class SlotPool:
         self.users[name] -= 1
         if self.users[name] == 0:
             del self.users[name]
-            self.idle[name] = None
+            if name in self.retired:
+                self.retired.discard(name)
+                self.free_slots.append(self.slot_of.pop(name))
+            else:
+                self.idle[name] = None
 
     def evict(self, name: str) -> bool:
-        """Drop an unused adapter from its slot (after it was deleted); False while in use."""
+        """Drop an adapter from its slot (it was deleted). One in use keeps its slot until its last
+        user releases it; returns False then."""
         if name in self.users:
+            self.retired.add(name)
             return False
         if name in self.slot_of:
             self.idle.pop(name, None)
@@ -122,76 +129,99 @@ class SlotPool:
 
 
 class AdapterManager:
-    """Registered adapters by name, and where each one currently is."""
+    """Registered adapters, and where each registration's weights currently are.
+
+    Every registration of a name gets its own key (`name#N`): slots, the host cache, background
+    loads and prefix-cache salts go by key, so re-registering a name never serves the old weights
+    to new requests, nor the new weights to requests that started on the old ones.
+    """
 
     def __init__(self, model: LlamaForCausalLM, max_loras: int, max_lora_rank: int, max_cpu_adapters: int,
                  device: torch.device) -> None:
         self.model_config = model.config
         self.max_lora_rank = max_lora_rank
-        self.paths: dict[str, Path] = {}
+        self.paths: dict[str, Path] = {}  # registered name -> directory
+        self.keys: dict[str, str] = {}  # registered name -> key of its current registration
+        self._key_paths: dict[str, Path] = {}  # every key handed out -> directory, to reload it
+        self._generation = 0
         self.host = HostCache(max_cpu_adapters, pin_memory=device.type == "cuda")
         self.slots = SlotPool(model, max_loras)
         self.disk_loads = 0
         self.load_seconds: list[float] = []  # disk -> host, per background load
         self._loads: dict[str, tuple[Future, float]] = {}
-        self.errors: dict[str, str] = {}
+        self.errors: dict[str, str] = {}  # key -> why its weights could not be loaded
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
 
     def register(self, name: str, path: str | Path, validate: bool = True) -> LoRAAdapter | None:
-        """Make `name` servable. Validation reads the adapter now and keeps it in the host cache."""
+        """Make `name` servable (replacing an earlier registration). Validation reads the adapter now
+        and keeps it in the host cache."""
         path = Path(path)
+        self._generation += 1
+        key = f"{name}#{self._generation}"
         adapter = None
         if validate:
-            adapter = load_peft_lora(path, name, self.model_config, self.max_lora_rank)
+            adapter = load_peft_lora(path, key, self.model_config, self.max_lora_rank)
+        if name in self.keys:
+            self.unregister(name)
+        if adapter is not None:
             self.host.put(adapter)
-        self.paths[name] = path
-        self.errors.pop(name, None)
+        self.paths[name], self.keys[name], self._key_paths[key] = path, key, path
         return adapter
 
     def unregister(self, name: str) -> None:
+        """New requests can no longer name it; those running on it keep its weights until they end."""
         self.paths.pop(name, None)
-        self.host.drop(name)
-        self.slots.evict(name)
+        key = self.keys.pop(name, None)
+        if key is not None:
+            self.host.drop(key)
+            self.slots.evict(key)
 
     def __contains__(self, name: str) -> bool:
         return name in self.paths
 
-    def ready(self, name: str) -> bool:
+    def key(self, name: str) -> str:
+        return self.keys[name]
+
+    def is_current(self, key: str) -> bool:
+        return self.keys.get(key.rpartition("#")[0]) == key
+
+    def ready(self, key: str) -> bool:
         """True when the adapter can go into a slot now; otherwise starts loading it from disk."""
         self._collect()
-        if self.slots.resident(name) or name in self.host:
+        if self.slots.resident(key) or key in self.host:
             return True
-        self.prefetch(name)
+        self.prefetch(key)
         return False
 
-    def prefetch(self, name: str) -> None:
-        if name in self._loads or name in self.host or self.slots.resident(name) or name not in self.paths:
+    def prefetch(self, key: str) -> None:
+        if key in self._loads or key in self.host or self.slots.resident(key) or key not in self._key_paths:
             return
-        future = self._executor.submit(load_peft_lora, self.paths[name], name, self.model_config, self.max_lora_rank)
-        self._loads[name] = (future, time.perf_counter())
+        future = self._executor.submit(load_peft_lora, self._key_paths[key], key, self.model_config,
+                                       self.max_lora_rank)
+        self._loads[key] = (future, time.perf_counter())
 
     def _collect(self) -> None:
         """Move finished background loads into the host cache."""
-        for name, (future, started) in list(self._loads.items()):
+        for key, (future, started) in list(self._loads.items()):
             if not future.done():
                 continue
-            del self._loads[name]
+            del self._loads[key]
             try:
                 adapter = future.result()
             except Exception as e:  # the file changed or vanished since it was registered
-                logger.error("adapter %s failed to load: %s", name, e)
-                self.errors[name] = str(e)
+                logger.error("adapter %s failed to load: %s", key, e)
+                self.errors[key] = str(e)
                 continue
-            if name in self.paths:
-                self.host.put(adapter)
-                self.disk_loads += 1
-                self.load_seconds.append(time.perf_counter() - started)
+            self.errors.pop(key, None)
+            self.host.put(adapter)
+            self.disk_loads += 1
+            self.load_seconds.append(time.perf_counter() - started)
 
-    def acquire(self, name: str) -> int | None:
-        return self.slots.acquire(name, self.host)
+    def acquire(self, key: str) -> int | None:
+        return self.slots.acquire(key, self.host)
 
-    def release(self, name: str) -> None:
-        self.slots.release(name)
+    def release(self, key: str) -> None:
+        self.slots.release(key)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -148,8 +148,11 @@ class LLMEngine:
             arrival_time=arrival_time,
         )
         if adapter is not None:
-            seq.adapter = seq.cache_salt = adapter
-            self.adapters.prefetch(adapter)
+            seq.adapter = adapter
+            # The key also salts the prefix cache: KV computed under one registration is never
+            # reused under another, even of the same name.
+            seq.adapter_key = seq.cache_salt = self.adapters.key(adapter)
+            self.adapters.prefetch(seq.adapter_key)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id

@@ -73,7 +73,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         if seq.lora_slot >= 0:
-            self.adapters.release(seq.adapter)
+            self.adapters.release(seq.adapter_key)
             seq.lora_slot = -1
 
     def schedule(self) -> SchedulerOutput:
@@ -107,9 +107,10 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 return
-            if seq.adapter is not None and seq.adapter in self.adapters.errors:
+            failure = self._adapter_failure(seq)
+            if failure is not None:
                 self.waiting.remove(seq)
-                seq.finish("error", self.adapters.errors[seq.adapter])
+                seq.finish("error", failure)
                 out.failed.append(seq)
                 continue
             admissible = self._adapter_admissible(seq)
@@ -123,8 +124,8 @@ class Scheduler:
                 self.block_manager.free(seq)  # give back the cached prefix it borrowed
                 seq.num_computed_tokens = 0
                 return
-            if seq.adapter is not None:
-                seq.lora_slot = self.adapters.acquire(seq.adapter)
+            if seq.adapter_key is not None:
+                seq.lora_slot = self.adapters.acquire(seq.adapter_key)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -132,14 +133,26 @@ class Scheduler:
             out.scheduled.append((seq, num_new))
             budget -= num_new
 
+    def _adapter_failure(self, seq: Sequence) -> str | None:
+        """Why this waiting sequence can never run on its adapter, or None."""
+        key = seq.adapter_key
+        if key is None:
+            return None
+        if key in self.adapters.errors:
+            return self.adapters.errors[key]
+        # Removed or replaced before it started; a preempted one finishes on the weights it began with.
+        if not self.adapters.is_current(key) and not seq.output_token_ids:
+            return f"adapter {seq.adapter!r} was removed or replaced before this request started"
+        return None
+
     def _adapter_admissible(self, seq: Sequence) -> bool | None:
         """True: its adapter (if any) can take a slot now. False: pass it over this round. None: it
         has been passed over too often for want of a slot; admit nobody behind it."""
-        if seq.adapter is None:
+        if seq.adapter_key is None:
             return True
-        if not self.adapters.ready(seq.adapter):
+        if not self.adapters.ready(seq.adapter_key):
             return False  # loading from disk in the background
-        if self.adapters.slots.can_place(seq.adapter):
+        if self.adapters.slots.can_place(seq.adapter_key):
             return True
         seq.num_skips += 1
         return None if seq.num_skips > MAX_SKIPS else False

@@ -58,6 +58,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on first admission
         self.first_token_time: float | None = None
         self.adapter: str | None = None  # adapter name; None = the base model
+        self.adapter_key: str | None = None  # which registration of that name it runs on
         self.lora_slot = -1  # the adapter's slot while running
         self.num_skips = 0  # scheduling rounds passed over while waiting for its adapter
         self.cache_salt: str | None = None  # keeps prefix-cache blocks apart when their KV differs
