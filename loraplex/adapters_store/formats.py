@@ -24,6 +24,14 @@ _KEY = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(?:self_attn|mlp)
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA adapters (use_dora) are not supported yet; merge the adapter into a LoRA or retrain without DoRA",
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported; retrain without it",
+    "lora_bias": "lora_bias (a trained bias on lora_B) is not supported; retrain with lora_bias=False",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported; only plain LoRA",
+    "layer_replication": "layer_replication (layers stacked anew) is not supported; only plain LoRA",
+    "use_bdlora": "BD-LoRA (use_bdlora) is not supported; only plain LoRA",
+    "kasa_config": "KaSA (kasa_config) is not supported; only plain LoRA",
+    "arrow_config": "Arrow routing (arrow_config) is not supported; only plain LoRA",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported; only plain LoRA",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices, new embed_tokens rows) are not supported",
 }
 
 
@@ -103,8 +111,8 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     for flag, message in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise ValueError(f"{file}: {message}")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise ValueError(f"{file}: bias {config.get('bias')!r} / lora_bias is not supported; only bias 'none'")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{file}: bias {config.get('bias')!r} is not supported; only bias 'none' (no trained biases)")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or value <= 0:
@@ -165,7 +173,7 @@ def _parse_key(file: Path, key: str, base: ModelConfig) -> tuple[int, str, str, 
 
 def _check_layers(file: Path, config: dict[str, Any], layers: set[int]) -> None:
     allowed = config.get("layers_to_transform")
-    if allowed is None:
+    if allowed is None or allowed == []:  # PEFT reads an empty list as every layer
         return
     allowed = {allowed} if isinstance(allowed, int) else set(allowed)
     extra = sorted(layers - allowed)

@@ -111,18 +111,25 @@ def paged_attention_planned(
     num_kv_heads = k_cache.shape[2]
     max_kv_len = plan.mask.shape[-1]
 
-    padded_q = query.new_zeros(num_seqs * max_query_len, num_heads, head_dim)
-    padded_q.index_copy_(0, plan.padded_index, query)
-    padded_q = padded_q.view(num_seqs, max_query_len, num_heads, head_dim).transpose(1, 2)
+    decode = max_query_len == 1  # one query per sequence, in sequence order: no padding needed
+    if decode:
+        padded_q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
+    else:
+        padded_q = query.new_zeros(num_seqs * max_query_len, num_heads, head_dim)
+        padded_q.index_copy_(0, plan.padded_index, query)
+        padded_q = padded_q.view(num_seqs, max_query_len, num_heads, head_dim).transpose(1, 2)
 
     # [num_seqs, max_kv_len, num_kv_heads, head_dim] -> [num_seqs, num_kv_heads, max_kv_len, head_dim]
-    keys = k_cache[plan.block_tables].view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[plan.block_tables].view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
+    # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
+    blocks = plan.block_tables.flatten()
+    keys = k_cache.index_select(0, blocks).view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, blocks).view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
-        padded_q, keys.to(query.dtype), values.to(query.dtype),
-        attn_mask=plan.mask, scale=scale, enable_gqa=num_heads != num_kv_heads,
+        padded_q, keys, values, attn_mask=plan.mask, scale=scale, enable_gqa=num_heads != num_kv_heads,
     )  # [num_seqs, num_heads, max_query_len, head_dim]
+    if decode:
+        return out.squeeze(2)
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)
     return out[plan.padded_index]
 

@@ -91,8 +91,13 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.cos_sin = torch.stack((emb.cos(), emb.sin()))
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_sin[:, positions].unsqueeze(2).to(q.dtype)  # [num_tokens, 1, head_dim]
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[2, num_tokens, 1, head_dim]: cos and sin at each position, looked up once per step."""
+        return self.cos_sin[:, positions].unsqueeze(2).to(dtype)
+
+    @staticmethod
+    def apply(cos_sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos, sin = cos_sin
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -102,7 +107,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: TorchBackend, dtype) -> None:
+    def __init__(self, config: ModelConfig, backend: TorchBackend, dtype) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
@@ -113,20 +118,19 @@ class Attention(nn.Module):
             config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.qkv_bias, dtype, backend
         )
         self.o_proj = AdaptableLinear(self.q_size, [config.hidden_size], config.o_bias, dtype, backend)
-        self.rotary = rotary
         self.backend = backend
         # [num_blocks, block_size, num_kv_heads, head_dim] each, bound by the model runner.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, rope: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(rope, q, k)
         self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
         out = self.backend.attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size), lora)
@@ -145,16 +149,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: TorchBackend, dtype) -> None:
+    def __init__(self, config: ModelConfig, backend: TorchBackend, dtype) -> None:
         super().__init__()
-        self.self_attn = Attention(config, rotary, backend, dtype)
+        self.self_attn = Attention(config, backend, dtype)
         self.mlp = MLP(config, backend, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, rope: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta, lora)
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta, lora)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
@@ -164,15 +168,16 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, self.rotary, backend, dtype) for _ in range(config.num_layers)
+            DecoderLayer(config, backend, dtype) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None):
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x, meta, lora)
+            x = layer(rope, x, meta, lora)
         return self.norm(x)
 
 
