@@ -74,8 +74,9 @@ class AttentionPlan:
 
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq]
     padded_index: torch.Tensor  # [num_tokens]: flat token -> row of [num_seqs * max_query_len]
-    mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_kv_len] bool, True = attend
+    mask: torch.Tensor | None  # [num_seqs, 1, max_query_len, max_kv_len] bool, True = attend; None = all
     max_query_len: int
+    max_kv_len: int  # the longest sequence: gathered keys beyond it are cut off
 
 
 def plan_paged_attention(
@@ -86,7 +87,7 @@ def plan_paged_attention(
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     num_tokens = int(query_start_loc[-1])
     max_query_len = int(query_lens.max())
-    max_kv_len = block_tables.shape[1] * block_size
+    max_kv_len = int(seq_lens.max())
 
     # Scatter the flat query tokens into a padded [num_seqs, max_query_len] grid.
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
@@ -99,7 +100,11 @@ def plan_paged_attention(
     q_pos = torch.where(q_pos < seq_lens.unsqueeze(1), q_pos, torch.zeros_like(q_pos))
     kv_pos = torch.arange(max_kv_len, device=device)
     mask = kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [num_seqs, max_query_len, max_kv_len]
-    return AttentionPlan(block_tables.long(), padded_index, mask.unsqueeze(1), max_query_len)
+    if max_query_len == 1 and bool(seq_lens.min() == max_kv_len):
+        mask = None  # decodes over sequences of one length see every key: SDPA's fastest path
+    else:
+        mask = mask.unsqueeze(1)
+    return AttentionPlan(block_tables.long(), padded_index, mask, max_query_len, max_kv_len)
 
 
 def paged_attention_planned(
@@ -108,8 +113,8 @@ def paged_attention_planned(
     """`paged_attention` with its layout computed beforehand by `plan_paged_attention`."""
     num_heads, head_dim = query.shape[1:]
     num_seqs, max_query_len = plan.block_tables.shape[0], plan.max_query_len
-    num_kv_heads = k_cache.shape[2]
-    max_kv_len = plan.mask.shape[-1]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    padded_kv_len = plan.block_tables.shape[1] * block_size
 
     decode = max_query_len == 1  # one query per sequence, in sequence order: no padding needed
     if decode:
@@ -122,8 +127,9 @@ def paged_attention_planned(
     # [num_seqs, max_kv_len, num_kv_heads, head_dim] -> [num_seqs, num_kv_heads, max_kv_len, head_dim]
     # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
     blocks = plan.block_tables.flatten()
-    keys = k_cache.index_select(0, blocks).view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, blocks).view(num_seqs, max_kv_len, num_kv_heads, head_dim).transpose(1, 2)
+    shape = (num_seqs, padded_kv_len, num_kv_heads, head_dim)
+    keys = k_cache.index_select(0, blocks).view(shape)[:, : plan.max_kv_len].transpose(1, 2)
+    values = v_cache.index_select(0, blocks).view(shape)[:, : plan.max_kv_len].transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
         padded_q, keys, values, attn_mask=plan.mask, scale=scale, enable_gqa=num_heads != num_kv_heads,
