@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     src.add_argument("--prompts-file", type=Path, help='JSON lines: {"prompt": ..., optional sampling fields}')
     src.add_argument("--output", type=Path, help="write JSON lines here instead of stdout")
+    src.add_argument("--chat", action="store_true", help="send each text prompt as a user message through the "
+                     "model's chat template")
     src.add_argument("--use-adapter", metavar="NAME", help="run every prompt on this adapter (a prompts-file "
                      'line may name its own with "adapter")')
     samp = gen.add_argument_group("sampling (defaults for every prompt)")
@@ -196,10 +198,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
     llm = LLM(**engine_options(args))
     adapters = [llm.resolve_adapter(name) for name in adapters]
+    if args.chat:
+        prompts = [_chat_prompt(llm, p) if isinstance(p, str) else p for p in prompts]
     outputs = llm.generate(prompts, params, use_tqdm=args.prompts_file is not None, adapter=adapters)
     if args.prompts_file is None and args.output is None:
-        for prompt, out in zip(prompts, outputs, strict=True):
-            print(f"{prompt}{out.text}\n")
+        for prompt, out in zip(args.prompt, outputs, strict=True):
+            print(f"{prompt}\n{out.text}\n" if args.chat else f"{prompt}{out.text}\n")
         return 0
     lines = [json.dumps(_record(i, out), ensure_ascii=False) for i, out in enumerate(outputs)]
     if args.output is None:
@@ -208,6 +212,11 @@ def _generate(args: argparse.Namespace) -> int:
         args.output.write_text("\n".join(lines) + "\n")
         print(f"wrote {len(lines)} completions to {args.output}", file=sys.stderr)
     return 0
+
+
+def _chat_prompt(llm, text: str) -> list[int]:
+    rendered = llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return llm.tokenizer.encode(rendered, add_special_tokens=False)  # the template brings its own specials
 
 
 def _record(index: int, out) -> dict[str, Any]:

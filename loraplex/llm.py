@@ -80,6 +80,21 @@ class LLM:
         elif adapters:
             raise ValueError("adapters: given, but max_loras is 0; allow at least one adapter slot")
 
+    def chat(
+        self,
+        conversations: list[dict[str, str]] | Sequence[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        adapter: str | None | Sequence[str | None] = None,
+    ) -> list[RequestOutput]:
+        """Like `generate`, for conversations ([{"role", "content"}, ...]) rendered by the model's chat
+        template with the assistant's turn opened."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+                   for messages in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, adapter=adapter)
+
     def resolve_adapter(self, name: str | None) -> str | None:
         """A request's model name -> adapter name; the base model's own name (or None) -> None."""
         return None if name in (None, self.served_model_name) else name

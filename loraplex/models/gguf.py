@@ -218,6 +218,17 @@ def _tokenizer(path: Path, meta: dict[str, Any]):
     return tok, tokenizer_config, generation_config
 
 
+def _expected_tensor_names(config: dict[str, Any]) -> set[str]:
+    from loraplex.kernels.backend import TorchBackend
+    from loraplex.models.llama import LlamaForCausalLM
+    from loraplex.models.loader import expected_tensor_names
+    from loraplex.models.model_config import ModelConfig
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(ModelConfig.from_dict(config), TorchBackend(), torch.float32)
+    return set(expected_tensor_names(model))
+
+
 def convert_gguf(source: str | Path, output: str | Path, progress: bool = False) -> Path:
     """Write a Hugging Face checkpoint directory (fp32 safetensors) from a GGUF file."""
     from safetensors.torch import save_file
@@ -232,7 +243,12 @@ def convert_gguf(source: str | Path, output: str | Path, progress: bool = False)
     count = len(checkpoint.reader.tensors)
     for name, weight in tqdm(checkpoint.tensors(), total=count, desc="dequantizing", disable=not progress):
         tensors[name] = weight.contiguous()
+    missing = sorted(_expected_tensor_names(checkpoint.config) - set(tensors))
+    if missing:
+        raise ValueError(f"{checkpoint.path.name}: lacks {len(missing)} tensor(s) a Llama with this metadata needs, "
+                         f"e.g. {', '.join(missing[:3])}")
     save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
+    (output / "model.safetensors").chmod(0o644)  # safetensors writes owner-only files
     checkpoint.tokenizer.save(str(output / "tokenizer.json"))
     files = {"tokenizer_config.json": checkpoint.tokenizer_config,
              "generation_config.json": checkpoint.generation_config, "config.json": checkpoint.config}

@@ -68,7 +68,7 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, dtype)
     model.to_empty(device=device)
-    unfilled = set(_target_names(model))
+    unfilled = set(expected_tensor_names(model))
     for path, name, tensor in tensors:
         _load_tensor(model, config, path, name, tensor, unfilled)
     if unfilled:
@@ -85,7 +85,7 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, f.get_tensor(name)
 
 
-def _target_names(model: LlamaForCausalLM) -> Iterator[str]:
+def expected_tensor_names(model: LlamaForCausalLM) -> Iterator[str]:
     """Every checkpoint tensor name the model expects, fused shards named as the checkpoint has them."""
     shards_of: dict[str, list[str]] = {}  # fused module -> checkpoint projections
     for ckpt_leaf, (fused_leaf, _) in model.packed_modules.items():
