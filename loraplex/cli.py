@@ -20,7 +20,8 @@ LINE_FIELDS = {"prompt", "adapter"}
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     defaults = EngineConfig()
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", help="Hugging Face checkpoint directory (default: the demo model)")
+    g.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct, "
+                   "fetched and converted once)")
     g.add_argument("--data-dir", help="where the demo model is kept (default: $LORAPLEX_HOME or "
                    "~/.cache/loraplex)")
     g.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "float16", "bfloat16"],
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return _convert(args)
         return _demo_model(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"loraplex {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -189,6 +190,10 @@ def _generate(args: argparse.Namespace) -> int:
     from loraplex.llm import LLM
 
     defaults = _default_params(args)
+    if args.prompts_file is not None and args.prompt:
+        raise ValueError("give either --prompt or --prompts-file, not both")
+    if args.output is not None and not args.output.parent.is_dir():
+        raise ValueError(f"--output: the directory {args.output.parent} does not exist")
     if args.prompts_file is not None:
         prompts, params, adapters = read_prompts_file(args.prompts_file, defaults, args.use_adapter)
     elif args.prompt:

@@ -35,6 +35,12 @@ class EngineConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            optional = value is None and "None" in f.type
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if f.type in ("int", "int | None") and not optional and not is_int:
+                raise ValueError(f"{f.name}: must be an integer, got {value!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
     data_dir = config.resolved_data_dir()
     try:
         path = default_model_dir(data_dir)
-    except (RuntimeError, OSError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError, ImportError, zipfile.BadZipFile) as e:
         logger.warning("SmolLM2-135M-Instruct is not available (%s); serving the tiny random demo model instead", e)
         return tiny_demo_model(config)
     adapters = {name: DEMO_ADAPTERS_DIR / name for name in DEMO_ADAPTER_NAMES if (DEMO_ADAPTERS_DIR / name).is_dir()}
@@ -119,18 +120,21 @@ class LLM:
         if len(adapters) != len(prompts):
             raise ValueError(f"adapter: {len(adapters)} given for {len(prompts)} prompts")
         ids: list[str] = []
-        try:
-            for prompt, sp, name in zip(prompts, params, adapters, strict=True):
-                ids.append(self.engine.add_request(prompt, sp, adapter=name))
-        except ValueError as e:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise ValueError(f"prompt {len(ids)}: {e}") from None
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update(1)
+        try:
+            for index, (prompt, sp, name) in enumerate(zip(prompts, params, adapters, strict=True)):
+                try:
+                    ids.append(self.engine.add_request(prompt, sp, adapter=name))
+                except ValueError as e:
+                    raise ValueError(f"prompt {index}: {e}") from None
+            with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            finished[out.request_id] = out
+                            bar.update(1)
+        finally:
+            for request_id in ids:  # after an error, nothing of this call stays queued
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
         return [finished[i] for i in ids]

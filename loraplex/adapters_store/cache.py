@@ -172,9 +172,8 @@ class AdapterManager:
         """New requests can no longer name it; those running on it keep its weights until they end."""
         self.paths.pop(name, None)
         key = self.keys.pop(name, None)
-        if key is not None:
-            self.host.drop(key)
-            self.slots.evict(key)
+        if key is not None and self.slots.evict(key):
+            self.host.drop(key)  # in use: kept, so a preempted request can resume on it
 
     def __contains__(self, name: str) -> bool:
         return name in self.paths

@@ -117,6 +117,7 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
         value = config.get(key)
         if not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{file}: {key} must be a positive number, got {value!r}")
+    _check_patterns(file, config)
     return config
 
 
@@ -215,3 +216,17 @@ def _pattern_value(patterns: dict[str, Any], full_name: str, default: Any) -> An
         if re.match(rf"(.*\.)?({key})$", full_name):
             return value
     return default
+
+
+def _check_patterns(file: Path, config: dict[str, Any]) -> None:
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field_name) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{file}: {field_name} must be an object of module-name pattern -> number")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{file}: {field_name} key {key!r} is not a valid regular expression ({e})") from None
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{file}: {field_name}[{key!r}] must be a positive number, got {value!r}")

@@ -18,8 +18,8 @@ from loraplex.engine.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    pass
+class EngineStepError(RuntimeError):
+    """A step failed: its requests are aborted; the engine goes on serving new ones."""
 
 
 class AsyncEngine:
@@ -30,17 +30,21 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     def start(self) -> None:
-        if self._task is None:
+        if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="loraplex-engine")
 
     async def shutdown(self) -> None:
-        """Abort whatever is still running and stop the stepping task."""
+        """Abort whatever is still running and stop the stepping task once its step is done (a step
+        in the worker thread cannot be interrupted)."""
         for request_id in list(self._streams):
             await self.abort(request_id)
         if self._task is not None:
-            self._task.cancel()
+            self._stopping = True
+            self._has_work.set()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
@@ -81,6 +85,8 @@ class AsyncEngine:
     async def _run(self) -> None:
         while True:
             await self._has_work.wait()
+            if self._stopping:
+                return
             async with self._lock:
                 try:
                     outputs = await asyncio.to_thread(self.engine.step)
@@ -88,8 +94,8 @@ class AsyncEngine:
                     logger.exception("engine step failed; aborting %d request(s)", len(self._streams))
                     self._fail_all(e)
                     outputs = []
-                if not self.engine.has_unfinished_requests():
-                    self._has_work.clear()
+                if not self.engine.has_unfinished_requests() and not self._stopping:
+                    self._has_work.clear()  # (never a stop request's wake-up)
             for out in outputs:
                 queue = self._streams.get(out.request_id)
                 if queue is not None:
@@ -100,5 +106,5 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for request_id, queue in self._streams.items():
             self.engine.abort_request(request_id)
-            queue.put_nowait(EngineDeadError(f"engine step failed: {error}"))
+            queue.put_nowait(EngineStepError(f"engine step failed: {error}"))
         self._streams.clear()

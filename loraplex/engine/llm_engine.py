@@ -18,7 +18,6 @@ from loraplex.engine.model_runner import ModelRunner, kv_cache_block_bytes
 from loraplex.engine.sampling import SampleResult, SamplingParams
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence, TokenLogprob
-from loraplex.kernels.backend import select_backend
 from loraplex.models.loader import load_model
 from loraplex.models.tokenizer import Tokenizer
 
@@ -38,7 +37,7 @@ class RequestOutput:
     delta_token_ids: list[int]
     logprobs: list[TokenLogprob] | None
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (stop_reason says why)
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     adapter: str | None = None  # None = the base model
@@ -50,18 +49,18 @@ class LLMEngine:
         self.model_dir = model_dir
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
-        backend = select_backend(self.device)
-        self.model = load_model(model_dir, self.dtype, self.device, backend)
+        self.model = load_model(model_dir, self.dtype, self.device)
+        backend = self.model.backend
         model_config = self.model.config
         self.tokenizer = Tokenizer.from_path(model_dir, model_config.eos_token_ids)
         self.max_model_len = self._max_model_len(model_config.max_position_embeddings, model_config.sliding_window)
-        num_blocks = self._num_kv_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters: AdapterManager | None = None
-        if config.max_loras > 0:
+        if config.max_loras > 0:  # before sizing the KV cache, which takes a share of what is left
             self.model.enable_lora(config.max_loras, config.max_lora_rank)
             self.adapters = AdapterManager(self.model, config.max_loras, config.max_lora_rank,
                                            config.max_cpu_adapters, self.device)
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.adapters)
         self.runner = ModelRunner(self.model, self.block_manager, self.dtype, self.device, config.seed)
@@ -223,29 +222,37 @@ class LLMEngine:
         seq.token_ids.append(token)
         if result.logprobs is not None and seq.params.logprobs is not None:
             seq.logprobs.append(TokenLogprob(token, result.logprobs[row], result.top_logprobs[row]))
-        if token in seq.stop_token_ids:
-            seq.finish("stop", token)
-            return
         previous_len = len(seq.output_text)
-        seq.output_text += seq.detokenizer.step(seq.token_ids)
-        if self._check_stop_strings(seq, previous_len):
+        if token in seq.stop_token_ids:
+            # The stop token adds no text, but bytes held back before it are still owed.
+            seq.output_text += seq.detokenizer.flush(seq.token_ids[:-1])
+            if not self._check_stop_strings(seq, previous_len):
+                seq.finish("stop", token)
             return
-        if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+        seq.output_text += seq.detokenizer.step(seq.token_ids)
+        at_limit = len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        if at_limit:
             seq.output_text += seq.detokenizer.flush(seq.token_ids)
+        if not self._check_stop_strings(seq, previous_len) and at_limit:
             seq.finish("length")
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, previous_len: int) -> bool:
+        """Finish at the earliest stop string in the new text; True if one was found."""
         text = seq.output_text
+        found: tuple[int, str] | None = None
         for stop in seq.params.stop:
             # Only the new text, plus enough before it for a stop string that straddles the boundary.
             index = text.find(stop, max(previous_len - len(stop) + 1, 0))
-            if index >= 0:
-                end = index + len(stop) if seq.params.include_stop_str_in_output else index
-                seq.output_text = text[:end]
-                seq.finish("stop", stop)
-                return True
-        return False
+            if index >= 0 and (found is None or index < found[0]):
+                found = (index, stop)
+        if found is None:
+            return False
+        index, stop = found
+        end = index + len(stop) if seq.params.include_stop_str_in_output else index
+        seq.output_text = text[:end]
+        seq.finish("stop", stop)
+        return True
 
     def _output(self, seq: Sequence) -> RequestOutput:
         # While running, hold back a tail that may still turn out to start a stop string.

@@ -27,6 +27,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("max_tokens", "top_k", "seed", "logprobs"):
+            value = getattr(self, name)
+            _check(value is None and name in ("seed", "logprobs") or _is_int(value), name,
+                   f"must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "min_p"):
+            _check(_is_number(getattr(self, name)), name, f"must be a number, got {getattr(self, name)!r}")
+        _check(isinstance(self.stop, list), "stop", "must be a string or a list of strings")
+        _check(isinstance(self.stop_token_ids, list) and all(_is_int(t) for t in self.stop_token_ids),
+               "stop_token_ids", "must be a list of integer token ids")
         _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
@@ -38,6 +47,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _EPS
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -112,7 +129,8 @@ class Sampler:
         for row, generator in enumerate(generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)
-        sampled = (probs / noise).argmax(dim=-1)
+        # A filtered-out token must never win, even against a zero draw (0 / 0 would be NaN).
+        sampled = (probs / noise).masked_fill(probs == 0, -1.0).argmax(dim=-1)
         greedy = torch.tensor([p.greedy for p in params], device=dev)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 

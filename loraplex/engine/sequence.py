@@ -52,7 +52,7 @@ class Sequence:
         self.output_text = ""
         self.num_emitted_chars = 0  # of output_text, handed out as deltas already
         self.logprobs: list[TokenLogprob] = []
-        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None  # the stop token id or string that ended it
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on first admission

@@ -173,8 +173,9 @@ class TritonBackend(TorchBackend):
         lora_expand(y, h, weights.b, weights.ranks, weights.scales, batch.meta, weights.slice_offsets)
 
 
-def select_backend(device: torch.device) -> TorchBackend:
-    if device.type == "cuda":
+def select_backend(device: torch.device, head_dim: int) -> TorchBackend:
+    """Triton on CUDA where its kernels apply (head_dim a power of two up to 256), torch elsewhere."""
+    if device.type == "cuda" and head_dim & (head_dim - 1) == 0 and head_dim <= 256:
         try:
             import triton  # noqa: F401
         except ImportError:

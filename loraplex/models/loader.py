@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from loraplex.kernels.backend import TorchBackend
+from loraplex.kernels.backend import TorchBackend, select_backend
 from loraplex.models.llama import AdaptableLinear, LlamaForCausalLM
 from loraplex.models.model_config import ModelConfig
 
@@ -52,9 +52,10 @@ def is_gguf(path: Path) -> bool:
 
 
 def load_model(
-    model_path: Path, dtype: torch.dtype, device: torch.device, backend: TorchBackend
+    model_path: Path, dtype: torch.dtype, device: torch.device, backend: TorchBackend | None = None
 ) -> LlamaForCausalLM:
-    """Build the model from a Hugging Face checkpoint directory or a GGUF file."""
+    """Build the model from a Hugging Face checkpoint directory or a GGUF file; the kernel backend is
+    chosen from the device and the model's head size unless given."""
     if is_gguf(model_path):
         from loraplex.models.gguf import read_gguf
 
@@ -65,6 +66,7 @@ def load_model(
         config = ModelConfig.from_file(model_path / "config.json")
         files = find_weight_files(model_path)
         tensors = ((path, name, tensor) for path in files for name, tensor in _read_tensors(path))
+    backend = backend or select_backend(device, config.head_dim)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, dtype)
     model.to_empty(device=device)

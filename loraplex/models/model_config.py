@@ -117,6 +117,11 @@ def _rope_scaling(raw: dict[str, Any], source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: rope_scaling type {rope_type!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     scaling["rope_type"] = rope_type
+    required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                   "original_max_position_embeddings")}.get(rope_type, ())
+    missing = [key for key in required if not isinstance(scaling.get(key), (int, float))]
+    if missing:
+        raise ValueError(f"{source}: rope_scaling type {rope_type!r} needs numeric {', '.join(missing)}")
     return scaling
 
 

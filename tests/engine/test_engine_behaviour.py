@@ -116,3 +116,20 @@ def test_logprobs_match_the_model_distribution(demo_llm):
         assert entry.logprob == pytest.approx(values[0])
         assert all(v <= 0 for v in values)
     assert sum(torch.tensor([v for _, v in out.logprobs[0].top]).exp()) <= 1.0 + 1e-5
+
+
+def test_the_earliest_stop_string_wins_whatever_their_order(demo_llm):
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    text = demo_llm.generate("The garden", params)[0].text
+    early, late = text[3:5], text[len(text) // 2 : len(text) // 2 + 3]
+    assert text.index(early) < text.index(late)
+    out = demo_llm.generate("The garden", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                         stop=[late, early]))[0]
+    assert out.stop_reason == early and out.text == text[: text.index(early)]
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 1.5), ("logprobs", 1.5), ("max_tokens", "3"), ("seed", 2.0),
+                                          ("stop_token_ids", "5"), ("stop_token_ids", [1.0]), ("temperature", "hot")])
+def test_wrongly_typed_sampling_fields_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SamplingParams(**{field: value})
