@@ -69,75 +69,114 @@ def paged_attention(
 
 
 @dataclass(frozen=True)
-class AttentionPlan:
-    """Per-step layout of the padded attention; built once per step, shared by every layer."""
+class AttentionGroup:
+    """Sequences attended together, their queries padded to the group's longest query."""
 
-    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq]
-    padded_index: torch.Tensor  # [num_tokens]: flat token -> row of [num_seqs * max_query_len]
-    mask: torch.Tensor | None  # [num_seqs, 1, max_query_len, max_kv_len] bool, True = attend; None = all
+    token_index: torch.Tensor | None  # [group_tokens]: the step's tokens of this group; None = all, in order
+    block_tables: torch.Tensor  # [group_seqs, blocks needed by its longest sequence] int64
+    padded_index: torch.Tensor  # [group_tokens]: token -> row of [group_seqs * max_query_len]
+    mask: torch.Tensor | None  # [group_seqs, 1, max_query_len, max_kv_len] bool, True = attend; None = all
     max_query_len: int
-    max_kv_len: int  # the longest sequence: gathered keys beyond it are cut off
+    max_kv_len: int
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Per-step layout of the padded attention; built once per step, shared by every layer.
+
+    Decodes and prompt chunks form separate groups, so one long chunk never pads every decode
+    to its length."""
+
+    groups: list[AttentionGroup]
 
 
 def plan_paged_attention(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int
 ) -> AttentionPlan:
-    num_seqs = block_tables.shape[0]
-    device = block_tables.device
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    num_tokens = int(query_start_loc[-1])
+    is_decode = query_lens == 1
+    num_decodes = int(is_decode.sum())
+    if num_decodes in (0, query_lens.shape[0]):
+        selections = [None]  # one group: every sequence, tokens in order
+    else:
+        selections = [is_decode.nonzero().squeeze(1), (~is_decode).nonzero().squeeze(1)]
+    return AttentionPlan([
+        _plan_group(block_tables, seq_lens, query_start_loc, query_lens, seqs, block_size) for seqs in selections
+    ])
+
+
+def _plan_group(block_tables, seq_lens, query_start_loc, query_lens, seqs: torch.Tensor | None,
+                block_size: int) -> AttentionGroup:
+    device = block_tables.device
+    starts = query_start_loc[:-1]
+    token_index = None
+    if seqs is not None:
+        block_tables, seq_lens, query_lens, starts = block_tables[seqs], seq_lens[seqs], query_lens[seqs], starts[seqs]
+    num_seqs = seq_lens.shape[0]
     max_query_len = int(query_lens.max())
     max_kv_len = int(seq_lens.max())
+    block_tables = block_tables[:, : -(-max_kv_len // block_size)].long()
 
-    # Scatter the flat query tokens into a padded [num_seqs, max_query_len] grid.
+    # Place the group's tokens in a padded [num_seqs, max_query_len] grid.
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
-    index_in_seq = torch.arange(num_tokens, device=device) - query_start_loc[seq_of_token]
+    local_starts = torch.cumsum(query_lens, 0) - query_lens
+    index_in_seq = torch.arange(seq_of_token.shape[0], device=device) - local_starts[seq_of_token]
     padded_index = seq_of_token * max_query_len + index_in_seq
+    if seqs is not None:
+        token_index = starts[seq_of_token].long() + index_in_seq
 
     # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
     first_pos = (seq_lens - query_lens).unsqueeze(1)  # [num_seqs, 1]
     q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
     q_pos = torch.where(q_pos < seq_lens.unsqueeze(1), q_pos, torch.zeros_like(q_pos))
     kv_pos = torch.arange(max_kv_len, device=device)
-    mask = kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [num_seqs, max_query_len, max_kv_len]
+    mask = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
     if max_query_len == 1 and bool(seq_lens.min() == max_kv_len):
         mask = None  # decodes over sequences of one length see every key: SDPA's fastest path
-    else:
-        mask = mask.unsqueeze(1)
-    return AttentionPlan(block_tables.long(), padded_index, mask, max_query_len, max_kv_len)
+    return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len)
 
 
 def paged_attention_planned(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
 ) -> torch.Tensor:
     """`paged_attention` with its layout computed beforehand by `plan_paged_attention`."""
+    if len(plan.groups) == 1:
+        return _attend_group(query, k_cache, v_cache, plan.groups[0], scale)
+    out = torch.empty_like(query)
+    for group in plan.groups:
+        out[group.token_index] = _attend_group(query[group.token_index], k_cache, v_cache, group, scale)
+    return out
+
+
+def _attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """query: [group_tokens, num_heads, head_dim] -> the same shape."""
     num_heads, head_dim = query.shape[1:]
-    num_seqs, max_query_len = plan.block_tables.shape[0], plan.max_query_len
+    num_seqs, max_query_len = group.block_tables.shape[0], group.max_query_len
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    padded_kv_len = plan.block_tables.shape[1] * block_size
+    padded_kv_len = group.block_tables.shape[1] * block_size
 
     decode = max_query_len == 1  # one query per sequence, in sequence order: no padding needed
     if decode:
         padded_q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
     else:
         padded_q = query.new_zeros(num_seqs * max_query_len, num_heads, head_dim)
-        padded_q.index_copy_(0, plan.padded_index, query)
+        padded_q.index_copy_(0, group.padded_index, query)
         padded_q = padded_q.view(num_seqs, max_query_len, num_heads, head_dim).transpose(1, 2)
 
     # [num_seqs, max_kv_len, num_kv_heads, head_dim] -> [num_seqs, num_kv_heads, max_kv_len, head_dim]
     # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
-    blocks = plan.block_tables.flatten()
+    blocks = group.block_tables.flatten()
     shape = (num_seqs, padded_kv_len, num_kv_heads, head_dim)
-    keys = k_cache.index_select(0, blocks).view(shape)[:, : plan.max_kv_len].transpose(1, 2)
-    values = v_cache.index_select(0, blocks).view(shape)[:, : plan.max_kv_len].transpose(1, 2)
+    keys = k_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len].transpose(1, 2)
+    values = v_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len].transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
-        padded_q, keys, values, attn_mask=plan.mask, scale=scale, enable_gqa=num_heads != num_kv_heads,
+        padded_q, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=num_heads != num_kv_heads,
     )  # [num_seqs, num_heads, max_query_len, head_dim]
     if decode:
         return out.squeeze(2)
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)
-    return out[plan.padded_index]
+    return out[group.padded_index]
 
 
 def lora_shrink(

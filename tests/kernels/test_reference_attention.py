@@ -1,0 +1,51 @@
+"""The pure-torch paged attention (the CPU path) against a plain per-token loop."""
+
+import math
+
+import pytest
+import torch
+
+from loraplex.kernels.reference import paged_attention, plan_paged_attention, write_kv
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
+
+
+def _loop_oracle(q, keys, values, lens, q_lens):
+    out, t = torch.empty_like(q), 0
+    for b, (length, q_len) in enumerate(zip(lens, q_lens, strict=True)):
+        for i in range(q_len):
+            p = length - q_len + i
+            for h in range(HEADS):
+                k, v = keys[b][: p + 1, h // (HEADS // KV_HEADS)], values[b][: p + 1, h // (HEADS // KV_HEADS)]
+                out[t, h] = torch.softmax(q[t, h] @ k.T / math.sqrt(HEAD_DIM), -1) @ v
+            t += 1
+    return out
+
+
+@pytest.mark.parametrize("lens, q_lens", [
+    ([6, 9], [3, 1]),  # a chunk and a decode: two groups
+    ([5, 5, 5], [1, 1, 1]),  # decodes of one length: no mask
+    ([7, 2, 12, 4], [1, 2, 1, 4]),  # mixed, first tokens and continuations
+    ([9], [9]),  # a whole prompt
+])
+def test_matches_a_per_token_loop(lens, q_lens):
+    g = torch.Generator().manual_seed(0)
+    num_blocks = 32
+    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    v_cache = torch.zeros_like(k_cache)
+    blocks = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-n // BLOCK) for n in lens) + 1  # a spare column of unused entries
+    block_tables = torch.tensor([blocks[i * width:(i + 1) * width] for i in range(len(lens))], dtype=torch.int32)
+    keys = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=g) for n in lens]
+    values = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=g) for n in lens]
+    for b, n in enumerate(lens):
+        slots = torch.tensor([int(block_tables[b, p // BLOCK]) * BLOCK + p % BLOCK for p in range(n)])
+        write_kv(keys[b], values[b], k_cache, v_cache, slots)
+    q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, generator=g)
+    qsl = torch.tensor([0, *torch.cumsum(torch.tensor(q_lens), 0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1 / math.sqrt(HEAD_DIM))
+    torch.testing.assert_close(out, _loop_oracle(q, keys, values, lens, q_lens), atol=1e-5, rtol=1e-5)
+    plan = plan_paged_attention(block_tables, seq_lens, qsl, BLOCK)
+    has_both = 1 in q_lens and any(n > 1 for n in q_lens)
+    assert len(plan.groups) == (2 if has_both else 1)
