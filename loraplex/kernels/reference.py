@@ -157,7 +157,9 @@ def _attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float) 
 
     decode = max_query_len == 1  # one query per sequence, in sequence order: no padding needed
     if decode:
-        padded_q = query.unsqueeze(2)  # [num_seqs, num_heads, 1, head_dim]
+        # The query heads sharing a KV head become that head's query rows: SDPA then reads each key
+        # once instead of once per query head (GQA without expanding K and V).
+        padded_q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     else:
         padded_q = query.new_zeros(num_seqs * max_query_len, num_heads, head_dim)
         padded_q.index_copy_(0, group.padded_index, query)
@@ -171,10 +173,10 @@ def _attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float) 
     values = v_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len].transpose(1, 2)
 
     out = F.scaled_dot_product_attention(
-        padded_q, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=num_heads != num_kv_heads,
-    )  # [num_seqs, num_heads, max_query_len, head_dim]
+        padded_q, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=not decode and num_heads != num_kv_heads,
+    )  # [num_seqs, num_heads, max_query_len, head_dim]; decode: [num_seqs, num_kv_heads, group, head_dim]
     if decode:
-        return out.squeeze(2)
+        return out.reshape(num_seqs, num_heads, head_dim)
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)
     return out[group.padded_index]
 
