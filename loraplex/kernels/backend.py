@@ -54,7 +54,8 @@ class LoRABatch:
 
 @dataclass
 class _SegmentGroup:
-    # Segments of some active slots, padded to the longest of them with an index to a zero row.
+    # Segments of some active slots, padded to the longest of them; padded rows repeat token 0 and their
+    # results are dropped.
     index: torch.Tensor  # [num_segments, seg_len] int64 into [num_tokens + 1]
     valid: torch.Tensor  # [num_segments * seg_len] bool
     rows: torch.Tensor  # [num_valid] int64: the token each valid padded row belongs to
@@ -62,18 +63,20 @@ class _SegmentGroup:
     slots_host: list[int]
 
 
-# Segments up to this many tokens (decodes, short prompts) share one padded bmm; longer ones (prompt
-# chunks) get their own, so a skewed batch never pads every adapter to the longest prompt.
+# Segments are bucketed by length (up to 16 tokens, then powers of two) and each bucket runs as one
+# padded bmm: a skewed batch pads no segment to more than twice its length, and a batch of decodes
+# or of similar prompt chunks takes a single bmm per layer.
 _SHORT_SEGMENT = 16
 
 
 def _segment_groups(meta: LoRAKernelMeta, active_slots: list[int]) -> list[_SegmentGroup]:
     starts = meta.seg_starts.tolist()
     lengths = [hi - lo for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
-    short = [i for i, n in enumerate(lengths) if n <= _SHORT_SEGMENT]
-    groups = [short] if short else []
-    groups += [[i] for i, n in enumerate(lengths) if n > _SHORT_SEGMENT]
-    return [_segment_group(meta, starts, lengths, members, active_slots) for members in groups]
+    buckets: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        bucket = 0 if n <= _SHORT_SEGMENT else (n - 1).bit_length()
+        buckets.setdefault(bucket, []).append(i)
+    return [_segment_group(meta, starts, lengths, members, active_slots) for members in buckets.values()]
 
 
 def _segment_group(meta: LoRAKernelMeta, starts: list[int], lengths: list[int], members: list[int],
@@ -86,7 +89,7 @@ def _segment_group(meta: LoRAKernelMeta, starts: list[int], lengths: list[int], 
     offsets = torch.arange(seg_len, device=device)
     valid = offsets.unsqueeze(0) < length.unsqueeze(1)  # [num_segments, seg_len]
     positions = (start.unsqueeze(1) + offsets).clamp(max=num_tokens - 1)
-    index = torch.where(valid, meta.sorted_token_ids.long()[positions], num_tokens)
+    index = torch.where(valid, meta.sorted_token_ids.long()[positions], 0)
     slots_host = [active_slots[i] for i in members]
     first = slots_host[0]
     # Consecutive slots (the common case for a fresh pool) index the slot weights as a view, not a copy.
@@ -120,16 +123,15 @@ class TorchBackend:
         The CPU path batches segments with bmm: a few large matmuls per layer instead of one small
         one per adapter.
         """
-        x_padded = torch.cat((x, x.new_zeros(1, x.shape[1])))  # row num_tokens: the zero row
         for group in batch.plan:
             rank = weights.max_rank_of(group.slots_host)  # padded rank columns hold zeros: skip them
             if rank > 0:
-                self._add_lora_group(y, x_padded, weights, group, rank)
+                self._add_lora_group(y, x, weights, group, rank)
 
     @staticmethod
-    def _add_lora_group(y, x_padded, weights: LoRAWeights, group: _SegmentGroup, rank: int) -> None:
+    def _add_lora_group(y, x, weights: LoRAWeights, group: _SegmentGroup, rank: int) -> None:
         num_segments, seg_len = group.index.shape
-        x_rows = x_padded[group.index]  # [num_segments, seg_len, in]
+        x_rows = x[group.index]  # [num_segments, seg_len, in]
         a = weights.a[group.slots, :, :rank]  # [num_segments, num_slices, rank, in]
         num_slices = a.shape[1]
         h = torch.bmm(x_rows, a.flatten(1, 2).transpose(1, 2))  # [num_segments, seg_len, num_slices * rank]
