@@ -3,7 +3,8 @@
     python benchmarks/multi_lora_throughput.py                         # demo model, CPU, fp32
     python benchmarks/multi_lora_throughput.py --shape smollm2-135m    # a random model of that shape
 
-Every request decodes `--output-len` tokens (greedy, EOS ignored) after a `--prompt-len` prompt.
+Every request decodes `--output-len` tokens (greedy, EOS ignored) after a `--prompt-len` prompt;
+each loraplex row is the median of `--repeats` runs on one engine.
 Rows: loraplex with no adapter (the base line), loraplex with 1 / 8 / 64 / 256 distinct rank-16
 adapters spread uniformly or skewed (adapter index = floor(n * u^(1/alpha)) with alpha 0.3, the
 S-LoRA power law) over the requests, and peft's mixed-adapter batch inference
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -93,11 +95,14 @@ def run_loraplex(model_dir: Path, prompts, adapters: dict[str, Path], names: lis
     warm = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     llm.generate(prompts[:4], warm, adapter=names[:4])
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, adapter=names)
-    elapsed = time.perf_counter() - start
-    assert all(len(o.token_ids) == args.output_len for o in outputs)
-    return len(prompts) * args.output_len / elapsed
+    rates = []
+    for _ in range(args.repeats):  # the median of several runs: one run is short and a noisy machine shows
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, adapter=names)
+        elapsed = time.perf_counter() - start
+        assert all(len(o.token_ids) == args.output_len for o in outputs)
+        rates.append(len(prompts) * args.output_len / elapsed)
+    return statistics.median(rates)
 
 
 def run_peft(model_dir: Path, prompts, adapters: dict[str, Path], names: list[str], args) -> float:
@@ -126,7 +131,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this shape (default: demo)")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="loraplex runs per row; the median is reported")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapter-counts", default="1,8,64,256")
     parser.add_argument("--peft-adapters", default="8,64", help="adapter counts to also run with peft")
@@ -161,8 +167,8 @@ def main() -> None:
                     rows.append((f"peft generate(adapter_names=...), {count} adapters uniform", theirs, ours))
 
     print(f"model {model_dir.name}, {args.num_requests} requests, prompt {args.prompt_len}, output "
-          f"{args.output_len}, rank {args.rank} on {', '.join(TARGETS)}, fp32 CPU ({platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__})")
+          f"{args.output_len}, median of {args.repeats} runs (peft: 1), rank {args.rank} on {', '.join(TARGETS)}, "
+          f"fp32 CPU ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})")
     print("| run | generated tok/s | vs base | loraplex / this |\n|---|---|---|---|")
     for label, tps, ours in rows:
         versus = f"{ours / tps:.2f}x" if ours is not None else ""
