@@ -4,7 +4,8 @@
     python benchmarks/offline_throughput.py --model DIR --num-requests 64 --prompt-len 128 --output-len 128
 
 Both sides get the same random prompts (token ids, fixed seed), greedy decoding, EOS ignored, so
-both produce exactly num_requests * output_len tokens. transformers runs static batches of
+both produce exactly num_requests * output_len tokens. Each engine runs --repeats times (after a
+warm-up) and the median rate is reported; both engines run one after the other in one process. transformers runs static batches of
 --hf-batch-size prompts (default: all of them); loraplex gets all requests at once and batches
 them continuously. Reported: generated tokens per second, and the ratio.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +36,13 @@ def run_loraplex(model_dir: Path, prompts, output_len: int, args) -> float:
               enable_prefix_caching=False)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    assert all(len(o.token_ids) == output_len for o in outputs)
-    return len(prompts) * output_len / elapsed
+    rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        rates.append(len(prompts) * output_len / (time.perf_counter() - start))
+        assert all(len(o.token_ids) == output_len for o in outputs)
+    return statistics.median(rates)
 
 
 def run_transformers(model_dir: Path, prompts, output_len: int, args) -> float:
@@ -56,14 +60,16 @@ def run_transformers(model_dir: Path, prompts, output_len: int, args) -> float:
 
     with torch.inference_mode():
         generate(torch.tensor(prompts[:2], device=args.device), 4)  # warm-up
-        start = time.perf_counter()
-        produced = 0
-        for i in range(0, len(prompts), batch):
-            ids = torch.tensor(prompts[i : i + batch], device=args.device)
-            produced += (generate(ids, output_len).shape[1] - ids.shape[1]) * ids.shape[0]
-        elapsed = time.perf_counter() - start
-    assert produced == len(prompts) * output_len
-    return produced / elapsed
+        rates = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            produced = 0
+            for i in range(0, len(prompts), batch):
+                ids = torch.tensor(prompts[i : i + batch], device=args.device)
+                produced += (generate(ids, output_len).shape[1] - ids.shape[1]) * ids.shape[0]
+            rates.append(produced / (time.perf_counter() - start))
+            assert produced == len(prompts) * output_len
+    return statistics.median(rates)
 
 
 def main() -> None:
@@ -76,6 +82,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per engine; the median is reported")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +98,7 @@ def main() -> None:
         ours = run_loraplex(model_dir, prompts, args.output_len, args)
         theirs = run_transformers(model_dir, prompts, args.output_len, args)
 
-    print(f"model {model_dir.name}, {args.num_requests} requests, prompt {args.prompt_len}, "
+    print(f"model {model_dir.name}, {args.num_requests} requests, prompt {args.prompt_len}, median of {args.repeats}, "
           f"output {args.output_len}, {args.dtype} on {args.device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})")
     print("| engine | generated tok/s |\n|---|---|")
