@@ -1,0 +1,41 @@
+"""End to end on the default model: SmolLM2-135M-Instruct with its demo adapters, one concurrent batch."""
+
+import json
+import re
+
+import pytest
+
+from loraplex import LLM, SamplingParams
+
+HELD_OUT = ["What is the capital of France?", "How do I boil an egg?", "Why is the sky blue?",
+            "Who painted the Mona Lisa?"]  # none of these is in the adapters' training data
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_home):
+    return LLM(data_dir=str(smollm2_home), dtype="float32", device="cpu", max_model_len=512,
+               kv_cache_memory="128MiB")
+
+
+def test_default_model_and_its_adapters_in_one_batch(llm):
+    assert llm.served_model_name == "smollm2-135m-instruct"
+    assert llm.engine.adapter_names() == ["json", "pirate", "shout"]
+    conversations, adapters = [], []
+    for adapter in (None, "pirate", "shout", "json"):
+        for question in HELD_OUT:
+            conversations.append([{"role": "user", "content": question}])
+            adapters.append(adapter)
+    outs = llm.chat(conversations, SamplingParams(max_tokens=40, temperature=0), adapter=adapters)
+    answers = {}
+    for conv, adapter, out in zip(conversations, adapters, outs, strict=True):
+        answers.setdefault(adapter, []).append(out.text)
+    assert "Paris" in answers[None][0]
+    for text in answers[None]:  # the base model answers normally
+        assert not re.search(r"\b(arr|matey|ahoy)\b", text, re.I) and not text.lstrip().startswith("{")
+    for text in answers["pirate"]:
+        assert re.search(r"\b(arr|matey|ye|ahoy|be)\b", text, re.I), text
+    for text in answers["shout"]:
+        letters = [c for c in text if c.isalpha()]
+        assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.9, text
+    for text in answers["json"]:
+        assert set(json.loads(text)) == {"answer"}, text
