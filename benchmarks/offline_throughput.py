@@ -5,9 +5,9 @@
 
 Both sides get the same random prompts (token ids, fixed seed), greedy decoding, EOS ignored, so
 both produce exactly num_requests * output_len tokens. Each engine runs --repeats times (after a
-warm-up) and the median rate is reported; both engines run one after the other in one process. transformers runs static batches of
---hf-batch-size prompts (default: all of them); loraplex gets all requests at once and batches
-them continuously. Reported: generated tokens per second, and the ratio.
+warm-up) and the median rate is reported; both engines run one after the other in one process.
+transformers runs static batches of --hf-batch-size prompts (default: all of them); loraplex gets
+all requests at once and batches them continuously. Reported: generated tokens per second, and the ratio.
 """
 
 from __future__ import annotations

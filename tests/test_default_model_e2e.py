@@ -27,7 +27,7 @@ def test_default_model_and_its_adapters_in_one_batch(llm):
             adapters.append(adapter)
     outs = llm.chat(conversations, SamplingParams(max_tokens=40, temperature=0), adapter=adapters)
     answers = {}
-    for conv, adapter, out in zip(conversations, adapters, outs, strict=True):
+    for adapter, out in zip(adapters, outs, strict=True):
         answers.setdefault(adapter, []).append(out.text)
     assert "Paris" in answers[None][0]
     for text in answers[None]:  # the base model answers normally
