@@ -122,8 +122,11 @@ class Sampler:
         top_k = torch.tensor([p.top_k for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
         min_p = torch.tensor([p.min_p for p in params], device=dev)
-        filtered = apply_filters(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
-        probs = filtered.softmax(dim=-1)
+        scaled = logits / temperature.unsqueeze(1)
+        # The filters sort the whole vocabulary: only when some row asks for one.
+        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+            scaled = apply_filters(scaled, top_k, top_p, min_p)
+        probs = scaled.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (the Gumbel-max trick).
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, generator in enumerate(generators):
