@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,13 +40,16 @@ class HostCache:
             self.entries.move_to_end(name)
         return adapter
 
-    def put(self, adapter: LoRAAdapter) -> None:
+    def put(self, adapter: LoRAAdapter, keep: Collection[str] = ()) -> None:
+        """Add an adapter, evicting the least recently used ones beyond capacity, except those in
+        `keep` (fetched for waiting requests and not yet in a slot)."""
         if self.pin_memory:
             adapter = _pinned(adapter)
         self.entries[adapter.name] = adapter
         self.entries.move_to_end(adapter.name)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+        evictable = [name for name in self.entries if name not in keep and name != adapter.name]
+        for name in evictable[: max(len(self.entries) - self.capacity, 0)]:
+            del self.entries[name]
             self.evictions += 1
 
     def drop(self, name: str) -> None:
@@ -150,6 +154,10 @@ class AdapterManager:
         self.load_seconds: list[float] = []  # disk -> host, per background load
         self._loads: dict[str, tuple[Future, float]] = {}
         self.errors: dict[str, str] = {}  # key -> why its weights could not be loaded
+        # Keys that waiting requests need and no slot holds, in queue order, at most host capacity:
+        # only these are fetched from disk, and the host cache never evicts them before they are
+        # placed, so more waiting adapters than the host holds cannot make loads evict each other.
+        self._wanted: dict[str, None] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
 
     def register(self, name: str, path: str | Path, validate: bool = True) -> LoRAAdapter | None:
@@ -184,8 +192,19 @@ class AdapterManager:
     def is_current(self, key: str) -> bool:
         return self.keys.get(key.rpartition("#")[0]) == key
 
+    def want(self, keys: list[str]) -> None:
+        """The adapters the waiting queue needs, in its order: the first that fit the host cache
+        are fetched (the rest wait their turn)."""
+        self._wanted = {}
+        for key in dict.fromkeys(keys):
+            if not self.slots.resident(key) and len(self._wanted) < self.host.capacity:
+                self._wanted[key] = None
+        for key in self._wanted:
+            self.prefetch(key)
+
     def ready(self, key: str) -> bool:
-        """True when the adapter can go into a slot now; otherwise starts loading it from disk."""
+        """True when the adapter can go into a slot now; otherwise starts loading it from disk
+        (when the host cache has room for it)."""
         self._collect()
         if self.slots.resident(key) or key in self.host:
             return True
@@ -195,6 +214,10 @@ class AdapterManager:
     def prefetch(self, key: str) -> None:
         if key in self._loads or key in self.host or self.slots.resident(key) or key not in self._key_paths:
             return
+        if key not in self._wanted:
+            if len(self._wanted) >= self.host.capacity:
+                return  # the host cache is spoken for by requests ahead of this one
+            self._wanted[key] = None
         future = self._executor.submit(load_peft_lora, self._key_paths[key], key, self.model_config,
                                        self.max_lora_rank)
         self._loads[key] = (future, time.perf_counter())
@@ -212,12 +235,15 @@ class AdapterManager:
                 self.errors[key] = str(e)
                 continue
             self.errors.pop(key, None)
-            self.host.put(adapter)
+            self.host.put(adapter, keep=self._wanted.keys())
             self.disk_loads += 1
             self.load_seconds.append(time.perf_counter() - started)
 
     def acquire(self, key: str) -> int | None:
-        return self.slots.acquire(key, self.host)
+        slot = self.slots.acquire(key, self.host)
+        if slot is not None:
+            self._wanted.pop(key, None)
+        return slot
 
     def release(self, key: str) -> None:
         self.slots.release(key)

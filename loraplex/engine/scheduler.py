@@ -104,6 +104,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        if self.adapters is not None:
+            self.adapters.want([seq.adapter_key for seq in self.waiting if seq.adapter_key is not None])
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 return

@@ -349,3 +349,20 @@ def test_preempted_adapter_requests_release_and_reacquire_their_slots(make_llm, 
         assert finished[request_id].token_ids == reference(prompt, adapter, 60)
     assert_slot_limit(steps, max_loras=2)
     assert_drained(llm)
+
+
+def test_more_waiting_adapters_than_host_memory_holds_load_each_once(make_llm, reference, demo_dir, tmp_path):
+    """Loads for requests further back must not evict adapters fetched for requests ahead of them."""
+    llm = make_llm(max_loras=1, max_cpu_adapters=2)
+    names = []
+    for i in range(6):
+        source = demo_dir / "adapters" / ADAPTERS[i % len(ADAPTERS)]
+        shutil.copytree(source, tmp_path / f"copy{i}")
+        llm.engine.adapters.register(f"copy{i}", tmp_path / f"copy{i}", validate=False)
+        names.append(f"copy{i}")
+    ids = {llm.engine.add_request(PROMPTS[0], greedy(4), adapter=name): name for name in names}
+    finished = run_to_completion(llm, max_steps=5000)
+    for request_id, name in ids.items():
+        assert finished[request_id].token_ids == reference(PROMPTS[0], ADAPTERS[names.index(name) % 3], 4)
+    assert llm.engine.adapters.disk_loads == len(names)
+    assert_drained(llm)
