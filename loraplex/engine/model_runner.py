@@ -91,6 +91,8 @@ class ModelRunner:
             seq_lens=as_tensor(seq_lens, torch.int32),
             query_start_loc=as_tensor(query_start_loc, torch.int32),
             max_query_len=max(n for _, n in batch.scheduled),
+            seq_ids=tuple(seq.request_id for seq, _ in batch.scheduled),
+            seq_lens_host=seq_lens,
         )
         self.model.backend.prepare(meta, self.block_size)
         lora = None

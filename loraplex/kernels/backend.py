@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from loraplex.kernels import reference
+from loraplex.kernels.decode_cache import DecodeKVCache
 from loraplex.kernels.lora_meta import LoRAKernelMeta
 
 
@@ -20,6 +21,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
+    seq_ids: tuple[str, ...] | None = None  # which sequence each row is (lets backends keep state per batch)
+    seq_lens_host: list[int] | None = None  # seq_lens, on the host
     plan: object = field(default=None)  # backend-specific layout, filled by `Backend.prepare`
 
 
@@ -103,15 +106,27 @@ class TorchBackend:
 
     name = "torch"
 
+    def __init__(self) -> None:
+        self._decode = DecodeKVCache()
+
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         meta.plan = reference.plan_paged_attention(
             meta.block_tables, meta.seq_lens, meta.query_start_loc, block_size
         )
+        groups = meta.plan.groups
+        decode_only = len(groups) == 1 and groups[0].max_query_len == 1 and meta.seq_lens_host is not None
+        self._decode.begin_step(meta.seq_ids, meta.seq_lens_host or [], decode_only)
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        if self._decode.appending:
+            self._decode.append(k_cache, key, value)
 
     def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        groups = meta.plan.groups
+        if self._decode.active:
+            kv = self._decode.keys_values(k_cache, v_cache, groups[0])
+            return reference.attend_group(query, k_cache, v_cache, groups[0], scale, kv)
         return reference.paged_attention_planned(query, k_cache, v_cache, meta.plan, scale)
 
     def prepare_lora(self, batch: LoRABatch) -> None:

@@ -141,19 +141,31 @@ def paged_attention_planned(
 ) -> torch.Tensor:
     """`paged_attention` with its layout computed beforehand by `plan_paged_attention`."""
     if len(plan.groups) == 1:
-        return _attend_group(query, k_cache, v_cache, plan.groups[0], scale)
+        return attend_group(query, k_cache, v_cache, plan.groups[0], scale)
     out = torch.empty_like(query)
     for group in plan.groups:
-        out[group.token_index] = _attend_group(query[group.token_index], k_cache, v_cache, group, scale)
+        out[group.token_index] = attend_group(query[group.token_index], k_cache, v_cache, group, scale)
     return out
 
 
-def _attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
-    """query: [group_tokens, num_heads, head_dim] -> the same shape."""
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup):
+    """Each sequence's keys and values, [group_seqs, max_kv_len, num_kv_heads, head_dim] each."""
+    num_seqs = group.block_tables.shape[0]
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
+    blocks = group.block_tables.flatten()
+    shape = (num_seqs, group.block_tables.shape[1] * block_size, num_kv_heads, head_dim)
+    keys = k_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len]
+    values = v_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len]
+    return keys, values
+
+
+def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, kv=None) -> torch.Tensor:
+    """query: [group_tokens, num_heads, head_dim] -> the same shape. `kv`: the group's keys and
+    values gathered already (see `gather_kv`)."""
     num_heads, head_dim = query.shape[1:]
     num_seqs, max_query_len = group.block_tables.shape[0], group.max_query_len
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    padded_kv_len = group.block_tables.shape[1] * block_size
+    num_kv_heads = k_cache.shape[2]
 
     decode = max_query_len == 1  # one query per sequence, in sequence order: no padding needed
     if decode:
@@ -165,12 +177,8 @@ def _attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float) 
         padded_q.index_copy_(0, group.padded_index, query)
         padded_q = padded_q.view(num_seqs, max_query_len, num_heads, head_dim).transpose(1, 2)
 
-    # [num_seqs, max_kv_len, num_kv_heads, head_dim] -> [num_seqs, num_kv_heads, max_kv_len, head_dim]
-    # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
-    blocks = group.block_tables.flatten()
-    shape = (num_seqs, padded_kv_len, num_kv_heads, head_dim)
-    keys = k_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len].transpose(1, 2)
-    values = v_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len].transpose(1, 2)
+    keys, values = kv if kv is not None else gather_kv(k_cache, v_cache, group)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
 
     out = F.scaled_dot_product_attention(
         padded_q, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=not decode and num_heads != num_kv_heads,
