@@ -129,7 +129,7 @@ class LLM:
                     raise ValueError(f"prompt {index}: {e}") from None
             with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
                 while self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
+                    for out in self.engine.step(finished_only=True):
                         if out.finished:
                             finished[out.request_id] = out
                             bar.update(1)

@@ -193,9 +193,10 @@ class LLMEngine:
 
     # -- stepping ------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one batch: prefill chunks and decodes together. Returns an output for every request
-        that produced a token."""
+        that produced a token (with `finished_only`, for every request that finished: offline use
+        needs no per-token outputs)."""
         batch = self.scheduler.schedule()
         outputs = []
         for seq in batch.failed:
@@ -211,7 +212,8 @@ class LLMEngine:
             self.block_manager.commit(seq)
         for row, seq in enumerate(sampled_seqs):
             self._append_token(seq, result, row)
-            outputs.append(self._output(seq))
+            if seq.is_finished or not finished_only:
+                outputs.append(self._output(seq))
             if seq.is_finished:
                 self.scheduler.finish(seq)
                 del self._seqs[seq.request_id]

@@ -59,4 +59,5 @@ class LoRASlotWeights:
         self.ranks_host[slot][slice_index] = 0
 
     def max_rank_of(self, slots: list[int]) -> int:
-        return max((max(self.ranks_host[s]) for s in slots), default=0)
+        ranks = self.ranks_host
+        return max((max(ranks[s]) for s in slots), default=0)
