@@ -143,10 +143,10 @@ def test_greedy_with_chunked_prefill_matches_hf(parity_model):
     steps = 0
     step = llm.engine.step
 
-    def counting_step():
+    def counting_step(*args, **kwargs):
         nonlocal steps
         steps += 1
-        return step()
+        return step(*args, **kwargs)
 
     llm.engine.step = counting_step
     outputs = llm.generate(prompts, GREEDY)
