@@ -11,6 +11,16 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The models are tiny: one intra-op thread is as fast, and does not collapse (spin-waiting) when
+    other processes share the CPU cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The demo checkpoint (with its adapters), written once per test session."""

@@ -73,16 +73,6 @@ PEFT_ADAPTERS: dict[str, tuple[dict[str, Any], int, float]] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The models are tiny: one intra-op thread is as fast, and does not collapse (spin-waiting) when
-    other processes share the CPU cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def load_hf_base(model_dir: Path):
     """A fresh fp32 transformers model of the checkpoint (PEFT wraps models in place, so one per use)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(

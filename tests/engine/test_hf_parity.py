@@ -26,16 +26,6 @@ LOGPROB_ATOL = 1e-4
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The models are tiny: one intra-op thread is as fast, and does not collapse (spin-waiting) when
-    other processes share the CPU cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_prompts(seed: int, lengths, vocab_size: int) -> list[list[int]]:
     """Random ordinary (non-special) token ids: never the pad token, so HF's padding cannot interfere."""
     rng = random.Random(seed)
