@@ -1,16 +1,17 @@
-"""`loraplex generate | demo-model`: a thin layer over the Python API."""
+"""`loraplex serve | generate | convert | demo-model`: a thin layer over the Python API and the server."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from loraplex.config import EngineConfig
+from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.sampling import SamplingParams
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -49,6 +50,38 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="parsed adapters kept in host memory (LRU)")
 
 
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"), help="inference needs "
+                   "'Authorization: Bearer KEY' (default: $LORAPLEX_API_KEY; none = open)")
+    g.add_argument("--admin-key", default=os.environ.get("LORAPLEX_ADMIN_KEY"), help="adapter uploads and "
+                   "deletes need this key (default: $LORAPLEX_ADMIN_KEY; none = the API key's rules)")
+    g.add_argument("--max-adapter-size", default=d.max_adapter_size, help="largest adapter upload, uncompressed")
+    g.add_argument("--max-body-size", default=d.max_body_size, help="largest request body (other than uploads)")
+    g.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued sequences before new "
+                   "requests get 429 with Retry-After")
+    g.add_argument("--max-choices", type=int, default=d.max_choices, help="sequences one request may start "
+                   "(prompts x n)")
+    g.add_argument("--allowed-local-adapter-dir", help="let POST /v1/load_lora_adapter read adapters under "
+                   "this directory (off by default)")
+    g.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, help="seconds in-flight requests "
+                   "get to finish on Ctrl-C / SIGTERM before they are aborted")
+    g.add_argument("--metrics-max-adapters", type=int, default=d.metrics_max_adapters, help="adapters with "
+                   "their own metrics label; later ones share the label 'other'")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key, admin_key=args.admin_key,
+        max_adapter_size=args.max_adapter_size, max_body_size=args.max_body_size, max_waiting=args.max_waiting,
+        max_choices=args.max_choices, allowed_local_adapter_dir=args.allowed_local_adapter_dir,
+        shutdown_grace=args.shutdown_grace, metrics_max_adapters=args.metrics_max_adapters,
+    )
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model, "data_dir": args.data_dir, "dtype": args.dtype, "device": args.device,
@@ -76,6 +109,10 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the demo model when no --model)")
+    add_engine_args(serve)
+    add_server_args(serve)
 
     gen = sub.add_parser("generate", help="complete prompts offline and print or write the results")
     add_engine_args(gen)
@@ -113,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
+        if args.command == "serve":
+            from loraplex.api.server import serve
+
+            return serve(engine_options(args), server_config(args))
         if args.command == "generate":
             return _generate(args)
         if args.command == "convert":

@@ -99,7 +99,57 @@ class EngineConfig:
         return amount
 
 
-def parse_memory(value: str | int | float) -> int | float:
+@dataclass(frozen=True)
+class ServerConfig:
+    """Options of `loraplex serve` beyond the engine's."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # inference needs `Authorization: Bearer <api_key>`
+    admin_key: str | None = None  # adapter uploads and deletes need this key instead
+    max_adapter_size: str | int = "1GiB"  # one upload, all files together, uncompressed
+    max_body_size: str | int = "16MiB"  # any other request body
+    max_waiting: int = 4096  # queued sequences; beyond, requests get 429
+    max_choices: int = 64  # sequences one request may start (prompts x n)
+    allowed_local_adapter_dir: str | None = None  # what /v1/load_lora_adapter may read
+    shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    metrics_max_adapters: int = 32  # adapters with their own metrics label; the rest share `other`
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535 or isinstance(self.port, bool):
+            raise ValueError(f"port: must be in 0..65535, got {self.port!r}")
+        for name in ("max_waiting", "max_choices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.metrics_max_adapters < 0:
+            raise ValueError(f"metrics_max_adapters: must be 0 or more, got {self.metrics_max_adapters}")
+        if self.shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace: must be 0 or more seconds, got {self.shutdown_grace}")
+        for name in ("api_key", "admin_key"):
+            key = getattr(self, name)
+            if key is not None and (len(key) < 8 or not key.isprintable() or " " in key):
+                raise ValueError(f"{name}: use at least 8 printable characters without spaces")
+        for name in ("max_adapter_size", "max_body_size"):
+            parse_size(getattr(self, name), name)
+
+    @property
+    def max_adapter_bytes(self) -> int:
+        return parse_size(self.max_adapter_size, "max_adapter_size")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return parse_size(self.max_body_size, "max_body_size")
+
+
+def parse_size(value: str | int, field: str) -> int:
+    """'512MiB' / '2GB' / 1048576 -> bytes."""
+    amount = parse_memory(value, field)
+    if isinstance(amount, float):
+        raise ValueError(f"{field}: {value!r} is a fraction; give a size in bytes, e.g. 512MiB")
+    return amount
+
+
+def parse_memory(value: str | int | float, field: str = "kv_cache_memory") -> int | float:
     """'2GiB' / '512MB' / 1073741824 -> bytes (int); 0.9 -> a fraction (float in (0, 1])."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = value
@@ -107,21 +157,21 @@ def parse_memory(value: str | int | float) -> int | float:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _SIZE_UNITS:
-            raise ValueError(f"kv_cache_memory: {value!r} is not a size; write e.g. 2GiB, 512MB, or 0.9")
+            raise ValueError(f"{field}: {value!r} is not a size; write e.g. 2GiB, 512MB, or 0.9")
         number = float(match.group(1)) * _SIZE_UNITS[unit]
         if unit == "" and number <= 1:
-            return _fraction(number)
+            return _fraction(number, field)
         if number < 1:
-            raise ValueError(f"kv_cache_memory: {value!r} comes to less than one byte")
+            raise ValueError(f"{field}: {value!r} comes to less than one byte")
         return int(number)
     if isinstance(number, float) and number <= 1:
-        return _fraction(number)
+        return _fraction(number, field)
     if number < 1:
-        raise ValueError(f"kv_cache_memory: must be positive, got {value!r}")
+        raise ValueError(f"{field}: must be positive, got {value!r}")
     return int(number)
 
 
-def _fraction(number: float) -> float:
+def _fraction(number: float, field: str) -> float:
     if not 0 < number <= 1:
-        raise ValueError(f"kv_cache_memory: a fraction must be in (0, 1], got {number}")
+        raise ValueError(f"{field}: a fraction must be in (0, 1], got {number}")
     return float(number)

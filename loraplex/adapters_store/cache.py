@@ -7,6 +7,7 @@ steps. An adapter used by a running sequence is never evicted from its slot.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -147,6 +148,7 @@ class AdapterManager:
         self.paths: dict[str, Path] = {}  # registered name -> directory
         self.keys: dict[str, str] = {}  # registered name -> key of its current registration
         self._key_paths: dict[str, Path] = {}  # every key handed out -> directory, to reload it
+        self._checksums: dict[str, dict[str, str]] = {}  # key -> {file name: sha256} checked on every disk load
         self._generation = 0
         self.host = HostCache(max_cpu_adapters, pin_memory=device.type == "cuda")
         self.slots = SlotPool(model, max_loras)
@@ -160,21 +162,36 @@ class AdapterManager:
         self._wanted: dict[str, None] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
 
-    def register(self, name: str, path: str | Path, validate: bool = True) -> LoRAAdapter | None:
+    def register(self, name: str, path: str | Path, validate: bool = True,
+                 checksums: dict[str, str] | None = None) -> LoRAAdapter | None:
         """Make `name` servable (replacing an earlier registration). Validation reads the adapter now
-        and keeps it in the host cache."""
+        and keeps it in the host cache. With `checksums` ({file name: sha256}), every read of the
+        files from disk first checks them."""
         path = Path(path)
         self._generation += 1
         key = f"{name}#{self._generation}"
         adapter = None
         if validate:
-            adapter = load_peft_lora(path, key, self.model_config, self.max_lora_rank)
+            adapter = self._load(path, key, checksums)
         if name in self.keys:
             self.unregister(name)
         if adapter is not None:
             self.host.put(adapter)
         self.paths[name], self.keys[name], self._key_paths[key] = path, key, path
+        if checksums:
+            self._checksums[key] = dict(checksums)
         return adapter
+
+    def _load(self, path: Path, key: str, checksums: dict[str, str] | None) -> LoRAAdapter:
+        for file_name, expected in (checksums or {}).items():
+            digest = hashlib.sha256()
+            with open(path / file_name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != expected:
+                raise ValueError(f"{path / file_name}: sha256 {digest.hexdigest()} differs from the stored "
+                                 f"{expected}; the file was changed on disk; upload the adapter again")
+        return load_peft_lora(path, key, self.model_config, self.max_lora_rank)
 
     def unregister(self, name: str) -> None:
         """New requests can no longer name it; those running on it keep its weights until they end."""
@@ -185,6 +202,10 @@ class AdapterManager:
 
     def __contains__(self, name: str) -> bool:
         return name in self.paths
+
+    def paths_in_use(self, keys: Collection[str]) -> set[Path]:
+        """Directories of the registered adapters and of the registrations `keys` name."""
+        return set(self.paths.values()) | {self._key_paths[key] for key in keys if key in self._key_paths}
 
     def key(self, name: str) -> str:
         return self.keys[name]
@@ -218,8 +239,7 @@ class AdapterManager:
             if len(self._wanted) >= self.host.capacity:
                 return  # the host cache is spoken for by requests ahead of this one
             self._wanted[key] = None
-        future = self._executor.submit(load_peft_lora, self._key_paths[key], key, self.model_config,
-                                       self.max_lora_rank)
+        future = self._executor.submit(self._load, self._key_paths[key], key, self._checksums.get(key))
         self._loads[key] = (future, time.perf_counter())
 
     def _collect(self) -> None:
@@ -238,6 +258,15 @@ class AdapterManager:
             self.host.put(adapter, keep=self._wanted.keys())
             self.disk_loads += 1
             self.load_seconds.append(time.perf_counter() - started)
+
+    @property
+    def num_loading(self) -> int:
+        return len(self._loads)
+
+    def drain_load_seconds(self) -> list[float]:
+        """Load times recorded since the last call (for metrics, which observe each once)."""
+        drained, self.load_seconds = self.load_seconds, []
+        return drained
 
     def acquire(self, key: str) -> int | None:
         slot = self.slots.acquire(key, self.host)

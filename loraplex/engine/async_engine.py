@@ -11,7 +11,9 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+from loraplex.adapters_store.formats import LoRAAdapter
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sampling import SamplingParams
 
@@ -20,6 +22,35 @@ logger = logging.getLogger(__name__)
 
 class EngineStepError(RuntimeError):
     """A step failed: its requests are aborted; the engine goes on serving new ones."""
+
+
+class RequestStream:
+    """One request's outputs, in order; the last has `finished` set."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        """Abort the request unless it has finished (idempotent)."""
+        if not self.finished:
+            self.finished = True
+            await self.engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -52,30 +83,52 @@ class AsyncEngine:
     def num_requests(self) -> int:
         return len(self._streams)
 
+    async def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        adapter: str | None = None,
+    ) -> RequestStream:
+        """Queue a request; raises ValueError at once for one that could never run. The stream must
+        be read to its end or closed (`aclose`): closing early aborts the request and frees its KV."""
+        self.start()
+        request_id = request_id or f"req-{next(self._ids)}"
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        async with self._lock:
+            self.engine.add_request(prompt, params, request_id, adapter=adapter)
+            self._streams[request_id] = queue
+        self._has_work.set()
+        return RequestStream(self, request_id, queue)
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
         adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield this request's outputs as they come; the last has `finished` set. Closing the
         iterator early (a client went away) aborts the request and frees its KV blocks."""
-        self.start()
-        request_id = request_id or f"req-{next(self._ids)}"
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        async with self._lock:
-            self.engine.add_request(prompt, params, request_id, adapter=adapter)  # ValueError: bad request
-            self._streams[request_id] = queue
-        self._has_work.set()
-        finished = False
+        stream = await self.add_request(prompt, params, request_id, adapter)
         try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in stream:
+                yield out
         finally:
-            if not finished:
-                await self.abort(request_id)
+            await stream.aclose()
+
+    async def inspect_adapter(self, path: Path) -> LoRAAdapter:
+        """Read and validate an adapter off the event loop; the engine keeps stepping meanwhile."""
+        return await asyncio.to_thread(self.engine.inspect_adapter, path)
+
+    async def add_adapter(self, name: str, path: Path, validate: bool = True,
+                          checksums: dict[str, str] | None = None) -> LoRAAdapter | None:
+        """Register an adapter between steps: the next request naming it is served by it."""
+        async with self._lock:
+            return await asyncio.to_thread(self.engine.add_adapter, name, path, validate, checksums)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unregister between steps: requests running on it finish, new ones are refused."""
+        async with self._lock:
+            self.engine.remove_adapter(name)
+
+    async def adapter_paths_in_use(self) -> set[Path]:
+        async with self._lock:
+            return self.engine.adapter_paths_in_use()
 
     async def abort(self, request_id: str) -> None:
         async with self._lock:

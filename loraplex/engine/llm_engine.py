@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from loraplex.adapters_store.cache import AdapterManager
+from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
 from loraplex.config import EngineConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
@@ -41,6 +42,22 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     adapter: str | None = None  # None = the base model
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics: read between steps, or racily (each field alone) during one."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int  # held by a sequence (free blocks that keep a cached prefix are not used)
+    adapters_on_device: int
+    adapters_in_host: int
+    adapter_disk_loads: int  # disk -> host reads, in the background
+    adapter_device_loads: int  # host -> device slot copies
+    adapter_device_evictions: int
+    adapter_host_evictions: int
 
 
 class LLMEngine:
@@ -96,18 +113,34 @@ class LLMEngine:
 
     # -- adapters ------------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, path: str | Path) -> None:
-        """Register a PEFT LoRA directory under `name`; it is read and validated now."""
+    def add_adapter(self, name: str, path: str | Path, validate: bool = True,
+                    checksums: dict[str, str] | None = None) -> LoRAAdapter | None:
+        """Register a PEFT LoRA directory under `name`, replacing an earlier registration of the name.
+        With `validate` it is read and checked now (and returned); otherwise at its first use.
+        `checksums` ({file name: sha256}) are checked on every read from disk."""
         if self.adapters is None:
             raise ValueError("max_loras is 0: this engine serves no adapters; start it with max_loras >= 1")
         validate_adapter_name(name)
-        self.adapters.register(name, path)
+        return self.adapters.register(name, path, validate=validate, checksums=checksums)
+
+    def inspect_adapter(self, path: str | Path) -> LoRAAdapter:
+        """Read and validate an adapter directory against this model without registering it. Touches
+        no engine state, so it may run in another thread while the engine steps."""
+        if self.adapters is None:
+            raise ValueError("max_loras is 0: this engine serves no adapters; start it with max_loras >= 1")
+        return load_peft_lora(Path(path), "inspect", self.model.config, self.config.max_lora_rank)
 
     def remove_adapter(self, name: str) -> None:
         """Unregister an adapter: requests already running on it finish, new ones are refused."""
         if self.adapters is None or name not in self.adapters:
             raise ValueError(f"adapter: {name!r} is not registered")
         self.adapters.unregister(name)
+
+    def adapter_paths_in_use(self) -> set[Path]:
+        """Directories of registered adapters, and of deleted ones that unfinished requests still use."""
+        if self.adapters is None:
+            return set()
+        return self.adapters.paths_in_use({s.adapter_key for s in self._seqs.values() if s.adapter_key})
 
     def adapter_names(self) -> list[str]:
         return sorted(self.adapters.paths) if self.adapters is not None else []
@@ -186,6 +219,22 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        blocks = self.block_manager
+        adapters = self.adapters
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=blocks.num_blocks,
+            kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks,
+            adapters_on_device=len(adapters.slots.slot_of) if adapters else 0,
+            adapters_in_host=len(adapters.host.entries) if adapters else 0,
+            adapter_disk_loads=adapters.disk_loads if adapters else 0,
+            adapter_device_loads=adapters.slots.loads if adapters else 0,
+            adapter_device_evictions=adapters.slots.evictions if adapters else 0,
+            adapter_host_evictions=adapters.host.evictions if adapters else 0,
+        )
 
     @property
     def num_unfinished_requests(self) -> int:

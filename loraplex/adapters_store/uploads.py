@@ -1,0 +1,218 @@
+"""Uploaded adapter files -> a flat staged directory, safely.
+
+An upload is either plain files or one .tar.gz / .tgz / .tar / .zip archive of them. Only the files an
+adapter is made of are written; archive members that would escape the archive (absolute paths, '..',
+links, devices) and pickle files are refused, and the bytes written are counted while copying, so an
+archive that inflates beyond the size limit (a zip bomb) stops at the limit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import re
+import stat
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import BinaryIO
+
+ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+GZIP_TAR_SUFFIXES = (".tar.gz", ".tgz")
+ARCHIVE_SUFFIXES = (*GZIP_TAR_SUFFIXES, ".tar", ".zip")
+CHUNK = 1 << 20
+# What a damaged, truncated or foreign file raises while it is read as an archive.
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, lzma.LZMAError, EOFError,
+                   NotImplementedError, RuntimeError)
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class UploadError(ValueError):
+    """An upload that cannot be staged; the message names the offending part or member and the fix."""
+
+
+def stage_upload(parts: list[tuple[str, BinaryIO]], dest: Path, max_bytes: int) -> list[str]:
+    """Write the adapter files of `parts` ((client filename, binary file) pairs) flat into `dest`, an
+    existing empty directory. One part named *.tar.gz / *.tgz / *.tar / *.zip is unpacked. Returns the
+    names that were ignored (files an adapter does not use). On UploadError, `dest` is to be discarded."""
+    for filename, _ in parts:
+        _check_part_name(filename)
+    stager = _Stager(Path(dest), max_bytes)
+    if len(parts) == 1 and _is_archive(parts[0][0]):
+        _unpack(parts[0][0], parts[0][1], stager)
+    else:
+        for filename, src in parts:
+            if _is_archive(filename):
+                raise UploadError(f"'{filename}' is an archive sent along with other files; send the archive "
+                                  "alone, or the adapter's files without an archive")
+            if stager.wants(f"file '{filename}'", filename, filename):
+                stager.write(filename, src)
+    stager.check_complete()
+    return stager.ignored
+
+
+def _is_archive(filename: str) -> bool:
+    return filename.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _check_part_name(filename: str) -> None:
+    if filename in ("", ".", "..") or any(c in filename for c in "/\\\0"):
+        raise UploadError(f"upload filename {filename!r} is not a plain file name; send each file under its "
+                          "base name (e.g. adapter_config.json), without directories")
+
+
+class _Stager:
+    """The files written so far, the bytes they hold, and what was ignored."""
+
+    def __init__(self, dest: Path, max_bytes: int) -> None:
+        self.dest = dest
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.kept: set[str] = set()
+        self.ignored: list[str] = []
+
+    def wants(self, what: str, name: str, file_name: str) -> bool:
+        """Whether to write a file called `file_name` (`name` is what the upload calls it, `what` how
+        messages name it); raises on pickles and on a second file of the same name."""
+        if file_name.lower().endswith(PICKLE_SUFFIXES):
+            raise UploadError(f"{what} is a pickle file; pickle files are never loaded (unpickling can run "
+                              "arbitrary code): convert the weights to safetensors (e.g. with "
+                              "safetensors.torch.save_file, or save_pretrained(safe_serialization=True)) and "
+                              "leave pickle files out of the upload")
+        if file_name not in ALLOWED_FILES:
+            self.ignored.append(name)
+            return False
+        if file_name in self.kept:
+            raise UploadError(f"{what}: the upload holds {file_name} twice; send exactly one of each file")
+        return True
+
+    def write(self, file_name: str, src: BinaryIO) -> None:
+        """Copy `src` to dest/file_name in chunks, stopping as soon as the upload passes max_bytes."""
+        self.kept.add(file_name)
+        with open(self.dest / file_name, "xb") as out:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                self.written += len(chunk)
+                if self.written > self.max_bytes:
+                    raise _size_error(self.max_bytes)
+                out.write(chunk)
+
+    def check_complete(self) -> None:
+        missing = [name for name in REQUIRED_FILES if name not in self.kept]
+        if missing:
+            ignored = f" (ignored: {', '.join(self.ignored[:10])})" if self.ignored else ""
+            raise UploadError(f"the upload lacks {' and '.join(missing)}{ignored}; a PEFT LoRA adapter is "
+                              f"{' + '.join(REQUIRED_FILES)}, as save_pretrained writes them")
+
+
+def _unpack(filename: str, src: BinaryIO, stager: _Stager) -> None:
+    try:
+        if filename.lower().endswith(".zip"):
+            _unpack_zip(src, stager)
+        else:
+            _unpack_tar(filename, src, stager)
+    except UploadError:
+        raise
+    except _ARCHIVE_ERRORS as e:
+        raise UploadError(f"'{filename}' is not a valid .tar.gz/.zip archive: {e}; send a .tar.gz, .tar or .zip "
+                          "of the adapter's files") from e
+
+
+def _member_file_name(member: str) -> str:
+    """The base name an archive member is kept under; raises if its path leaves the archive."""
+    parts = re.split(r"[/\\]", member)
+    if member.startswith(("/", "\\")) or _DRIVE.match(member) or ".." in parts:
+        raise UploadError(f"archive member '{member}' escapes the archive (absolute path or '..'); pack the "
+                          "adapter's files with relative paths")
+    return parts[-1]
+
+
+def _unpack_tar(filename: str, src: BinaryIO, stager: _Stager) -> None:
+    # Read as a stream, member after member. The gzip layer is opened here rather than by tarfile, which
+    # does not check the gzip checksum; reading it to the end (after the tar's end marker) does.
+    gzipped = filename.lower().endswith(GZIP_TAR_SUFFIXES)
+    skipped = 0  # bytes of ignored members and trailing data, which the stream must still inflate
+    with (gzip.GzipFile(fileobj=src, mode="rb") if gzipped else nullcontext(src)) as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                file_name = _member_file_name(member.name)
+                _check_tar_type(member)
+                if member.isdir():
+                    continue
+                if stager.wants(f"archive member '{member.name}'", member.name, file_name):
+                    stager.write(file_name, tar.extractfile(member))
+                else:
+                    skipped += member.size
+                    _check_skipped(filename, skipped, stager.max_bytes)
+        for chunk in iter(lambda: stream.read(CHUNK), b""):
+            skipped += len(chunk)
+            _check_skipped(filename, skipped, stager.max_bytes)
+
+
+def _check_tar_type(member: tarfile.TarInfo) -> None:
+    if member.issym() or member.islnk():
+        kind = "symbolic link" if member.issym() else "hard link"
+        raise UploadError(f"archive member '{member.name}' is a {kind} (to '{member.linkname}'); links are never "
+                          "followed: pack the files themselves (e.g. tar --dereference)")
+    if not (member.isfile() or member.isdir()):
+        raise UploadError(f"archive member '{member.name}' is a device, fifo or other special file; pack only "
+                          "the adapter's regular files")
+
+
+def _check_skipped(filename: str, skipped: int, max_bytes: int) -> None:
+    if skipped > max_bytes:
+        raise UploadError(f"'{filename}' holds more than the size limit of {max_bytes} bytes in files an adapter "
+                          "does not use; pack only adapter_config.json and adapter_model.safetensors")
+
+
+def _unpack_zip(src: BinaryIO, stager: _Stager) -> None:
+    with _seekable(src, stager.max_bytes) as seekable, zipfile.ZipFile(seekable) as archive:
+        for info in archive.infolist():
+            file_name = _member_file_name(info.filename)
+            _check_zip_type(info)
+            if info.is_dir():
+                continue
+            if stager.wants(f"archive member '{info.filename}'", info.filename, file_name):
+                with archive.open(info) as member:
+                    stager.write(file_name, member)
+
+
+def _check_zip_type(info: zipfile.ZipInfo) -> None:
+    mode = info.external_attr >> 16  # unix st_mode, where the archiver recorded one
+    if stat.S_ISLNK(mode):
+        raise UploadError(f"archive member '{info.filename}' is a symbolic link; links are never followed: pack "
+                          "the files themselves (e.g. zip without --symlinks)")
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise UploadError(f"archive member '{info.filename}' is a device, fifo or other special file; pack only "
+                          "the adapter's regular files")
+
+
+@contextmanager
+def _seekable(src: BinaryIO, max_bytes: int) -> Iterator[BinaryIO]:
+    """`src` itself when it can seek (zip reads its index at the end), else a temporary copy of it."""
+    try:
+        seekable = src.seekable()
+    except AttributeError:  # SpooledTemporaryFile before Python 3.11 seeks but has no seekable()
+        seekable = hasattr(src, "seek")
+    if seekable:
+        yield src
+        return
+    with tempfile.TemporaryFile() as copy:
+        copied = 0
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            copied += len(chunk)
+            if copied > max_bytes + CHUNK:  # the archive's own headers may add a little to the files
+                raise _size_error(max_bytes)
+            copy.write(chunk)
+        copy.seek(0)
+        yield copy
+
+
+def _size_error(max_bytes: int) -> UploadError:
+    return UploadError(f"upload exceeds the size limit of {max_bytes} bytes; upload a smaller adapter or start "
+                       "the server with a larger --max-adapter-size")

@@ -1,0 +1,153 @@
+"""The sequences one API request starts (prompts x n): submitted, streamed or collected, metered,
+logged and aborted together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import Request
+
+from loraplex.api.errors import APIError, bad_request, model_not_found
+from loraplex.api.metrics import SequenceTracker
+from loraplex.api.state import ServerState
+from loraplex.engine.async_engine import RequestStream
+from loraplex.engine.llm_engine import RequestOutput
+from loraplex.engine.sampling import SamplingParams
+
+request_log = logging.getLogger("loraplex.requests")
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class Generation:
+    def __init__(self, state: ServerState, model: str, adapter: str | None, prefix: str, http_request_id: str) -> None:
+        self.state = state
+        self.model = model
+        self.adapter = adapter
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.http_request_id = http_request_id
+        self.created = int(time.time())
+        self.streams: list[RequestStream] = []
+        self.trackers: list[SequenceTracker] = []
+        self.final: list[RequestOutput | None] = []
+        self._pumps: list[asyncio.Task] = []
+        self._start = time.perf_counter()
+
+    async def submit(self, items: list[tuple[str | list[int], SamplingParams]]) -> None:
+        """Queue every sequence, or none: a bad one aborts those already queued and raises 4xx."""
+        state = self.state
+        if len(items) > state.config.max_choices:
+            raise APIError(400, f"n: this request asks for {len(items)} sequences (prompts x n); the server allows "
+                           f"{state.config.max_choices} (--max-choices)", param="n")
+        waiting = state.engine.engine.stats().num_waiting
+        if waiting + len(items) > state.config.max_waiting:
+            state.metrics.reject(self.adapter)
+            raise APIError(429, f"the server is busy: {waiting} sequences are waiting (--max-waiting "
+                           f"{state.config.max_waiting}); retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"})
+        for index, (prompt, params) in enumerate(items):
+            try:
+                stream = await state.engine.add_request(prompt, params, f"{self.id}-{index}", self.adapter)
+            except ValueError as e:
+                await self.close()
+                if self.adapter is not None and self.adapter not in state.registry:
+                    raise model_not_found(self.model) from None  # deleted a moment ago
+                raise bad_request(e) from None
+            self.streams.append(stream)
+            self.trackers.append(state.metrics.track(self.adapter))
+            self.final.append(None)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(sequence index, output) as the engine produces them, all sequences interleaved."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((index, out))
+            except Exception as e:  # an engine step failed: handed to the reader
+                await queue.put((index, e))
+            finally:
+                await queue.put((index, None))
+
+        tasks = self._pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    self.trackers[index].finish("error")
+                    raise item
+                else:
+                    self.trackers[index].observe(item)
+                    if item.finished:
+                        self.final[index] = item
+                    yield index, item
+        finally:
+            await self._stop_pumps()
+
+    async def _stop_pumps(self) -> None:
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def collect(self, request: Request) -> list[RequestOutput]:
+        """Every sequence's final output; aborts them all if the client goes away first."""
+
+        async def drain() -> None:
+            async for _ in self.outputs():
+                pass
+
+        task = asyncio.create_task(drain())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "client disconnected")
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await self.close()
+        return [out for out in self.final if out is not None]
+
+    async def close(self) -> None:
+        """Abort whatever has not finished (a client that left, an error); idempotent. Shielded: it
+        runs to the end even when the request's task is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            for stream, tracker in zip(self.streams, self.trackers, strict=True):
+                if not stream.finished:
+                    tracker.finish("abort")
+                await stream.aclose()
+            await self._stop_pumps()
+
+    def usage(self, n: int) -> dict[str, int]:
+        """Sequences are prompt-major (n choices per prompt); OpenAI counts each prompt once."""
+        prompt_tokens = sum(len(out.prompt_token_ids) for out in self.final[::n] if out is not None)
+        completion_tokens = sum(len(out.token_ids) for out in self.final if out is not None)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def log(self, endpoint: str, status: int) -> None:
+        outcomes = [t.outcome or "abort" for t in self.trackers]
+        ttfts = [t.ttft for t in self.trackers if t.ttft is not None]
+        request_log.info(json.dumps({
+            "event": "generation", "request_id": self.http_request_id, "id": self.id, "endpoint": endpoint,
+            "model": self.model, "adapter": self.adapter, "status": status, "sequences": len(self.streams),
+            "prompt_tokens": sum(len(o.prompt_token_ids) for o in self.final if o is not None),
+            "completion_tokens": sum(t.num_tokens for t in self.trackers), "outcomes": outcomes,
+            "ttft_s": round(min(ttfts), 4) if ttfts else None,
+            "latency_s": round(time.perf_counter() - self._start, 4),
+        }))

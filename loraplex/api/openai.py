@@ -1,0 +1,245 @@
+"""OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from loraplex.api.errors import APIError, error_body
+from loraplex.api.generation import Generation
+from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from loraplex.api.state import State, inference_auth
+from loraplex.engine.async_engine import EngineStepError
+from loraplex.engine.llm_engine import RequestOutput
+from loraplex.engine.sampling import SamplingParams
+from loraplex.engine.sequence import TokenLogprob
+from loraplex.models.tokenizer import Tokenizer
+
+router = APIRouter(dependencies=[Depends(inference_auth)])
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> dict[str, Any]:
+    base = {"id": state.base_name, "object": "model", "created": state.created, "owned_by": "loraplex",
+            "root": state.base_name, "parent": None}
+    adapters = [{"id": info.name, "object": "model", "created": info.created, "owned_by": "loraplex",
+                 "root": info.name, "parent": state.base_name} for info in sorted(state.registry.infos.values(),
+                                                                                   key=lambda i: i.name)]
+    return {"object": "list", "data": [base, *adapters]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State):
+    adapter = state.resolve(body.model)
+    _refuse_unsupported(body)
+    if body.echo:
+        raise APIError(400, "echo: not supported; the completion is returned without the prompt", param="echo")
+    if body.suffix is not None:
+        raise APIError(400, "suffix: not supported (no fill-in-the-middle)", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of: only best_of == n is supported; use n", param="best_of")
+    prompts = _prompt_list(body.prompt)
+    items = [(prompt, _params(body, j, body.max_tokens, body.logprobs)) for prompt in prompts for j in range(body.n)]
+    generation = Generation(state, body.model, adapter, "cmpl", request.state.request_id)
+    await generation.submit(items)
+    tokenizer = state.engine.engine.tokenizer
+    if body.stream:
+        return _sse(generation, "/v1/completions", _completion_chunks(generation, body, tokenizer))
+    outputs = await _collect(generation, request, "/v1/completions")
+    choices = [{"index": i, "text": out.text, "finish_reason": out.finish_reason,
+                "logprobs": _completion_logprobs(out.logprobs, tokenizer, 0) if body.logprobs is not None else None}
+               for i, out in enumerate(outputs)]
+    return {"id": generation.id, "object": "text_completion", "created": generation.created, "model": body.model,
+            "choices": choices, "usage": generation.usage(body.n)}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
+    adapter = state.resolve(body.model)
+    _refuse_unsupported(body)
+    if body.tools:
+        raise APIError(400, "tools: tool calling is not supported", param="tools")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format: type {body.response_format.type!r} is not supported; only 'text'",
+                       param="response_format")
+    tokenizer = state.engine.engine.tokenizer
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+    except Exception as e:  # the template's own raise_exception, or a template error
+        raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
+    prompt = tokenizer.encode(text, add_special_tokens=False)  # the template writes the special tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(state.engine.engine.max_model_len - len(prompt), 1)
+    top = body.top_logprobs if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+    logprobs = (top or 0) if body.logprobs else None
+    items = [(prompt, _params(body, j, max_tokens, logprobs)) for j in range(body.n)]
+    generation = Generation(state, body.model, adapter, "chatcmpl", request.state.request_id)
+    await generation.submit(items)
+    if body.stream:
+        return _sse(generation, "/v1/chat/completions", _chat_chunks(generation, body, tokenizer))
+    outputs = await _collect(generation, request, "/v1/chat/completions")
+    choices = [{"index": i, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
+                "logprobs": {"content": _chat_logprobs(out.logprobs, tokenizer)} if body.logprobs else None}
+               for i, out in enumerate(outputs)]
+    return {"id": generation.id, "object": "chat.completion", "created": generation.created, "model": body.model,
+            "choices": choices, "usage": generation.usage(body.n)}
+
+
+def _refuse_unsupported(body: SamplingFields) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise APIError(400, f"{name}: not supported; leave it at 0", param=name)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias: not supported", param="logit_bias")
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+def _params(body: SamplingFields, choice: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else 16,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            seed=None if body.seed is None else body.seed + choice,  # n choices: n different samples
+            stop=stop,
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), param=str(e).split(":")[0]) from None
+
+
+async def _collect(generation: Generation, request: Request, endpoint: str) -> list[RequestOutput]:
+    try:
+        outputs = await generation.collect(request)
+    except EngineStepError as e:
+        generation.log(endpoint, 500)
+        raise APIError(500, str(e)) from None
+    except APIError as e:
+        generation.log(endpoint, e.status)
+        raise
+    generation.log(endpoint, 200)
+    return outputs
+
+
+def _sse(generation: Generation, endpoint: str, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        status = 200
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except EngineStepError as e:
+            status = 500
+            yield f"data: {json.dumps(error_body(500, str(e)))}\n\n"
+        except BaseException:
+            status = 499  # the client went away: the request is aborted below
+            raise
+        finally:
+            await generation.close()
+            generation.log(endpoint, status)
+        yield "data: [DONE]\n\n"
+
+    return ClosingStreamingResponse(events(), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends. Starlette leaves a generator whose client
+    disconnected to the garbage collector; closing it here aborts the request's sequences at once."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+async def _completion_chunks(generation: Generation, body: CompletionRequest,
+                             tokenizer: Tokenizer) -> AsyncIterator[dict[str, Any]]:
+    sent_logprobs = [0] * len(generation.streams)
+    sent_chars = [0] * len(generation.streams)
+    async for index, out in generation.outputs():
+        if not out.delta_text and not out.finished:
+            continue
+        logprobs = None
+        if body.logprobs is not None and out.logprobs is not None:
+            logprobs = _completion_logprobs(out.logprobs[sent_logprobs[index]:], tokenizer, sent_chars[index])
+            sent_logprobs[index] = len(out.logprobs)
+        sent_chars[index] = len(out.text)
+        choice = {"index": index, "text": out.delta_text, "logprobs": logprobs,
+                  "finish_reason": out.finish_reason if out.finished else None}
+        yield {"id": generation.id, "object": "text_completion", "created": generation.created,
+               "model": body.model, "choices": [choice]}
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield {"id": generation.id, "object": "text_completion", "created": generation.created, "model": body.model,
+               "choices": [], "usage": generation.usage(body.n)}
+
+
+async def _chat_chunks(generation: Generation, body: ChatCompletionRequest,
+                       tokenizer: Tokenizer) -> AsyncIterator[dict[str, Any]]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": generation.id, "object": "chat.completion.chunk", "created": generation.created,
+                "model": body.model, "choices": choices, **extra}
+
+    for index in range(len(generation.streams)):
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    sent_logprobs = [0] * len(generation.streams)
+    async for index, out in generation.outputs():
+        if not out.delta_text and not out.finished:
+            continue
+        logprobs = None
+        if body.logprobs and out.logprobs is not None:
+            logprobs = {"content": _chat_logprobs(out.logprobs[sent_logprobs[index]:], tokenizer)}
+            sent_logprobs[index] = len(out.logprobs)
+        delta = {"content": out.delta_text} if out.delta_text else {}
+        yield chunk([{"index": index, "delta": delta, "logprobs": logprobs,
+                      "finish_reason": out.finish_reason if out.finished else None}])
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield chunk([], usage=generation.usage(body.n))
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer, offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for entry in logprobs or []:
+        text = _token_text(tokenizer, entry.token_id)
+        tokens.append(text)
+        token_logprobs.append(entry.logprob)
+        top.append({_token_text(tokenizer, t): lp for t, lp in entry.top} if entry.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer) -> list[dict[str, Any]]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+            for e in logprobs or []]

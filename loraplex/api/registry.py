@@ -1,0 +1,133 @@
+"""Which adapters the server serves, where each came from, and the one path by which they change:
+uploads and vLLM-style loads go through the durable store, then into the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.adapters_store.formats import LoRAAdapter
+from loraplex.adapters_store.store import AdapterStore, StoredAdapter
+from loraplex.api.errors import APIError, bad_request
+from loraplex.engine.async_engine import AsyncEngine
+from loraplex.engine.llm_engine import validate_adapter_name
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "peft-lora"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    format: str
+    rank: int
+    target_modules: list[str]
+    size_bytes: int
+    sha256: str  # of adapter_model.safetensors
+    created: int  # unix time
+    source: str  # upload | local (vLLM load) | cli (--adapter) | demo
+    stored: bool  # kept in the store: served again after a restart
+
+    def to_json(self, parent: str) -> dict[str, Any]:
+        return {"id": self.name, "object": "adapter", "parent": parent, **asdict(self)}
+
+
+def _describe(adapter: LoRAAdapter) -> dict[str, Any]:
+    return {"rank": adapter.rank, "target_modules": adapter.target_modules, "sha256": adapter.sha256}
+
+
+class AdapterRegistry:
+    def __init__(self, engine: AsyncEngine, store: AdapterStore, base_name: str) -> None:
+        self.engine = engine
+        self.store = store
+        self.base_name = base_name
+        self.infos: dict[str, AdapterInfo] = {}
+        self._lock = asyncio.Lock()  # one change at a time: checks, store and engine stay in step
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    async def restore(self) -> None:
+        """Serve every stored adapter again. Their files are read (and their checksums checked) at
+        first use, so a server with many adapters starts at once."""
+        for record in await asyncio.to_thread(self.store.list):
+            missing = [f for f in record.files if not (record.path / f).is_file()]
+            if missing:
+                logger.error("stored adapter %s lost %s (under %s); not served; upload it again", record.name,
+                             ", ".join(missing), record.path)
+                continue
+            await self.engine.add_adapter(record.name, record.path, validate=False, checksums=record.files)
+            self.infos[record.name] = self._stored_info(record)
+        removed = await asyncio.to_thread(self.store.collect_garbage)
+        if removed:
+            logger.info("removed %d adapter blob(s) no longer in the catalog", removed)
+
+    async def add_local(self, name: str, path: Path, source: str) -> AdapterInfo:
+        """Serve a directory as it is, for this run only (`--adapter`, the demo adapters)."""
+        async with self._lock:
+            self._check_name(name, replace=True)
+            adapter = await self.engine.add_adapter(name, path)
+            files = [p for p in path.iterdir() if p.is_file()]
+            info = AdapterInfo(name=name, format=FORMAT, size_bytes=sum(p.stat().st_size for p in files),
+                               created=int(max(p.stat().st_mtime for p in files)), source=source, stored=False,
+                               **_describe(adapter))
+            self.infos[name] = info
+            return info
+
+    async def add_staged(self, name: str, staged: Path, source: str, replace: bool = False) -> AdapterInfo:
+        """Validate an upload staged in the store's tmp dir, store it durably, then serve it. On any
+        error the staged files are discarded and nothing else changes."""
+        try:
+            async with self._lock:
+                self._check_name(name, replace)
+                try:
+                    adapter = await self.engine.inspect_adapter(staged)
+                except ValueError as e:
+                    raise bad_request(ValueError(str(e).replace(str(staged), "upload"))) from None
+                info = {**_describe(adapter), "source": source}
+                record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info, replace)
+                await self.engine.add_adapter(name, record.path, checksums=record.files)
+                self.infos[name] = self._stored_info(record)
+                logger.info("adapter %s stored (%s, rank %d, %d bytes)", name, source, adapter.rank,
+                            record.size_bytes)
+                return self.infos[name]
+        finally:
+            self.store.discard(staged)
+
+    async def delete(self, name: str) -> AdapterInfo:
+        """Requests already running on the adapter finish; new ones get 404."""
+        async with self._lock:
+            info = self.infos.get(name)
+            if info is None:
+                raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
+            await self.engine.remove_adapter(name)
+            if info.stored:
+                await asyncio.to_thread(self.store.delete, name)
+            del self.infos[name]
+            in_use = await self.engine.adapter_paths_in_use()
+            await asyncio.to_thread(self.store.collect_garbage, in_use)
+            logger.info("adapter %s deleted", name)
+            return info
+
+    def _check_name(self, name: str, replace: bool) -> None:
+        try:
+            validate_adapter_name(name)
+        except ValueError as e:
+            raise APIError(400, str(e), param="name", code="invalid_name") from None
+        if name == self.base_name:
+            raise APIError(409, f"'{name}' is the base model's name; choose another adapter name", param="name",
+                           code="name_taken")
+        if name in self.infos and not replace:
+            raise APIError(409, f"adapter '{name}' already exists; DELETE /v1/adapters/{name} first (or load it "
+                           "with load_inplace)", param="name", code="adapter_exists")
+
+    @staticmethod
+    def _stored_info(record: StoredAdapter) -> AdapterInfo:
+        return AdapterInfo(name=record.name, format=record.format, rank=int(record.info["rank"]),
+                           target_modules=list(record.info["target_modules"]), size_bytes=record.size_bytes,
+                           sha256=str(record.info["sha256"]), created=int(record.created),
+                           source=str(record.info.get("source", "upload")), stored=True)
