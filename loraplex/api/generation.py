@@ -17,13 +17,21 @@ from fastapi import Request
 from loraplex.api.errors import APIError, bad_request, model_not_found
 from loraplex.api.metrics import SequenceTracker
 from loraplex.api.state import ServerState
-from loraplex.engine.async_engine import RequestStream
+from loraplex.engine.async_engine import EngineStepError, RequestStream
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.sampling import SamplingParams
 
 request_log = logging.getLogger("loraplex.requests")
 
 DISCONNECT_POLL_SECONDS = 0.25
+
+
+class GenerationError(RuntimeError):
+    """A sequence ended in error (its adapter failed to load, or a step failed)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Generation:
@@ -72,8 +80,8 @@ class Generation:
             try:
                 async for out in stream:
                     await queue.put((index, out))
-            except Exception as e:  # an engine step failed: handed to the reader
-                await queue.put((index, e))
+            except EngineStepError as e:  # handed to the reader
+                await queue.put((index, GenerationError(str(e))))
             finally:
                 await queue.put((index, None))
 
@@ -91,6 +99,8 @@ class Generation:
                     self.trackers[index].observe(item)
                     if item.finished:
                         self.final[index] = item
+                    if item.finish_reason == "error":
+                        raise _sequence_error(self.model, str(item.stop_reason))
                     yield index, item
         finally:
             await self._stop_pumps()
@@ -151,3 +161,9 @@ class Generation:
             "ttft_s": round(min(ttfts), 4) if ttfts else None,
             "latency_s": round(time.perf_counter() - self._start, 4),
         }))
+
+
+def _sequence_error(model: str, reason: str) -> GenerationError:
+    if "removed or replaced" in reason:
+        return GenerationError(f"The model '{model}' was deleted before this request started", status=404)
+    return GenerationError(f"generation failed: {reason}")

@@ -11,10 +11,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from loraplex.api.errors import APIError, error_body
-from loraplex.api.generation import Generation
+from loraplex.api.generation import Generation, GenerationError
 from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from loraplex.api.state import State, inference_auth
-from loraplex.engine.async_engine import EngineStepError
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.sampling import SamplingParams
 from loraplex.engine.sequence import TokenLogprob
@@ -132,9 +131,9 @@ def _params(body: SamplingFields, choice: int, max_tokens: int | None, logprobs:
 async def _collect(generation: Generation, request: Request, endpoint: str) -> list[RequestOutput]:
     try:
         outputs = await generation.collect(request)
-    except EngineStepError as e:
-        generation.log(endpoint, 500)
-        raise APIError(500, str(e)) from None
+    except GenerationError as e:
+        generation.log(endpoint, e.status)
+        raise APIError(e.status, str(e)) from None
     except APIError as e:
         generation.log(endpoint, e.status)
         raise
@@ -148,9 +147,9 @@ def _sse(generation: Generation, endpoint: str, chunks: AsyncIterator[dict[str, 
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except EngineStepError as e:
-            status = 500
-            yield f"data: {json.dumps(error_body(500, str(e)))}\n\n"
+        except GenerationError as e:
+            status = e.status
+            yield f"data: {json.dumps(error_body(e.status, str(e)))}\n\n"
         except BaseException:
             status = 499  # the client went away: the request is aborted below
             raise
