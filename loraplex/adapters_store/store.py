@@ -126,7 +126,8 @@ class AdapterStore:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite rolls back by itself after some errors (disk full, I/O)
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
@@ -253,15 +254,14 @@ class AdapterStore:
         """Remove the blob directories no catalog row references, except those in `keep` (which running
         requests may still read). Returns how many were removed."""
         kept = {Path(path).resolve() for path in keep}
-        removed = 0
-        with self._transaction() as conn:
+        doomed = []
+        with self._transaction() as conn:  # no commit can catalogue (or reuse) a blob meanwhile
             referenced = {digest for (digest,) in conn.execute("SELECT DISTINCT digest FROM adapters")}
             for blob in sorted(self.blobs.iterdir()):
-                if blob.name in referenced or blob.resolve() in kept:
-                    continue
-                # renamed out first, so a crash mid-removal never leaves a partial blob under blobs/
-                doomed = self.tmp / f"gc-{uuid.uuid4().hex}"
-                os.rename(blob, doomed)
-                _remove(doomed)
-                removed += 1
-        return removed
+                if blob.name not in referenced and blob.resolve() not in kept:
+                    # moved out first, so a crash mid-removal never leaves a partial blob under blobs/
+                    doomed.append(self.tmp / f"gc-{uuid.uuid4().hex}")
+                    os.rename(blob, doomed[-1])
+        for path in doomed:
+            _remove(path)
+        return len(doomed)

@@ -2,8 +2,9 @@
 
 An upload is either plain files or one .tar.gz / .tgz / .tar / .zip archive of them. Only the files an
 adapter is made of are written; archive members that would escape the archive (absolute paths, '..',
-links, devices) and pickle files are refused, and the bytes written are counted while copying, so an
-archive that inflates beyond the size limit (a zip bomb) stops at the limit.
+links, devices) are refused; pickle files are never written, and refused when they would be the
+weights; the bytes written are counted while copying, so an archive that inflates beyond the size
+limit (a zip bomb) stops at the limit.
 """
 
 from __future__ import annotations
@@ -76,15 +77,14 @@ class _Stager:
         self.written = 0
         self.kept: set[str] = set()
         self.ignored: list[str] = []
+        self.pickles: list[str] = []  # how messages name them
 
     def wants(self, what: str, name: str, file_name: str) -> bool:
         """Whether to write a file called `file_name` (`name` is what the upload calls it, `what` how
-        messages name it); raises on pickles and on a second file of the same name."""
+        messages name it); raises on a second file of the same name. Pickles (a Trainer's
+        training_args.bin beside the adapter, say) are skipped unread."""
         if file_name.lower().endswith(PICKLE_SUFFIXES):
-            raise UploadError(f"{what} is a pickle file; pickle files are never loaded (unpickling can run "
-                              "arbitrary code): convert the weights to safetensors (e.g. with "
-                              "safetensors.torch.save_file, or save_pretrained(safe_serialization=True)) and "
-                              "leave pickle files out of the upload")
+            self.pickles.append(what)
         if file_name not in ALLOWED_FILES:
             self.ignored.append(name)
             return False
@@ -103,6 +103,11 @@ class _Stager:
                 out.write(chunk)
 
     def check_complete(self) -> None:
+        if "adapter_model.safetensors" not in self.kept and self.pickles:
+            raise UploadError(f"{self.pickles[0]} is a pickle file, and the upload has no "
+                              "adapter_model.safetensors; pickle files are never loaded (unpickling can run "
+                              "arbitrary code): convert the weights to safetensors (e.g. with "
+                              "safetensors.torch.save_file, or save_pretrained(safe_serialization=True))")
         missing = [name for name in REQUIRED_FILES if name not in self.kept]
         if missing:
             ignored = f" (ignored: {', '.join(self.ignored[:10])})" if self.ignored else ""
