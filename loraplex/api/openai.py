@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from loraplex.api.errors import APIError, error_body
 from loraplex.api.generation import Generation, GenerationError
 from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from loraplex.api.state import State, inference_auth
+from loraplex.api.state import ServerState, State, inference_auth
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.sampling import SamplingParams
 from loraplex.engine.sequence import TokenLogprob
@@ -24,12 +24,21 @@ router = APIRouter(dependencies=[Depends(inference_auth)])
 
 @router.get("/v1/models")
 async def list_models(state: State) -> dict[str, Any]:
-    base = {"id": state.base_name, "object": "model", "created": state.created, "owned_by": "loraplex",
-            "root": state.base_name, "parent": None}
-    adapters = [{"id": info.name, "object": "model", "created": info.created, "owned_by": "loraplex",
-                 "root": info.name, "parent": state.base_name} for info in sorted(state.registry.infos.values(),
-                                                                                   key=lambda i: i.name)]
-    return {"object": "list", "data": [base, *adapters]}
+    names = sorted(state.registry.infos)
+    return {"object": "list", "data": [_model_card(state, None), *(_model_card(state, name) for name in names)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, state: State) -> dict[str, Any]:
+    return _model_card(state, state.resolve(model))
+
+
+def _model_card(state: ServerState, adapter: str | None) -> dict[str, Any]:
+    if adapter is None:
+        return {"id": state.base_name, "object": "model", "created": state.created, "owned_by": "loraplex",
+                "root": state.base_name, "parent": None}
+    return {"id": adapter, "object": "model", "created": state.registry.infos[adapter].created,
+            "owned_by": "loraplex", "root": adapter, "parent": state.base_name}
 
 
 @router.post("/v1/completions")

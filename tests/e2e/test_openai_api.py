@@ -36,6 +36,9 @@ def test_models_lists_base_and_adapters_with_parent(live_server):
     assert set(models) == {"demo", *DEMO_ADAPTERS}
     assert models["demo"].parent is None
     assert all(models[name].parent == "demo" for name in DEMO_ADAPTERS)
+    assert live_server.client().models.retrieve("beta").parent == "demo"
+    with pytest.raises(openai.NotFoundError):
+        live_server.client().models.retrieve("nope")
 
 
 def test_completion_matches_the_offline_engine(live_server, offline):
