@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from loraplex import LLM, SamplingParams
 from loraplex.cli import main
 
@@ -123,3 +125,13 @@ def test_base_model_answers_to_its_served_name(demo_dir, tmp_path):
                "--served-model-name", "basey", "--use-adapter", "basey", "--max-tokens", "2"])
     assert rc == 0
     assert "adapter" not in json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(("flags", "field"), [(["--max-adapter-size", "lots"], "max_adapter_size"),
+                                              (["--api-key", "short"], "api_key"),
+                                              (["--max-waiting", "0"], "max_waiting"),
+                                              (["--port", "70000"], "port")])
+def test_bad_serve_options_are_clear_errors_before_the_model_loads(demo_dir, capsys, flags, field):
+    assert main(["serve", "--model", str(demo_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loraplex serve: error: ") and field in err
