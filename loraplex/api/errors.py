@@ -57,11 +57,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(loc) or None
-        where = f"{param}: " if param else ""
-        return error_response(APIError(400, f"{where}{first.get('msg', 'invalid value')}", param=param))
+        return error_response(validation_error(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -71,3 +67,47 @@ def install_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(APIError(500, f"internal error: {type(error).__name__}; see the server log"))
+
+
+# Fields that take one of several shapes: pydantic reports each alternative's failure, so say once
+# what the field accepts instead.
+_SHAPES = {
+    "prompt": "must be a non-empty string, list of strings, list of token ids, or list of lists of token ids",
+    "stop": "must be a string or a list of at most 16 strings",
+    "content": 'must be a string or a list of {"type": "text", "text": ...} parts (images and audio are not '
+               "supported)",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """The first of pydantic's errors as a 400 whose `param` is written as OpenAI writes it
+    (`messages[0].content`)."""
+    first = errors[0]
+    param = _param(first.get("loc", ()))
+    message = str(first.get("msg", "invalid value"))
+    if message.startswith("Value error, "):  # our own validators: "field: what is wrong"
+        message = message.removeprefix("Value error, ")
+        field, sep, rest = message.partition(": ")
+        if sep and re.fullmatch(r"[a-z_]+", field):
+            param = f"{param}.{field}" if param else field
+            message = rest
+    else:
+        leaf = re.sub(r"\[\d+\]$", "", param.rpartition(".")[2]) if param else ""
+        if leaf in _SHAPES and len([e for e in errors if _param(e.get("loc", ())) == param]) > 1:
+            message = _SHAPES[leaf]
+    return APIError(400, f"{param}: {message}" if param else message, param=param or None)
+
+
+def _param(loc: tuple) -> str:
+    param = ""
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _TYPE_TAGS or not re.fullmatch(r"[a-z_][a-z0-9_]*", str(part)):
+            break  # which alternative of a union failed: not a field
+        else:
+            param = f"{param}.{part}" if param else str(part)
+    return param

@@ -233,12 +233,15 @@ def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
 
 
 def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer, offset: int) -> dict[str, Any]:
+    """OpenAI's legacy shape; `top_logprobs` always holds the sampled token too (up to k + 1 entries)."""
     tokens, token_logprobs, top, offsets = [], [], [], []
     for entry in logprobs or []:
         text = _token_text(tokenizer, entry.token_id)
         tokens.append(text)
         token_logprobs.append(entry.logprob)
-        top.append({_token_text(tokenizer, t): lp for t, lp in entry.top} if entry.top else None)
+        alternatives = {_token_text(tokenizer, t): lp for t, lp in entry.top}
+        alternatives.setdefault(text, entry.logprob)
+        top.append(alternatives)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -246,8 +249,9 @@ def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokeniz
 
 def _chat_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer) -> list[dict[str, Any]]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = _token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        # `bytes` are the token's own, so a character split over tokens can be put back together.
+        return {"token": _token_text(tokenizer, token_id), "logprob": logprob,
+                "bytes": list(tokenizer.token_bytes(token_id))}
 
     return [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
             for e in logprobs or []]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-Number = StrictInt | StrictFloat
+Number = StrictFloat  # strict: ints are taken, strings and booleans are not
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 
@@ -42,6 +42,12 @@ class SamplingFields(_Body):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
@@ -62,6 +68,13 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        # Only an assistant turn may come without content (OpenAI: when it made tool calls).
+        if self.role != "assistant" and (self.content is None or self.content == []):
+            raise ValueError(f"content: a {self.role} message needs content (a string or text parts)")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):

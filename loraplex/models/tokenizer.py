@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ class Tokenizer:
         self.eos_token_ids = tuple(dict.fromkeys([*eos_token_ids, *([own_eos] if own_eos is not None else [])]))
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._compiled_template = None
+        self._added_ids: set[int] | None = None
+        self._byte_level = False
 
     @classmethod
     def from_dir(cls, model_dir: Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
@@ -85,6 +88,24 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when it holds only part of a multi-byte character
+        (which `decode` turns into U+FFFD): joined over a text's tokens, they give the text back."""
+        if self._added_ids is None:
+            self._added_ids = set(self.backend.get_added_tokens_decoder())
+            self._byte_level = type(self.backend.decoder).__name__ == "ByteLevel"
+        piece = self.backend.id_to_token(token_id)
+        match = None if piece is None or self._byte_level else _BYTE_FALLBACK.fullmatch(piece)
+        if match:  # SentencePiece style: <0xE2> is one byte; "▁" a space
+            return bytes([int(match.group(1), 16)])
+        if piece is None or token_id in self._added_ids:
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        if self._byte_level:  # GPT-2 style: every byte is drawn as one printable character
+            if all(c in _UNICODE_TO_BYTE for c in piece):
+                return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            return piece.encode()
+        return piece.replace("\u2581", " ").encode()
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         if not self.chat_template:
@@ -99,6 +120,20 @@ class Tokenizer:
             eos_token=self.eos_token or "",
             **kwargs,
         )
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte -> printable character map, inverted: printable bytes stand for themselves, the
+    others are drawn as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(0x100 + i) for i, b in enumerate(others)})
+    return {c: b for b, c in chars.items()}
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

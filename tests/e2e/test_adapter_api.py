@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import ADMIN_KEY, API_KEY
 from safetensors.torch import load_file, save_file
+from server_harness import ADMIN_KEY, API_KEY
 
 from loraplex import LLM, SamplingParams
 from loraplex.models.demo import DEMO_ADAPTERS

@@ -7,8 +7,8 @@ import time
 
 import httpx
 import pytest
-from conftest import API_KEY, engine_options, run_server
 from prometheus_client.parser import text_string_to_metric_families
+from server_harness import API_KEY, engine_options, run_server
 
 from loraplex.config import ServerConfig
 

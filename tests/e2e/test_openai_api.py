@@ -8,7 +8,7 @@ import json
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, API_KEY
+from server_harness import ADMIN_KEY, API_KEY
 
 from loraplex import LLM, SamplingParams
 from loraplex.models.demo import DEMO_ADAPTERS
