@@ -7,10 +7,12 @@ steps. An adapter used by a running sequence is never evicted from its slot.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +23,10 @@ from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
 from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
+
+MAX_LOAD_RETRIES = 3  # for I/O errors that may pass (too many open files, a busy disk)
+RETRY_SECONDS = 0.5  # times the failures so far
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM}
 
 
 class HostCache:
@@ -153,9 +159,11 @@ class AdapterManager:
         self.host = HostCache(max_cpu_adapters, pin_memory=device.type == "cuda")
         self.slots = SlotPool(model, max_loras)
         self.disk_loads = 0
-        self.load_seconds: list[float] = []  # disk -> host, per background load
+        self.load_seconds: deque[float] = deque()  # disk -> host, per background load (appended by the step thread)
         self._loads: dict[str, tuple[Future, float]] = {}
-        self.errors: dict[str, str] = {}  # key -> why its weights could not be loaded
+        self.errors: dict[str, str] = {}  # key -> why its weights could not be loaded (for good)
+        self._failures: dict[str, int] = {}  # key -> failed loads in a row
+        self._retry_at: dict[str, float] = {}  # key -> when a transient failure may be retried
         # Keys that waiting requests need and no slot holds, in queue order, at most host capacity:
         # only these are fetched from disk, and the host cache never evicts them before they are
         # placed, so more waiting adapters than the host holds cannot make loads evict each other.
@@ -163,15 +171,17 @@ class AdapterManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
 
     def register(self, name: str, path: str | Path, validate: bool = True,
-                 checksums: dict[str, str] | None = None) -> LoRAAdapter | None:
+                 checksums: dict[str, str] | None = None, preloaded: LoRAAdapter | None = None) -> LoRAAdapter | None:
         """Make `name` servable (replacing an earlier registration). Validation reads the adapter now
-        and keeps it in the host cache. With `checksums` ({file name: sha256}), every read of the
-        files from disk first checks them."""
+        and keeps it in the host cache, as does giving it `preloaded`. With `checksums` ({file name:
+        sha256}), every read of the files from disk first checks them."""
         path = Path(path)
         self._generation += 1
         key = f"{name}#{self._generation}"
         adapter = None
-        if validate:
+        if preloaded is not None:
+            adapter = dataclasses.replace(preloaded, name=key)
+        elif validate:
             adapter = self._load(path, key, checksums)
         if name in self.keys:
             self.unregister(name)
@@ -235,6 +245,8 @@ class AdapterManager:
     def prefetch(self, key: str) -> None:
         if key in self._loads or key in self.host or self.slots.resident(key) or key not in self._key_paths:
             return
+        if self._retry_at.get(key, 0.0) > time.monotonic():
+            return
         if key not in self._wanted:
             if len(self._wanted) >= self.host.capacity:
                 return  # the host cache is spoken for by requests ahead of this one
@@ -250,14 +262,26 @@ class AdapterManager:
             del self._loads[key]
             try:
                 adapter = future.result()
-            except Exception as e:  # the file changed or vanished since it was registered
-                logger.error("adapter %s failed to load: %s", key, e)
-                self.errors[key] = str(e)
+            except Exception as e:  # the files changed or vanished since registration, or an I/O hiccup
+                self._load_failed(key, e)
                 continue
             self.errors.pop(key, None)
+            self._failures.pop(key, None)
             self.host.put(adapter, keep=self._wanted.keys())
             self.disk_loads += 1
             self.load_seconds.append(time.perf_counter() - started)
+
+    def _load_failed(self, key: str, error: Exception) -> None:
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        transient = isinstance(error, OSError) and error.errno not in _PERMANENT_ERRNOS
+        if transient and failures <= MAX_LOAD_RETRIES:
+            logger.warning("adapter %s: load failed (%s); retry %d of %d", key, error, failures, MAX_LOAD_RETRIES)
+            self._retry_at[key] = time.monotonic() + RETRY_SECONDS * failures
+            return
+        logger.error("adapter %s failed to load: %s", key, error)
+        # What requests see: no server paths, only the file names inside the adapter.
+        directory = str(self._key_paths[key])
+        self.errors[key] = str(error).replace(directory + "/", "").replace(directory, "the adapter directory")
 
     @property
     def num_loading(self) -> int:
@@ -265,7 +289,9 @@ class AdapterManager:
 
     def drain_load_seconds(self) -> list[float]:
         """Load times recorded since the last call (for metrics, which observe each once)."""
-        drained, self.load_seconds = self.load_seconds, []
+        drained = []
+        while self.load_seconds:  # deque pops are atomic: safe against the step thread's appends
+            drained.append(self.load_seconds.popleft())
         return drained
 
     def acquire(self, key: str) -> int | None:

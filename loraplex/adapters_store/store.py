@@ -237,6 +237,14 @@ class AdapterStore:
             conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
         return self._record(row)
 
+    def reinstate(self, record: StoredAdapter) -> None:
+        """Put a record back as it was (undoing a replace whose follow-up failed); its blob must still
+        be there, as it is until `collect_garbage` runs."""
+        row = (record.name, record.digest, json.dumps(record.files, sort_keys=True), record.size_bytes,
+               record.format, record.created, json.dumps(record.info, sort_keys=True))
+        with self._transaction() as conn:
+            conn.execute(f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
     def verify(self, record: StoredAdapter) -> None:
         """Re-hash every file of the record; CorruptAdapterError names the first one missing or changed."""
         for file_name, expected in sorted(record.files.items()):

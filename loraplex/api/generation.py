@@ -17,7 +17,7 @@ from fastapi import Request
 from loraplex.api.errors import APIError, bad_request, model_not_found
 from loraplex.api.metrics import SequenceTracker
 from loraplex.api.state import ServerState
-from loraplex.engine.async_engine import EngineStepError, RequestStream
+from loraplex.engine.async_engine import EngineStepError, QueueFullError, RequestStream
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.sampling import SamplingParams
 
@@ -49,32 +49,28 @@ class Generation:
         self._start = time.perf_counter()
 
     async def submit(self, items: list[tuple[str | list[int], SamplingParams]]) -> None:
-        """Queue every sequence, or none: a bad one aborts those already queued and raises 4xx."""
+        """Queue every sequence, or none: a bad one raises 4xx with nothing left queued."""
         state = self.state
-        if len(items) > state.config.max_choices:
-            raise APIError(400, f"n: this request asks for {len(items)} sequences (prompts x n); the server allows "
-                           f"{state.config.max_choices} (--max-choices)", param="n")
-        waiting = state.engine.engine.stats().num_waiting
-        if waiting + len(items) > state.config.max_waiting:
+        ids = [f"{self.id}-{index}" for index in range(len(items))]
+        try:
+            self.streams = await state.engine.add_requests(items, self.adapter, ids, state.config.max_waiting)
+        except QueueFullError as e:
             state.metrics.reject(self.adapter)
-            raise APIError(429, f"the server is busy: {waiting} sequences are waiting (--max-waiting "
-                           f"{state.config.max_waiting}); retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"})
-        for index, (prompt, params) in enumerate(items):
-            try:
-                stream = await state.engine.add_request(prompt, params, f"{self.id}-{index}", self.adapter)
-            except ValueError as e:
-                await self.close()
-                if self.adapter is not None and self.adapter not in state.registry:
-                    raise model_not_found(self.model) from None  # deleted a moment ago
-                raise bad_request(e) from None
-            self.streams.append(stream)
-            self.trackers.append(state.metrics.track(self.adapter))
-            self.final.append(None)
+            raise APIError(429, f"the server is busy: {e.waiting} sequences are waiting (--max-waiting "
+                           f"{e.max_waiting}); retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            if self.adapter is not None and self.adapter not in state.registry:
+                raise model_not_found(self.model) from None  # deleted a moment ago
+            raise bad_request(e) from None
+        self.trackers = [state.metrics.track(self.adapter) for _ in self.streams]
+        self.final = [None] * len(self.streams)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(sequence index, output) as the engine produces them, all sequences interleaved."""
-        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+        # Bounded: when the client reads slowly, pumps wait here and the engine's streams merge their
+        # outputs meanwhile, so memory stays flat however far the engine runs ahead.
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue(len(self.streams))
 
         async def pump(index: int, stream: RequestStream) -> None:
             try:
@@ -100,7 +96,7 @@ class Generation:
                     if item.finished:
                         self.final[index] = item
                     if item.finish_reason == "error":
-                        raise _sequence_error(self.model, str(item.stop_reason))
+                        raise GenerationError(f"generation failed: {item.stop_reason}")
                     yield index, item
         finally:
             await self._stop_pumps()
@@ -162,8 +158,3 @@ class Generation:
             "latency_s": round(time.perf_counter() - self._start, 4),
         }))
 
-
-def _sequence_error(model: str, reason: str) -> GenerationError:
-    if "removed or replaced" in reason:
-        return GenerationError(f"The model '{model}' was deleted before this request started", status=404)
-    return GenerationError(f"generation failed: {reason}")

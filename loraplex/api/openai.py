@@ -52,6 +52,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of: only best_of == n is supported; use n", param="best_of")
     prompts = _prompt_list(body.prompt)
+    _check_choices(state, len(prompts) * body.n)
     items = [(prompt, _params(body, j, body.max_tokens, body.logprobs)) for prompt in prompts for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "cmpl", request.state.request_id)
     await generation.submit(items)
@@ -89,6 +90,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
     logprobs = (top or 0) if body.logprobs else None
+    _check_choices(state, body.n)
     items = [(prompt, _params(body, j, max_tokens, logprobs)) for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "chatcmpl", request.state.request_id)
     await generation.submit(items)
@@ -100,6 +102,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                for i, out in enumerate(outputs)]
     return {"id": generation.id, "object": "chat.completion", "created": generation.created, "model": body.model,
             "choices": choices, "usage": generation.usage(body.n)}
+
+
+def _check_choices(state: ServerState, count: int) -> None:
+    """Before anything is built per sequence: a request's size is bounded by the server, not the client."""
+    if count > state.config.max_choices:
+        raise APIError(400, f"n: this request asks for {count} sequences (prompts x n); the server allows "
+                       f"{state.config.max_choices} (--max-choices)", param="n")
 
 
 def _refuse_unsupported(body: SamplingFields) -> None:

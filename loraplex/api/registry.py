@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.adapters_store.formats import LoRAAdapter
-from loraplex.adapters_store.store import AdapterStore, StoredAdapter
+from loraplex.adapters_store.store import AdapterStore, StoredAdapter, StoreError
 from loraplex.api.errors import APIError, bad_request
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.llm_engine import validate_adapter_name
@@ -53,14 +53,20 @@ class AdapterRegistry:
 
     async def restore(self) -> None:
         """Serve every stored adapter again. Their files are read (and their checksums checked) at
-        first use, so a server with many adapters starts at once."""
+        first use, so a server with many adapters starts at once. One that cannot be served is
+        logged and left out; one whose files are gone is dropped from the catalog."""
         for record in await asyncio.to_thread(self.store.list):
             missing = [f for f in record.files if not (record.path / f).is_file()]
             if missing:
-                logger.error("stored adapter %s lost %s (under %s); not served; upload it again", record.name,
-                             ", ".join(missing), record.path)
+                logger.error("stored adapter %s lost %s (under %s): removed from the catalog; upload it again",
+                             record.name, ", ".join(missing), record.path)
+                await asyncio.to_thread(self.store.delete, record.name)
                 continue
-            await self.engine.add_adapter(record.name, record.path, validate=False, checksums=record.files)
+            try:
+                await self.engine.add_adapter(record.name, record.path, checksums=record.files)
+            except ValueError as e:
+                logger.error("stored adapter %s is not served: %s", record.name, e)
+                continue
             self.infos[record.name] = self._stored_info(record)
         removed = await asyncio.to_thread(self.store.collect_garbage)
         if removed:
@@ -70,7 +76,8 @@ class AdapterRegistry:
         """Serve a directory as it is, for this run only (`--adapter`, the demo adapters)."""
         async with self._lock:
             self._check_name(name, replace=True)
-            adapter = await self.engine.add_adapter(name, path)
+            adapter = await self.engine.inspect_adapter(path)
+            await self.engine.add_adapter(name, path, preloaded=adapter)
             files = [p for p in path.iterdir() if p.is_file()]
             info = AdapterInfo(name=name, format=FORMAT, size_bytes=sum(p.stat().st_size for p in files),
                                created=int(max(p.stat().st_mtime for p in files)), source=source, stored=False,
@@ -80,7 +87,7 @@ class AdapterRegistry:
 
     async def add_staged(self, name: str, staged: Path, source: str, replace: bool = False) -> AdapterInfo:
         """Validate an upload staged in the store's tmp dir, store it durably, then serve it. On any
-        error the staged files are discarded and nothing else changes."""
+        error the staged files are discarded and the catalog, the engine and the list stay as they were."""
         try:
             async with self._lock:
                 self._check_name(name, replace)
@@ -89,8 +96,16 @@ class AdapterRegistry:
                 except ValueError as e:
                     raise bad_request(ValueError(str(e).replace(str(staged), "upload"))) from None
                 info = {**_describe(adapter), "source": source}
-                record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info, replace)
-                await self.engine.add_adapter(name, record.path, checksums=record.files)
+                previous = await asyncio.to_thread(self.store.get, name)
+                try:
+                    record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info, replace)
+                except StoreError as e:
+                    raise APIError(409, str(e), param="name", code="adapter_exists") from None
+                try:
+                    await self.engine.add_adapter(name, record.path, checksums=record.files, preloaded=adapter)
+                except BaseException:
+                    await asyncio.to_thread(self._restore_row, name, previous)
+                    raise
                 self.infos[name] = self._stored_info(record)
                 logger.info("adapter %s stored (%s, rank %d, %d bytes)", name, source, adapter.rank,
                             record.size_bytes)
@@ -98,15 +113,21 @@ class AdapterRegistry:
         finally:
             self.store.discard(staged)
 
+    def _restore_row(self, name: str, previous: StoredAdapter | None) -> None:
+        if previous is None:
+            self.store.delete(name)
+        else:
+            self.store.reinstate(previous)
+
     async def delete(self, name: str) -> AdapterInfo:
-        """Requests already running on the adapter finish; new ones get 404."""
+        """Requests already accepted on the adapter finish; new ones get 404."""
         async with self._lock:
             info = self.infos.get(name)
             if info is None:
                 raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
-            await self.engine.remove_adapter(name)
-            if info.stored:
+            if info.stored:  # the catalog first: if it fails, the adapter is still served and listed
                 await asyncio.to_thread(self.store.delete, name)
+            await self.engine.remove_adapter(name)
             del self.infos[name]
             in_use = await self.engine.adapter_paths_in_use()
             await asyncio.to_thread(self.store.collect_garbage, in_use)

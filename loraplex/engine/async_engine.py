@@ -8,9 +8,10 @@ only between steps, under one lock that the stepping task releases after every s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from loraplex.adapters_store.formats import LoRAAdapter
@@ -24,14 +25,39 @@ class EngineStepError(RuntimeError):
     """A step failed: its requests are aborted; the engine goes on serving new ones."""
 
 
-class RequestStream:
-    """One request's outputs, in order; the last has `finished` set."""
+class QueueFullError(RuntimeError):
+    """Admitting the requests would put more than `max_waiting` sequences in the waiting queue."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+    def __init__(self, waiting: int, max_waiting: int) -> None:
+        super().__init__(f"{waiting} sequences are waiting (limit {max_waiting})")
+        self.waiting = waiting
+        self.max_waiting = max_waiting
+
+
+class RequestStream:
+    """One request's outputs, in order; the last has `finished` set.
+
+    It holds at most one unread output: when the reader lags behind the engine, a new output is merged
+    into the unread one (their deltas joined, the newest totals kept), so a slow or stalled client costs
+    one output's memory, not one per step.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
         self.engine = engine
         self.request_id = request_id
-        self._queue = queue
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
         self.finished = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        pending = self._pending
+        if isinstance(pending, BaseException):
+            return  # an error ends the stream; nothing after it matters
+        if isinstance(item, RequestOutput) and isinstance(pending, RequestOutput):
+            item = dataclasses.replace(item, delta_text=pending.delta_text + item.delta_text,
+                                       delta_token_ids=pending.delta_token_ids + item.delta_token_ids)
+        self._pending = item
+        self._ready.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -39,7 +65,9 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        await self._ready.wait()
+        item, self._pending = self._pending, None
+        self._ready.clear()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -58,7 +86,7 @@ class AsyncEngine:
         self.engine = engine
         self._lock = asyncio.Lock()
         self._has_work = asyncio.Event()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -83,20 +111,53 @@ class AsyncEngine:
     def num_requests(self) -> int:
         return len(self._streams)
 
+    async def add_requests(
+        self, requests: Sequence[tuple[str | list[int], SamplingParams]], adapter: str | None = None,
+        request_ids: Sequence[str] | None = None, max_waiting: int | None = None,
+    ) -> list[RequestStream]:
+        """Queue several requests at once, all or none: ValueError for one that could never run,
+        QueueFullError when more than `max_waiting` sequences would wait. Text is tokenized in a
+        worker thread first, so long prompts hold neither the event loop nor the engine. Each stream
+        must be read to its end or closed (`aclose`): closing early aborts the request, freeing its KV."""
+        self.start()
+        ids = list(request_ids) if request_ids is not None else [f"req-{next(self._ids)}" for _ in requests]
+        prompts = await asyncio.to_thread(self._tokenize, [prompt for prompt, _ in requests])
+        added: list[str] = []
+        async with self._lock:
+            waiting = len(self.engine.scheduler.waiting)
+            if max_waiting is not None and waiting + len(requests) > max_waiting:
+                raise QueueFullError(waiting, max_waiting)
+            try:
+                for request_id, prompt, (_, params) in zip(ids, prompts, requests, strict=True):
+                    self.engine.add_request(prompt, params, request_id, adapter=adapter)
+                    added.append(request_id)
+            except BaseException:
+                for request_id in added:
+                    self.engine.abort_request(request_id)
+                raise
+            streams = [RequestStream(self, request_id) for request_id in ids]
+            self._streams.update((s.request_id, s) for s in streams)
+        self._has_work.set()
+        return streams
+
+    def _tokenize(self, prompts: list[str | list[int]]) -> list[str | list[int]]:
+        encoded: dict[str, list[int]] = {}  # n choices of one prompt: encoded once
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if prompt not in encoded:
+                    encoded[prompt] = self.engine.tokenizer.encode(prompt)
+                prompt = encoded[prompt]
+            out.append(prompt)
+        return out
+
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
         adapter: str | None = None,
     ) -> RequestStream:
-        """Queue a request; raises ValueError at once for one that could never run. The stream must
-        be read to its end or closed (`aclose`): closing early aborts the request and frees its KV."""
-        self.start()
-        request_id = request_id or f"req-{next(self._ids)}"
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        async with self._lock:
-            self.engine.add_request(prompt, params, request_id, adapter=adapter)
-            self._streams[request_id] = queue
-        self._has_work.set()
-        return RequestStream(self, request_id, queue)
+        """Queue one request; raises ValueError at once for one that could never run."""
+        (stream,) = await self.add_requests([(prompt, params)], adapter, None if request_id is None else [request_id])
+        return stream
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
@@ -115,14 +176,15 @@ class AsyncEngine:
         """Read and validate an adapter off the event loop; the engine keeps stepping meanwhile."""
         return await asyncio.to_thread(self.engine.inspect_adapter, path)
 
-    async def add_adapter(self, name: str, path: Path, validate: bool = True,
-                          checksums: dict[str, str] | None = None) -> LoRAAdapter | None:
-        """Register an adapter between steps: the next request naming it is served by it."""
+    async def add_adapter(self, name: str, path: Path, checksums: dict[str, str] | None = None,
+                          preloaded: LoRAAdapter | None = None) -> None:
+        """Register an adapter between steps: the next request naming it is served by it. Nothing is
+        read under the lock: the weights come `preloaded` (from `inspect_adapter`) or at first use."""
         async with self._lock:
-            return await asyncio.to_thread(self.engine.add_adapter, name, path, validate, checksums)
+            self.engine.add_adapter(name, path, validate=False, checksums=checksums, preloaded=preloaded)
 
     async def remove_adapter(self, name: str) -> None:
-        """Unregister between steps: requests running on it finish, new ones are refused."""
+        """Unregister between steps: requests already accepted on it finish, new ones are refused."""
         async with self._lock:
             self.engine.remove_adapter(name)
 
@@ -150,14 +212,14 @@ class AsyncEngine:
                 if not self.engine.has_unfinished_requests() and not self._stopping:
                     self._has_work.clear()  # (never a stop request's wake-up)
             for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
                     if out.finished:
                         del self._streams[out.request_id]
 
     def _fail_all(self, error: Exception) -> None:
-        for request_id, queue in self._streams.items():
+        for request_id, stream in self._streams.items():
             self.engine.abort_request(request_id)
-            queue.put_nowait(EngineStepError(f"engine step failed: {error}"))
+            stream.put(EngineStepError(f"engine step failed: {error}"))
         self._streams.clear()

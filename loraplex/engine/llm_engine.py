@@ -113,15 +113,16 @@ class LLMEngine:
 
     # -- adapters ------------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, path: str | Path, validate: bool = True,
-                    checksums: dict[str, str] | None = None) -> LoRAAdapter | None:
+    def add_adapter(self, name: str, path: str | Path, validate: bool = True, checksums: dict[str, str] | None = None,
+                    preloaded: LoRAAdapter | None = None) -> LoRAAdapter | None:
         """Register a PEFT LoRA directory under `name`, replacing an earlier registration of the name.
-        With `validate` it is read and checked now (and returned); otherwise at its first use.
-        `checksums` ({file name: sha256}) are checked on every read from disk."""
+        With `validate` it is read and checked now (and returned); otherwise at its first use, unless
+        its weights come `preloaded` (from `inspect_adapter` on the same files). `checksums`
+        ({file name: sha256}) are checked on every read from disk."""
         if self.adapters is None:
             raise ValueError("max_loras is 0: this engine serves no adapters; start it with max_loras >= 1")
         validate_adapter_name(name)
-        return self.adapters.register(name, path, validate=validate, checksums=checksums)
+        return self.adapters.register(name, path, validate=validate, checksums=checksums, preloaded=preloaded)
 
     def inspect_adapter(self, path: str | Path) -> LoRAAdapter:
         """Read and validate an adapter directory against this model without registering it. Touches

@@ -39,7 +39,8 @@ class SamplingParams:
         _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= -1, "top_k", f"must be -1, 0 (off) or a positive count, got {self.top_k}")
+        _check(-1 <= self.top_k < 2**31, "top_k",
+               f"must be -1, 0 (off) or a positive count below 2**31, got {self.top_k}")
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")

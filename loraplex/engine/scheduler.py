@@ -140,12 +140,9 @@ class Scheduler:
         key = seq.adapter_key
         if key is None:
             return None
-        if key in self.adapters.errors:
-            return self.adapters.errors[key]
-        # Removed or replaced before it started; a preempted one finishes on the weights it began with.
-        if not self.adapters.is_current(key) and not seq.output_token_ids:
-            return f"adapter {seq.adapter!r} was removed or replaced before this request started"
-        return None
+        # An adapter removed or replaced after this request was accepted still serves it: the
+        # registration's files stay until no request uses them.
+        return self.adapters.errors.get(key)
 
     def _adapter_admissible(self, seq: Sequence) -> bool | None:
         """True: its adapter (if any) can take a slot now. False: pass it over this round. None: it
