@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import threading
@@ -373,12 +374,47 @@ def test_a_failed_background_load_lands_in_errors_until_a_load_succeeds(manager,
     assert mgr.ready(key) is False
     assert _wait_for(lambda: (mgr.ready(key), key in mgr.errors)[1]), "the failure was never collected"
     assert "adapter_config.json is missing" in mgr.errors[key]
+    assert str(tmp_path) not in mgr.errors[key], "requests must not see server paths"
     assert key not in mgr.host and mgr.disk_loads == 0
     assert mgr.ready(key) is False and mgr.acquire(key) is None
     # The files come back: a later load succeeds and clears the error.
     shutil.copytree(demo_dir / "adapters" / "alpha", path)
     assert _wait_for(lambda: mgr.ready(key))
     assert key not in mgr.errors
+
+
+def _failing_loads(monkeypatch, failures: int) -> list[int]:
+    """The first `failures` loads raise EMFILE (too many open files: a passing condition)."""
+    calls: list[int] = []
+    real = cache_module.load_peft_lora
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "load_peft_lora", flaky)
+    monkeypatch.setattr(cache_module, "RETRY_SECONDS", 0.01)
+    return calls
+
+
+def test_a_transient_io_error_is_retried(manager, demo_dir, monkeypatch):
+    calls = _failing_loads(monkeypatch, failures=2)
+    mgr = manager()
+    mgr.register("a", demo_dir / "adapters" / "alpha", validate=False)
+    key = mgr.key("a")
+    assert _wait_for(lambda: mgr.ready(key)), "the load was not retried"
+    assert len(calls) == 3 and not mgr.errors and mgr.disk_loads == 1
+
+
+def test_a_lasting_io_error_fails_after_the_retries(manager, demo_dir, monkeypatch):
+    calls = _failing_loads(monkeypatch, failures=1000)
+    mgr = manager()
+    mgr.register("a", demo_dir / "adapters" / "alpha", validate=False)
+    key = mgr.key("a")
+    assert _wait_for(lambda: (mgr.ready(key), key in mgr.errors)[1])
+    assert len(calls) == cache_module.MAX_LOAD_RETRIES + 1 and "Too many open files" in mgr.errors[key]
 
 
 def test_unregister_forgets_the_adapter_everywhere(manager, demo_dir):

@@ -320,6 +320,23 @@ def test_a_failed_adapter_load_finishes_its_request_with_error(make_llm, referen
     assert_drained(llm)
 
 
+def test_a_queued_request_finishes_on_an_adapter_removed_after_it_was_accepted(make_llm, reference):
+    llm = make_llm(max_loras=1)
+    engine = llm.engine
+    alpha_id = engine.add_request(PROMPTS[0], greedy(30), adapter="alpha")
+    engine.step()  # alpha holds the only slot
+    gamma_id = engine.add_request(PROMPTS[1], greedy(5), adapter="gamma")  # queued behind it
+    engine.step()
+    engine.remove_adapter("gamma")
+    with pytest.raises(ValueError, match="not registered"):
+        engine.add_request(PROMPTS[1], greedy(5), adapter="gamma")  # new requests are refused
+    finished = run_to_completion(llm)
+    assert finished[gamma_id].finish_reason == "length"
+    assert finished[gamma_id].token_ids == reference(PROMPTS[1], "gamma", 5)
+    assert finished[alpha_id].token_ids == reference(PROMPTS[0], "alpha", 30)
+    assert_drained(llm)
+
+
 def test_abort_releases_the_adapter_slot(make_llm, reference):
     llm = make_llm(max_loras=1)
     engine = llm.engine

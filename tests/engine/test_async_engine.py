@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from loraplex import SamplingParams
-from loraplex.engine.async_engine import AsyncEngine
+from loraplex.engine.async_engine import AsyncEngine, QueueFullError
 
 
 def test_concurrent_streams_match_offline_results(demo_llm):
@@ -60,6 +60,50 @@ def test_bad_request_raises_before_streaming(demo_llm):
             with pytest.raises(ValueError, match="max_model_len"):
                 async for _ in engine.generate([5] * 600, SamplingParams(max_tokens=5)):
                     pass
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_reader_that_lags_holds_one_merged_output(demo_llm):
+    """The engine runs ahead of a client that does not read: the stream keeps one unread output,
+    whose deltas add up to everything generated meanwhile."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = demo_llm.generate("Once upon a time", params)[0]
+
+    async def run():
+        engine = AsyncEngine(demo_llm.engine)
+        stream = await engine.add_request("Once upon a time", params)
+        while demo_llm.engine.has_unfinished_requests():
+            await asyncio.sleep(0.01)
+        pending = stream._pending  # one output, however many steps ran
+        outputs = [out async for out in stream]
+        await engine.shutdown()
+        return pending, outputs
+
+    pending, outputs = asyncio.run(run())
+    assert len(outputs) == 1 and outputs[0] is pending and pending.finished
+    assert pending.delta_text == expected.text and pending.delta_token_ids == expected.token_ids
+    assert pending.token_ids == expected.token_ids
+
+
+def test_add_requests_is_all_or_nothing(demo_llm):
+    good = SamplingParams(max_tokens=4)
+
+    async def run():
+        engine = AsyncEngine(demo_llm.engine)
+        try:
+            with pytest.raises(ValueError, match="max_model_len"):
+                await engine.add_requests([("Hello", good), ([5] * 600, good), ("Hi", good)])
+            assert not demo_llm.engine.has_unfinished_requests(), "the first request stayed queued"
+            with pytest.raises(QueueFullError) as info:
+                await engine.add_requests([("a", good)] * 3, max_waiting=2)
+            assert info.value.max_waiting == 2 and not demo_llm.engine.has_unfinished_requests()
+            streams = await engine.add_requests([("a", good)] * 2, max_waiting=2)
+            for stream in streams:
+                outputs = [out async for out in stream]
+                assert len(outputs[-1].token_ids) == 4
         finally:
             await engine.shutdown()
 
