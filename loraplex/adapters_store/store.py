@@ -12,6 +12,7 @@ new one; a blob renamed in but never catalogued is removed by `collect_garbage`.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -98,18 +99,38 @@ class AdapterStore:
     opens its own SQLite connection, and the steps that must not interleave (placing a blob and
     cataloguing it, collecting garbage) run inside one write transaction."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, exclusive: bool = False) -> None:
+        """`exclusive`: hold the store for this process's lifetime (a server does), so a second process on
+        the same directory stops with a clear error instead of clearing the first one's uploads in flight."""
         self.root = Path(root).resolve()
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         self.catalog = self.root / "catalog.sqlite3"
         for directory in (self.root, self.blobs, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._hold(self.root / "lock") if exclusive else None
         for leftover in self.tmp.iterdir():
             _remove(leftover)
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(_SCHEMA)
+
+    def close(self) -> None:
+        """Let go of an exclusive hold (the server stops)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    @staticmethod
+    def _hold(path: Path):
+        lock_file = open(path, "a+")  # noqa: SIM115 (held open: the lock lasts as long as the file is open)
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise StoreError(f"the adapter store {path.parent} is in use by another loraplex server; stop it, or "
+                             "give this one another --data-dir") from None
+        return lock_file
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

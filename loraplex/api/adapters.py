@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -14,20 +14,20 @@ from starlette.formparsers import MultiPartException
 from loraplex.adapters_store.uploads import ALLOWED_FILES, UploadError, stage_upload
 from loraplex.api.errors import APIError
 from loraplex.api.protocol import LoadLoRARequest, UnloadLoRARequest
-from loraplex.api.state import ServerState, State, admin_auth, inference_auth
+from loraplex.api.state import ServerState, State
 
 router = APIRouter()
 
 MAX_UPLOAD_PARTS = 16
 
 
-@router.get("/v1/adapters", dependencies=[Depends(inference_auth)])
+@router.get("/v1/adapters")
 async def list_adapters(state: State) -> dict[str, Any]:
     infos = sorted(state.registry.infos.values(), key=lambda i: i.name)
     return {"object": "list", "data": [info.to_json(state.base_name) for info in infos]}
 
 
-@router.get("/v1/adapters/{name}", dependencies=[Depends(inference_auth)])
+@router.get("/v1/adapters/{name}")
 async def get_adapter(name: str, state: State) -> dict[str, Any]:
     info = state.registry.infos.get(name)
     if info is None:
@@ -35,7 +35,7 @@ async def get_adapter(name: str, state: State) -> dict[str, Any]:
     return info.to_json(state.base_name)
 
 
-@router.post("/v1/adapters", dependencies=[Depends(admin_auth)])
+@router.post("/v1/adapters")
 async def upload_adapter(request: Request, state: State) -> JSONResponse:
     """multipart/form-data: `name`, and the PEFT files (or one .tar.gz / .zip of them) as `files`."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -58,13 +58,13 @@ async def upload_adapter(request: Request, state: State) -> JSONResponse:
     return JSONResponse(info, status_code=201)
 
 
-@router.delete("/v1/adapters/{name}", dependencies=[Depends(admin_auth)])
+@router.delete("/v1/adapters/{name}")
 async def delete_adapter(name: str, state: State) -> dict[str, Any]:
     info = await state.registry.delete(name)
     return {"id": name, "object": "adapter", "deleted": True, "sha256": info.sha256}
 
 
-@router.post("/v1/load_lora_adapter", dependencies=[Depends(admin_auth)])
+@router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoRARequest, state: State) -> PlainTextResponse:
     """vLLM's endpoint: reads a directory under --allowed-local-adapter-dir into the store."""
     allowed = state.config.allowed_local_adapter_dir
@@ -72,13 +72,21 @@ async def load_lora_adapter(body: LoadLoRARequest, state: State) -> PlainTextRes
         raise APIError(403, "lora_path: loading adapters from server paths is off; start the server with "
                        "--allowed-local-adapter-dir DIR, or upload with POST /v1/adapters", param="lora_path")
     root = Path(allowed).resolve()
-    path = Path(body.lora_path).expanduser().resolve()  # symlinks resolved: no way out of `root`
+    try:
+        path = Path(body.lora_path).expanduser().resolve()  # symlinks resolved: no way out of `root`
+    except (ValueError, OSError) as e:
+        raise APIError(400, f"lora_path: not a usable path ({e})", param="lora_path") from None
     if not path.is_relative_to(root):
         raise APIError(403, f"lora_path: {body.lora_path} is outside the allowed directory {root}",
                        param="lora_path")
     if not path.is_dir():
         raise APIError(400, f"lora_path: {body.lora_path} is not a directory", param="lora_path")
-    handles = [open(p, "rb") for p in sorted(path.iterdir()) if p.is_file() and p.name in ALLOWED_FILES]  # noqa: SIM115
+    files = [p for p in sorted(path.iterdir()) if p.name in ALLOWED_FILES and p.is_file()]
+    escaping = [p.name for p in files if not p.resolve().is_relative_to(root)]
+    if escaping:  # a file linked to somewhere else
+        raise APIError(403, f"lora_path: {', '.join(escaping)} links outside the allowed directory {root}",
+                       param="lora_path")
+    handles = [open(p.resolve(), "rb") for p in files]  # noqa: SIM115 (closed below)
     try:
         await _store_parts(state, body.lora_name, [(Path(h.name).name, h) for h in handles], f"local:{path}",
                            replace=body.load_inplace)
@@ -88,7 +96,7 @@ async def load_lora_adapter(body: LoadLoRARequest, state: State) -> PlainTextRes
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", dependencies=[Depends(admin_auth)])
+@router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoRARequest, state: State):
     await state.registry.delete(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from loraplex.api import adapters, openai
+from loraplex.api.auth import AuthGate
 from loraplex.api.errors import install_handlers
 from loraplex.api.middleware import BodyLimit, RequestContext
 from loraplex.api.state import ServerState, State
@@ -42,6 +43,7 @@ def create_app(state: ServerState, startup_adapters: dict[str, tuple[Path, str]]
         await state.engine.shutdown()
         if state.engine.engine.adapters is not None:
             state.engine.engine.adapters.shutdown()
+        state.registry.store.close()
 
     app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-adapter LLM server", lifespan=lifespan)
     app.state.loraplex = state
@@ -60,6 +62,8 @@ def create_app(state: ServerState, startup_adapters: dict[str, tuple[Path, str]]
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     max_body, max_upload = state.config.max_body_bytes, state.config.max_adapter_bytes + MULTIPART_OVERHEAD
+    # Outermost last: request id and log, then keys, then the body limit, then the routes.
     app.add_middleware(BodyLimit, limit_for=lambda path: max_upload if path in UPLOAD_PATHS else max_body)
+    app.add_middleware(AuthGate, auth=state.auth)
     app.add_middleware(RequestContext)
     return app

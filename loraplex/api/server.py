@@ -41,7 +41,7 @@ def build_app(engine_options: dict[str, Any], config: ServerConfig):
     async_engine = AsyncEngine(engine)
     state = ServerState(
         engine=async_engine,
-        registry=AdapterRegistry(async_engine, AdapterStore(store_dir), resolved.served_name),
+        registry=AdapterRegistry(async_engine, AdapterStore(store_dir, exclusive=True), resolved.served_name),
         metrics=_metrics(engine, config),
         auth=Auth(config.api_key, config.admin_key),
         config=config,

@@ -38,12 +38,4 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.loraplex
 
 
-def inference_auth(request: Request) -> None:
-    server_state(request).auth.require_inference(request)
-
-
-def admin_auth(request: Request) -> None:
-    server_state(request).auth.require_admin(request)
-
-
 State = Annotated[ServerState, Depends(server_state)]

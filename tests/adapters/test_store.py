@@ -244,3 +244,14 @@ def test_commits_from_several_threads(store: AdapterStore) -> None:
     assert len(blob_names(store)) == 3
     for record in store.list():
         store.verify(record)
+
+
+def test_an_exclusive_store_refuses_a_second_holder(tmp_path: Path) -> None:
+    first = AdapterStore(tmp_path / "store", exclusive=True)
+    staged = first.staging_dir()
+    (staged / "adapter_config.json").write_text("{}")
+    with pytest.raises(StoreError, match="in use by another loraplex server"):
+        AdapterStore(tmp_path / "store", exclusive=True)
+    assert staged.is_dir(), "the second opener cleared an upload in flight"
+    first.close()  # the first server stops
+    AdapterStore(tmp_path / "store", exclusive=True)

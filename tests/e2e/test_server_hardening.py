@@ -1,0 +1,133 @@
+"""What one client must not be able to do to a server: fail other clients' requests, make it build
+huge work lists, read bodies without a key, load files from outside the allowed directory; and what
+must hold when adapter changes fail half-way or a restart finds the store damaged."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from server_harness import ADMIN_KEY, API_KEY, engine_options, run_server
+
+from loraplex.config import ServerConfig
+from loraplex.models.demo import DEMO_ADAPTERS
+
+USER = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def upload(server, name: str, adapter_dir) -> httpx.Response:
+    parts = [("files", (f, (adapter_dir / f).read_bytes())) for f in FILES]
+    return httpx.post(f"{server.url}/v1/adapters", headers=ADMIN, data={"name": name}, files=parts, timeout=60)
+
+
+def complete(server, model: str, **extra) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/completions", headers=USER, timeout=60,
+                      json={"model": model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                            **extra})
+
+
+def test_a_bad_top_k_is_refused_without_failing_other_requests(live_server):
+    result = {}
+
+    def victim():
+        result["resp"] = complete(live_server, "alpha", max_tokens=150, ignore_eos=True)
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    time.sleep(0.2)
+    bad = complete(live_server, "demo", top_k=2**64)
+    thread.join(60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
+    assert result["resp"].status_code == 200
+    assert result["resp"].json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_huge_n_is_refused_before_any_work(live_server):
+    start = time.perf_counter()
+    resp = complete(live_server, "demo", n=10**9)
+    assert resp.status_code == 400 and "--max-choices" in resp.json()["error"]["message"]
+    many = complete(live_server, "demo", n=40, prompt=["a", "b"])  # 80 sequences > 64
+    assert many.status_code == 400 and many.json()["error"]["param"] == "n"
+    assert time.perf_counter() - start < 2
+
+
+def test_keys_are_checked_before_the_body_is_read(live_server):
+    garbage = b"{" * 100_000  # not JSON: only a server that parsed it could answer 400
+    resp = httpx.post(f"{live_server.url}/v1/completions", content=garbage,
+                      headers={"Content-Type": "application/json"})
+    assert resp.status_code == 401
+    resp = httpx.post(f"{live_server.url}/v1/adapters", headers={**USER, "Content-Type": "multipart/form-data"},
+                      content=garbage)
+    assert resp.status_code == 403
+
+
+def test_load_lora_adapter_refuses_files_linked_from_outside(live_server, demo_dir, tmp_path):
+    inside = demo_dir / "adapters" / "linked"
+    inside.mkdir()
+    try:
+        for name in FILES:
+            outside = tmp_path / name
+            outside.write_bytes((demo_dir / "adapters" / "alpha" / name).read_bytes())
+            (inside / name).symlink_to(outside)
+        resp = httpx.post(f"{live_server.url}/v1/load_lora_adapter", headers=ADMIN,
+                          json={"lora_name": "linked", "lora_path": str(inside)})
+        assert resp.status_code == 403 and "links outside" in resp.json()["error"]["message"]
+        nul = httpx.post(f"{live_server.url}/v1/load_lora_adapter", headers=ADMIN,
+                         json={"lora_name": "nul", "lora_path": str(inside) + "\x00x"})
+        assert nul.status_code == 400
+    finally:
+        for name in FILES:
+            (inside / name).unlink(missing_ok=True)
+        inside.rmdir()
+    assert complete(live_server, "linked").status_code == 404
+
+
+def test_a_failure_after_the_commit_leaves_the_store_as_it_was(live_server, demo_dir, monkeypatch):
+    engine = live_server.state.engine
+    real = engine.add_adapter
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    before = sorted(r.name for r in live_server.state.registry.store.list())
+    monkeypatch.setattr(engine, "add_adapter", broken)
+    assert upload(live_server, "half-way", demo_dir / "adapters" / "alpha").status_code == 500
+    assert sorted(r.name for r in live_server.state.registry.store.list()) == before
+    monkeypatch.setattr(engine, "add_adapter", real)
+    assert upload(live_server, "half-way", demo_dir / "adapters" / "alpha").status_code == 201
+    assert complete(live_server, "half-way").status_code == 200
+    assert httpx.delete(f"{live_server.url}/v1/adapters/half-way", headers=ADMIN).status_code == 200
+
+
+def test_restart_drops_an_adapter_whose_files_are_gone_and_survives_max_loras_0(demo_dir, tmp_path):
+    home = tmp_path / "home"
+    config = ServerConfig(api_key=API_KEY, admin_key=ADMIN_KEY)
+    options = engine_options(demo_dir, home, adapters={})
+    with run_server(options, config) as server:
+        assert upload(server, "kept", demo_dir / "adapters" / "beta").status_code == 201
+        assert upload(server, "lost", demo_dir / "adapters" / "gamma").status_code == 201
+        lost_dir = server.state.registry.store.get("lost").path
+    (lost_dir / "adapter_model.safetensors").unlink()
+    with run_server(options, config) as server:
+        names = [a["id"] for a in httpx.get(f"{server.url}/v1/adapters", headers=USER).json()["data"]]
+        assert names == ["kept"]
+        assert upload(server, "lost", demo_dir / "adapters" / "gamma").status_code == 201, "name stuck"
+        assert complete(server, "lost").status_code == 200
+    with run_server({**options, "max_loras": 0}, config) as server:  # no adapter slots: starts, serves base
+        assert complete(server, "demo").status_code == 200
+        assert complete(server, "kept").status_code == 404
+    with run_server(options, config) as server:  # and the stored adapters are all still there
+        assert sorted(a["id"] for a in httpx.get(f"{server.url}/v1/adapters", headers=USER).json()["data"]) == [
+            "kept", "lost"]
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused(live_server, demo_dir):
+    with pytest.raises(ValueError, match="in use by another loraplex server"), \
+            run_server(engine_options(demo_dir, live_server.data_dir), ServerConfig()):
+        pass
+    assert set(DEMO_ADAPTERS) <= {a["id"] for a in
+                                  httpx.get(f"{live_server.url}/v1/adapters", headers=USER).json()["data"]}
