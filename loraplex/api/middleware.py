@@ -69,17 +69,28 @@ class BodyLimit:
             await _send_413(send, limit)
             return
         received = 0
+        started = refused = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if not started:  # answer 413 here: a JSON route would turn the error into a 400
+                        await _send_413(send, limit)
+                        refused = True
                     raise _too_large(limit)
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 went out already
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def _too_large(limit: int) -> APIError:

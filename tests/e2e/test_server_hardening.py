@@ -131,3 +131,15 @@ def test_a_second_server_on_the_same_data_dir_is_refused(live_server, demo_dir):
         pass
     assert set(DEMO_ADAPTERS) <= {a["id"] for a in
                                   httpx.get(f"{live_server.url}/v1/adapters", headers=USER).json()["data"]}
+
+
+def test_an_oversized_chunked_body_is_a_413(live_server):
+    def chunks():
+        yield b'{"model": "demo", "prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536  # 2.5 MiB in all, sent without a Content-Length
+        yield b'"}'
+
+    resp = httpx.post(f"{live_server.url}/v1/completions", headers={**USER, "Content-Type": "application/json"},
+                      content=chunks())
+    assert resp.status_code == 413 and "--max-body-size" in resp.json()["error"]["message"]
