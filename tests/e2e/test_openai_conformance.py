@@ -149,6 +149,17 @@ def collect_stream(chunks, text_of) -> tuple[dict, dict, list]:
     return dict(texts), finish, seen
 
 
+def assert_chunks(chunks, cls, obj: str, model: str) -> None:
+    """One id for the whole stream; every chunk typed, named and dated; no usage unless asked."""
+    assert len({c.id for c in chunks}) == 1
+    for chunk in chunks:
+        assert isinstance(chunk, cls)
+        assert chunk.object == obj
+        assert chunk.model == model
+        assert_recent(chunk.created)
+        assert chunk.usage is None
+
+
 def test_completion_stream_n2_matches_non_stream(client):
     kwargs = dict(model="alpha", prompt="In the beginning", n=2, max_tokens=8, temperature=0, extra_body=EXACT)
     full = client.completions.create(**kwargs)
@@ -157,13 +168,7 @@ def test_completion_stream_n2_matches_non_stream(client):
     assert finish == {0: "length", 1: "length"}
     expected = {c.index: c.text for c in full.choices}
     assert texts == expected
-    assert len({c.id for c in chunks}) == 1
-    for chunk in chunks:
-        assert isinstance(chunk, Completion)
-        assert chunk.object == "text_completion"
-        assert chunk.model == "alpha"
-        assert_recent(chunk.created)
-        assert chunk.usage is None
+    assert_chunks(chunks, Completion, "text_completion", "alpha")
 
 
 def test_completion_stream_seeded_sampling_matches_non_stream(client):
@@ -189,13 +194,7 @@ def test_chat_stream_n2_matches_non_stream(client):
     assert finish == {0: "length", 1: "length"}
     assert texts == {c.index: c.message.content for c in full.choices}
     assert {i: d.role for i, d in first_delta.items()} == {0: "assistant", 1: "assistant"}
-    assert len({c.id for c in chunks}) == 1
-    for chunk in chunks:
-        assert isinstance(chunk, ChatCompletionChunk)
-        assert chunk.object == "chat.completion.chunk"
-        assert chunk.model == "gamma"
-        assert_recent(chunk.created)
-        assert chunk.usage is None
+    assert_chunks(chunks, ChatCompletionChunk, "chat.completion.chunk", "gamma")
 
 
 def test_stream_long_text_matches_non_stream(client):
