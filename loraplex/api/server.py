@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,16 @@ from loraplex.api.metrics import Metrics
 from loraplex.api.registry import AdapterRegistry
 from loraplex.api.state import ServerState
 from loraplex.config import EngineConfig, ServerConfig
-from loraplex.engine.async_engine import AsyncEngine
+from loraplex.engine.async_engine import AsyncEngine, CallerThreadExecutor
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.llm import resolve_model
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine_options: dict[str, Any], config: ServerConfig):
-    """The app, with the model loaded: everything but the listening socket."""
+def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executor: Executor | None = None):
+    """The app, with the model loaded: everything but the listening socket. Engine steps run on
+    `step_executor` (default: a thread of their own)."""
     options = dict(engine_options)
     cli_adapters = options.pop("adapters", None) or {}
     engine_config = EngineConfig.from_options(**options)
@@ -38,7 +38,7 @@ def build_app(engine_options: dict[str, Any], config: ServerConfig):
     if cli_adapters and engine.adapters is None:
         raise ValueError("--adapter: given, but --max-loras is 0; allow at least one adapter slot")
     store_dir = engine_config.resolved_data_dir() / "adapters" / _slug(resolved.served_name)
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, step_executor)
     state = ServerState(
         engine=async_engine,
         registry=AdapterRegistry(async_engine, AdapterStore(store_dir, exclusive=True), resolved.served_name),
@@ -67,8 +67,7 @@ def _slug(name: str) -> str:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, saying where to point a client, and exiting 0 after a graceful stop
-    (uvicorn re-raises the signal it caught, which would end the process with 143)."""
+    """uvicorn's server, saying where to point a client."""
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -77,19 +76,6 @@ class Server(uvicorn.Server):
                 host, port = sock.getsockname()[:2]
                 logger.info("ready: point an OpenAI client at base_url=http://%s:%d/v1", host, port)
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
 
 def make_server(app, config: ServerConfig) -> Server:
     return Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
@@ -97,6 +83,17 @@ def make_server(app, config: ServerConfig) -> Server:
 
 
 def serve(engine_options: dict[str, Any], config: ServerConfig) -> int:
-    server = make_server(build_app(engine_options, config), config)
-    server.run()
+    """HTTP on a thread of its own, engine steps on the main thread (where torch's CPU threads are
+    fastest). Ctrl-C / SIGTERM start uvicorn's graceful stop; the process then exits 0 (uvicorn, on
+    the main thread, would re-raise the signal and end with 143)."""
+    steps = CallerThreadExecutor()
+    server = make_server(build_app(engine_options, config, steps), config)
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        steps.run_until(lambda: not http.is_alive())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if server.started else 1
