@@ -68,6 +68,14 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(sequence index, output) as the engine produces them, all sequences interleaved."""
+        if len(self.streams) == 1:  # the common case: read the stream itself, no pump in between
+            try:
+                async for out in self.streams[0]:
+                    yield 0, self._accept(0, out)
+            except EngineStepError as e:
+                self.trackers[0].finish("error")
+                raise GenerationError(str(e)) from None
+            return
         # Bounded: when the client reads slowly, pumps wait here and the engine's streams merge their
         # outputs meanwhile, so memory stays flat however far the engine runs ahead.
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue(len(self.streams))
@@ -93,14 +101,17 @@ class Generation:
                     self.trackers[index].finish("error")
                     raise item
                 else:
-                    self.trackers[index].observe(item)
-                    if item.finished:
-                        self.final[index] = item
-                    if item.finish_reason == "error":
-                        raise GenerationError(f"generation failed: {item.stop_reason}")
-                    yield index, item
+                    yield index, self._accept(index, item)
         finally:
             await self._stop_pumps()
+
+    def _accept(self, index: int, out: RequestOutput) -> RequestOutput:
+        self.trackers[index].observe(out)
+        if out.finished:
+            self.final[index] = out
+        if out.finish_reason == "error":
+            raise GenerationError(f"generation failed: {out.stop_reason}")
+        return out
 
     async def _stop_pumps(self) -> None:
         for task in self._pumps:

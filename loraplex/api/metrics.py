@@ -108,6 +108,8 @@ class SequenceTracker:
         self.last_token_time: float | None = None
         self.num_tokens = 0
         self.outcome: str | None = None
+        self._itl = metrics.itl.labels(label)  # per token: looked up once
+        self._generated = metrics.generation_tokens.labels(label)
 
     def observe(self, out: RequestOutput) -> None:
         now = time.perf_counter()
@@ -118,11 +120,11 @@ class SequenceTracker:
             m.ttft.labels(self.label).observe(now - self.start)
             m.prompt_tokens.labels(self.label).inc(len(out.prompt_token_ids))
         elif new > 0 and self.last_token_time is not None:
-            m.itl.labels(self.label).observe((now - self.last_token_time) / new)
+            self._itl.observe((now - self.last_token_time) / new)
         if new > 0:
             self.last_token_time = now
             self.num_tokens = len(out.token_ids)
-            m.generation_tokens.labels(self.label).inc(new)
+            self._generated.inc(new)
         if out.finished:
             self.finish(out.finish_reason or "stop")
 
