@@ -261,7 +261,9 @@ class LLMEngine:
             seq.num_computed_tokens += num_new
             self.block_manager.commit(seq)
         for row, seq in enumerate(sampled_seqs):
-            self._append_token(seq, result, row)
+            # Offline, text is only read at the end: without stop strings to watch for, the whole
+            # output is decoded once when the sequence finishes instead of token by token.
+            self._append_token(seq, result, row, defer_text=finished_only and not seq.params.stop)
             if seq.is_finished or not finished_only:
                 outputs.append(self._output(seq))
             if seq.is_finished:
@@ -269,7 +271,7 @@ class LLMEngine:
                 del self._seqs[seq.request_id]
         return outputs
 
-    def _append_token(self, seq: Sequence, result: SampleResult, row: int) -> None:
+    def _append_token(self, seq: Sequence, result: SampleResult, row: int, defer_text: bool = False) -> None:
         token = result.token_ids[row]
         seq.token_ids.append(token)
         if result.logprobs is not None and seq.params.logprobs is not None:
@@ -281,7 +283,8 @@ class LLMEngine:
             if not self._check_stop_strings(seq, previous_len):
                 seq.finish("stop", token)
             return
-        seq.output_text += seq.detokenizer.step(seq.token_ids)
+        if not defer_text:
+            seq.output_text += seq.detokenizer.step(seq.token_ids)
         at_limit = len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
         if at_limit:
             seq.output_text += seq.detokenizer.flush(seq.token_ids)
