@@ -1,11 +1,12 @@
 """AsyncEngine: concurrent streams, cancellation frees the sequence, bad requests raise at once."""
 
 import asyncio
+import threading
 
 import pytest
 
 from loraplex import SamplingParams
-from loraplex.engine.async_engine import AsyncEngine, QueueFullError
+from loraplex.engine.async_engine import AsyncEngine, CallerThreadExecutor, QueueFullError
 
 
 def test_concurrent_streams_match_offline_results(demo_llm):
@@ -108,3 +109,51 @@ def test_add_requests_is_all_or_nothing(demo_llm):
             await engine.shutdown()
 
     asyncio.run(run())
+
+
+def test_caller_thread_executor_runs_calls_on_the_thread_that_drains_it():
+    executor = CallerThreadExecutor()
+    ran_on: list[str] = []
+    results: dict[str, object] = {}
+
+    def client() -> None:
+        ok = executor.submit(lambda: ran_on.append(threading.current_thread().name) or 42)
+        bad = executor.submit(lambda: 1 / 0)
+        skipped = executor.submit(lambda: ran_on.append("cancelled call ran"))
+        skipped.cancel()
+        results["ok"] = ok.result(timeout=10)
+        results["bad"] = bad.exception(timeout=10)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    executor.run_until(lambda: not thread.is_alive(), poll_seconds=0.01)
+    assert ran_on == [threading.current_thread().name]
+    assert results["ok"] == 42 and isinstance(results["bad"], ZeroDivisionError)
+
+
+def test_steps_run_on_the_given_executor(demo_llm):
+    """`loraplex serve` hands the engine its main thread; the steps must run there."""
+    executor = CallerThreadExecutor()
+    step_threads: set[str] = set()
+    real_step = demo_llm.engine.step
+
+    def step(*args, **kwargs):
+        step_threads.add(threading.current_thread().name)
+        return real_step(*args, **kwargs)
+
+    async def run():
+        engine = AsyncEngine(demo_llm.engine, step_executor=executor)
+        outputs = [out async for out in engine.generate("Hello", SamplingParams(max_tokens=5, ignore_eos=True))]
+        await engine.shutdown()
+        return outputs
+
+    demo_llm.engine.step = step
+    try:
+        result: list = []
+        loop_thread = threading.Thread(target=lambda: result.append(asyncio.run(run())), name="event-loop")
+        loop_thread.start()
+        executor.run_until(lambda: not loop_thread.is_alive(), poll_seconds=0.01)
+    finally:
+        del demo_llm.engine.step
+    assert step_threads == {threading.current_thread().name}
+    assert len(result[0][-1].token_ids) == 5
