@@ -121,6 +121,9 @@ class ServerConfig:
         for name in ("max_waiting", "max_choices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.max_waiting < self.max_choices:
+            raise ValueError(f"max_waiting: {self.max_waiting} is below max_choices ({self.max_choices}), so a "
+                             "request of max_choices sequences could never be queued; raise it or lower max_choices")
         if self.metrics_max_adapters < 0:
             raise ValueError(f"metrics_max_adapters: must be 0 or more, got {self.metrics_max_adapters}")
         if self.shutdown_grace < 0:

@@ -130,6 +130,7 @@ def test_base_model_answers_to_its_served_name(demo_dir, tmp_path):
 @pytest.mark.parametrize(("flags", "field"), [(["--max-adapter-size", "lots"], "max_adapter_size"),
                                               (["--api-key", "short"], "api_key"),
                                               (["--max-waiting", "0"], "max_waiting"),
+                                              (["--max-waiting", "10"], "max_waiting"),
                                               (["--port", "70000"], "port")])
 def test_bad_serve_options_are_clear_errors_before_the_model_loads(demo_dir, capsys, flags, field):
     assert main(["serve", "--model", str(demo_dir), *flags]) == 2

@@ -51,7 +51,7 @@ class HostCache:
         """Add an adapter, evicting the least recently used ones beyond capacity, except those in
         `keep` (fetched for waiting requests and not yet in a slot)."""
         if self.pin_memory:
-            adapter = _pinned(adapter)
+            adapter = pinned(adapter)
         self.entries[adapter.name] = adapter
         self.entries.move_to_end(adapter.name)
         evictable = [name for name in self.entries if name not in keep and name != adapter.name]
@@ -63,10 +63,12 @@ class HostCache:
         self.entries.pop(name, None)
 
 
-def _pinned(adapter: LoRAAdapter) -> LoRAAdapter:
-    # Page-locked host memory lets the host -> GPU copy run asynchronously.
+def pinned(adapter: LoRAAdapter) -> LoRAAdapter:
+    """The adapter in page-locked host memory, which lets the host -> GPU copy run asynchronously
+    (tensors pinned already are kept)."""
     for key, module in adapter.modules.items():
-        adapter.modules[key] = type(module)(module.a.pin_memory(), module.b.pin_memory(), module.scale)
+        if not (module.a.is_pinned() and module.b.is_pinned()):
+            adapter.modules[key] = type(module)(module.a.pin_memory(), module.b.pin_memory(), module.scale)
     return adapter
 
 

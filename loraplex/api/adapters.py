@@ -61,7 +61,7 @@ async def upload_adapter(request: Request, state: State) -> JSONResponse:
 @router.delete("/v1/adapters/{name}")
 async def delete_adapter(name: str, state: State) -> dict[str, Any]:
     info = await state.registry.delete(name)
-    return {"id": name, "object": "adapter", "deleted": True, "sha256": info.sha256}
+    return {"id": name, "object": "adapter", "deleted": True, "sha256": info.sha256 if info else None}
 
 
 @router.post("/v1/load_lora_adapter")

@@ -11,7 +11,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from loraplex.api.errors import APIError, error_body
+from loraplex.api.errors import APIError, bad_request, error_body
 from loraplex.api.generation import Generation, GenerationError
 from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from loraplex.api.state import ServerState, State
@@ -62,7 +62,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         return _sse(generation, "/v1/completions", _completion_chunks(generation, body, tokenizer))
     outputs = await _collect(generation, request, "/v1/completions")
     choices = [{"index": i, "text": out.text, "finish_reason": out.finish_reason,
-                "logprobs": _completion_logprobs(out.logprobs, tokenizer, 0) if body.logprobs is not None else None}
+                "logprobs": _completion_logprobs(out.logprobs, tokenizer, TextOffsets())
+                if body.logprobs is not None else None}
                for i, out in enumerate(outputs)]
     return {"id": generation.id, "object": "text_completion", "created": generation.created, "model": body.model,
             "choices": choices, "usage": generation.usage(body.n)}
@@ -80,10 +81,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     tokenizer = state.engine.engine.tokenizer
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+        prompt = await state.engine.encode_chat(messages, body.add_generation_prompt)
+    except ValueError as e:
+        raise bad_request(e) from None
     except Exception as e:  # the template's own raise_exception, or a template error
         raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
-    prompt = tokenizer.encode(text, add_special_tokens=False)  # the template writes the special tokens
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
         max_tokens = max(state.engine.engine.max_model_len - len(prompt), 1)
@@ -196,15 +198,14 @@ class ClosingStreamingResponse(StreamingResponse):
 async def _completion_chunks(generation: Generation, body: CompletionRequest,
                              tokenizer: Tokenizer) -> AsyncIterator[dict[str, Any]]:
     sent_logprobs = [0] * len(generation.streams)
-    sent_chars = [0] * len(generation.streams)
+    offsets = [TextOffsets() for _ in generation.streams]
     async for index, out in generation.outputs():
         if not out.delta_text and not out.finished:
             continue
         logprobs = None
         if body.logprobs is not None and out.logprobs is not None:
-            logprobs = _completion_logprobs(out.logprobs[sent_logprobs[index]:], tokenizer, sent_chars[index])
+            logprobs = _completion_logprobs(out.logprobs[sent_logprobs[index]:], tokenizer, offsets[index])
             sent_logprobs[index] = len(out.logprobs)
-        sent_chars[index] = len(out.text)
         choice = {"index": index, "text": out.delta_text, "logprobs": logprobs,
                   "finish_reason": out.finish_reason if out.finished else None}
         yield {"id": generation.id, "object": "text_completion", "created": generation.created,
@@ -242,11 +243,25 @@ def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer, offset: int) -> dict[str, Any]:
-    """OpenAI's legacy shape; `top_logprobs` always holds the sampled token too (up to k + 1 entries).
-    `text_offset` counts characters of the text, so a character split over tokens is counted once."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # holds a split character's bytes
+class TextOffsets:
+    """Character offsets in the text of successive tokens: a character split over tokens is counted
+    once, when its last byte arrives."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # holds a split character
+
+    def advance(self, token: bytes) -> int:
+        """The offset where `token` starts; moves past it."""
+        start = self.offset
+        self.offset += len(self._decoder.decode(token))
+        return start
+
+
+def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer,
+                         offsets: TextOffsets) -> dict[str, Any]:
+    """OpenAI's legacy shape; `top_logprobs` always holds the sampled token too (up to k + 1 entries)."""
+    tokens, token_logprobs, top, text_offset = [], [], [], []
     for entry in logprobs or []:
         text = _token_text(tokenizer, entry.token_id)
         tokens.append(text)
@@ -254,9 +269,8 @@ def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokeniz
         alternatives = {_token_text(tokenizer, t): lp for t, lp in entry.top}
         alternatives.setdefault(text, entry.logprob)
         top.append(alternatives)
-        offsets.append(offset)
-        offset += len(decoder.decode(tokenizer.token_bytes(entry.token_id)))
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+        text_offset.append(offsets.advance(tokenizer.token_bytes(entry.token_id)))
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
 
 
 def _chat_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ class AdapterRegistry:
         self.store = store
         self.base_name = base_name
         self.infos: dict[str, AdapterInfo] = {}
+        self.unavailable: set[str] = set()  # stored, but not served since the restart (files gone)
         self._lock = asyncio.Lock()  # one change at a time: checks, store and engine stay in step
 
     def __contains__(self, name: str) -> bool:
@@ -53,19 +54,24 @@ class AdapterRegistry:
 
     async def restore(self) -> None:
         """Serve every stored adapter again. Their files are read (and their checksums checked) at
-        first use, so a server with many adapters starts at once. One that cannot be served is
-        logged and left out; one whose files are gone is dropped from the catalog."""
+        first use, so a server with many adapters starts at once. One whose files cannot be found or
+        read, or that the engine refuses, is logged and not served; its name can be deleted or
+        uploaded again (its catalog row stays, in case its volume is only briefly away)."""
         for record in await asyncio.to_thread(self.store.list):
-            missing = [f for f in record.files if not (record.path / f).is_file()]
+            try:
+                missing = [f for f in record.files if not (record.path / f).is_file()]
+            except OSError as e:
+                missing = [f"the files ({e})"]
             if missing:
-                logger.error("stored adapter %s lost %s (under %s): removed from the catalog; upload it again",
+                logger.error("stored adapter %s: %s not found under %s; not served (delete or upload it again)",
                              record.name, ", ".join(missing), record.path)
-                await asyncio.to_thread(self.store.delete, record.name)
+                self.unavailable.add(record.name)
                 continue
             try:
                 await self.engine.add_adapter(record.name, record.path, checksums=record.files)
             except ValueError as e:
                 logger.error("stored adapter %s is not served: %s", record.name, e)
+                self.unavailable.add(record.name)
                 continue
             self.infos[record.name] = self._stored_info(record)
         removed = await asyncio.to_thread(self.store.collect_garbage)
@@ -98,7 +104,8 @@ class AdapterRegistry:
                 info = {**_describe(adapter), "source": source}
                 previous = await asyncio.to_thread(self.store.get, name)
                 try:
-                    record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info, replace)
+                    record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info,
+                                                     replace or name in self.unavailable)
                 except StoreError as e:
                     raise APIError(409, str(e), param="name", code="adapter_exists") from None
                 try:
@@ -107,6 +114,7 @@ class AdapterRegistry:
                     await asyncio.to_thread(self._restore_row, name, previous)
                     raise
                 self.infos[name] = self._stored_info(record)
+                self.unavailable.discard(name)
                 logger.info("adapter %s stored (%s, rank %d, %d bytes)", name, source, adapter.rank,
                             record.size_bytes)
                 return self.infos[name]
@@ -119,16 +127,22 @@ class AdapterRegistry:
         else:
             self.store.reinstate(previous)
 
-    async def delete(self, name: str) -> AdapterInfo:
-        """Requests already accepted on the adapter finish; new ones get 404."""
+    async def delete(self, name: str) -> AdapterInfo | None:
+        """Requests already accepted on the adapter finish; new ones get 404. Returns what was served
+        (None for a stored adapter that was not served since the restart)."""
         async with self._lock:
             info = self.infos.get(name)
-            if info is None:
+            if info is None and name not in self.unavailable:
                 raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
-            if info.stored:  # the catalog first: if it fails, the adapter is still served and listed
-                await asyncio.to_thread(self.store.delete, name)
-            await self.engine.remove_adapter(name)
-            del self.infos[name]
+            if info is None or info.stored:  # the catalog first: if it fails, nothing else has changed
+                try:
+                    await asyncio.to_thread(self.store.delete, name)
+                except StoreError:
+                    logger.warning("adapter %s had no catalog row left (an earlier delete was cut short)", name)
+            self.unavailable.discard(name)
+            if info is not None:
+                await self.engine.remove_adapter(name)
+                del self.infos[name]
             in_use = await self.engine.adapter_paths_in_use()
             await asyncio.to_thread(self.store.collect_garbage, in_use)
             logger.info("adapter %s deleted", name)

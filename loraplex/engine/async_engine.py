@@ -120,6 +120,9 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._tokenizing = asyncio.Semaphore(2)  # long prompts tokenized at once, at most
+        # A text with more bytes than this can never fit, however it tokenizes.
+        self._max_prompt_bytes = engine.max_model_len * engine.tokenizer.max_token_bytes
         # Every step on one thread (torch's CPU thread pool belongs to the thread that calls it): by
         # default a thread of its own; `loraplex serve` passes its main thread (CallerThreadExecutor).
         self._step_thread = step_executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
@@ -154,12 +157,13 @@ class AsyncEngine:
         must be read to its end or closed (`aclose`): closing early aborts the request, freeing its KV."""
         self.start()
         ids = list(request_ids) if request_ids is not None else [f"req-{next(self._ids)}" for _ in requests]
-        prompts = await asyncio.to_thread(self._tokenize, [prompt for prompt, _ in requests])
-        added: list[str] = []
+        if max_waiting is not None:  # before the costly part; checked again under the lock
+            self._check_room(len(requests), max_waiting)
+        prompts = await self._tokenize([prompt for prompt, _ in requests])
         async with self._lock:
-            waiting = len(self.engine.scheduler.waiting)
-            if max_waiting is not None and waiting + len(requests) > max_waiting:
-                raise QueueFullError(waiting, max_waiting)
+            if max_waiting is not None:
+                self._check_room(len(requests), max_waiting)
+            added: list[str] = []
             try:
                 for request_id, prompt, (_, params) in zip(ids, prompts, requests, strict=True):
                     self.engine.add_request(prompt, params, request_id, adapter=adapter)
@@ -173,16 +177,43 @@ class AsyncEngine:
         self._has_work.set()
         return streams
 
-    def _tokenize(self, prompts: list[str | list[int]]) -> list[str | list[int]]:
-        encoded: dict[str, list[int]] = {}  # n choices of one prompt: encoded once
-        out = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                if prompt not in encoded:
-                    encoded[prompt] = self.engine.tokenizer.encode(prompt)
-                prompt = encoded[prompt]
-            out.append(prompt)
-        return out
+    def _check_room(self, count: int, max_waiting: int) -> None:
+        waiting = len(self.engine.scheduler.waiting)
+        if waiting + count > max_waiting:
+            raise QueueFullError(waiting, max_waiting)
+
+    async def _tokenize(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of every prompt (n choices of one text are encoded once), in a worker thread that
+        lets go of the GIL, at most a few at a time; a text too long to ever fit is refused unread."""
+        texts = list(dict.fromkeys(p for p in prompts if isinstance(p, str)))
+        for text in texts:
+            self.check_text_length(text)
+        if not texts:
+            return list(prompts)
+        async with self._tokenizing:
+            encoded = await asyncio.to_thread(self.engine.tokenizer.encode_many, texts)
+        by_text = dict(zip(texts, encoded, strict=True))
+        return [by_text[p] if isinstance(p, str) else p for p in prompts]
+
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation through the model's chat template, tokenized, off the event loop. Raises
+        what the template raises (it may refuse a conversation)."""
+        tokenizer = self.engine.tokenizer
+
+        def render() -> list[int]:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            self.check_text_length(text)
+            return tokenizer.encode_many([text], add_special_tokens=False)[0]  # the template has the specials
+
+        async with self._tokenizing:
+            return await asyncio.to_thread(render)
+
+    def check_text_length(self, text: str) -> None:
+        """ValueError for a text with more bytes than max_model_len of the longest tokens could hold."""
+        limit = self._max_prompt_bytes
+        if len(text) > limit or len(text.encode()) > limit:
+            raise ValueError(f"prompt: {len(text.encode())} bytes of text cannot fit in max_model_len "
+                             f"({self.engine.max_model_len} tokens); shorten the prompt")
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapters_store.cache import AdapterManager
+from loraplex.adapters_store.cache import AdapterManager, pinned
 from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
 from loraplex.config import EngineConfig
 from loraplex.engine.block_manager import BlockManager
@@ -129,7 +129,8 @@ class LLMEngine:
         no engine state, so it may run in another thread while the engine steps."""
         if self.adapters is None:
             raise ValueError("max_loras is 0: this engine serves no adapters; start it with max_loras >= 1")
-        return load_peft_lora(Path(path), "inspect", self.model.config, self.config.max_lora_rank)
+        adapter = load_peft_lora(Path(path), "inspect", self.model.config, self.config.max_lora_rank)
+        return pinned(adapter) if self.adapters.host.pin_memory else adapter  # here, not between steps
 
     def remove_adapter(self, name: str) -> None:
         """Unregister an adapter: requests already running on it finish, new ones are refused."""
@@ -167,8 +168,10 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self._seqs:
             raise ValueError(f"request_id: {request_id!r} is already in use")
+        if not isinstance(prompt, str):
+            self._check_fits(len(prompt), params)  # before looking at every id of a huge list
         text, token_ids = self._tokenize(prompt)
-        self._check_fits(token_ids, params)
+        self._check_fits(len(token_ids), params)
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         generator = None
         if params.seed is not None:
@@ -204,11 +207,11 @@ class LLMEngine:
             raise ValueError("prompt: must not be empty")
         return text, token_ids
 
-    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
-        total = len(token_ids) + params.max_tokens
+    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        total = num_prompt_tokens + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
-                f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"max_tokens: prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens"
             )
 
@@ -250,6 +253,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         outputs = []
         for seq in batch.failed:
+            seq.output_text += seq.detokenizer.flush(seq.token_ids)  # (offline text may have been deferred)
             outputs.append(self._output(seq))
             del self._seqs[seq.request_id]
         if not batch.scheduled:

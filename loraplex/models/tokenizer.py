@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -78,12 +79,26 @@ class Tokenizer:
                    eos_token_ids=(eos,) if eos is not None else eos_token_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._with_bos(self.backend.encode(text, add_special_tokens=add_special_tokens).ids,
+                              add_special_tokens)
+
+    def encode_many(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Like `encode` for each text; the tokenizer lets go of the GIL meanwhile (plain `encode`
+        holds it), so a server's other threads keep running while long prompts are tokenized."""
+        encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [self._with_bos(e.ids, add_special_tokens) for e in encodings]
+
+    def _with_bos(self, ids: list[int], add_special_tokens: bool) -> list[int]:
         # Some tokenizer.json files leave BOS to the Python tokenizer class; honour add_bos_token here.
         needs_bos = add_special_tokens and self.add_bos_token and self.bos_token_id is not None
         if needs_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of n bytes is at least n / this many tokens."""
+        return max((len(self.token_bytes(i)) for i in range(self.vocab_size)), default=1) or 1
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -3,6 +3,7 @@ mid-stream: its sequence and KV blocks are freed."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -98,16 +99,31 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_it(live_server):
 
 @pytest.fixture(scope="module")
 def tight_server(demo_dir, tmp_path_factory):
-    config = ServerConfig(max_waiting=2, metrics_max_adapters=1)
-    with run_server(engine_options(demo_dir, tmp_path_factory.mktemp("tight")), config) as server:
+    """One sequence runs at a time, two may wait."""
+    config = ServerConfig(max_waiting=2, max_choices=2, metrics_max_adapters=1)
+    options = engine_options(demo_dir, tmp_path_factory.mktemp("tight"), max_num_seqs=1)
+    with run_server(options, config) as server:
         yield server
 
 
 def test_a_full_queue_is_a_429_with_retry_after(tight_server):
-    resp = complete(tight_server, "demo", n=3)  # three sequences, two may wait
+    engine = tight_server.state.engine.engine
+    results: list[int] = []
+    busy = [threading.Thread(target=lambda n=n, m=m: results.append(complete(tight_server, "demo", m, n=n).status_code))
+            for n, m in ((1, 400), (2, 20))]  # one running a while, then two waiting
+    for thread in busy:
+        thread.start()
+        deadline = time.monotonic() + 10
+        while engine.stats().num_running + engine.stats().num_waiting < (1 if thread is busy[0] else 3):
+            assert time.monotonic() < deadline, "the requests did not get queued"
+            time.sleep(0.005)
+    resp = complete(tight_server, "demo")
     assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
     assert resp.json()["error"]["type"] == "rate_limit_error" and "--max-waiting" in resp.json()["error"]["message"]
     assert value(scrape(tight_server), "loraplex_requests_total", adapter="base", outcome="rejected") == 1
+    for thread in busy:
+        thread.join(60)
+    assert results == [200, 200], "queued requests are served"
     assert complete(tight_server, "demo", n=2).status_code == 200
 
 

@@ -4,6 +4,7 @@ must hold when adapter changes fail half-way or a restart finds the store damage
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -115,6 +116,7 @@ def test_restart_drops_an_adapter_whose_files_are_gone_and_survives_max_loras_0(
     with run_server(options, config) as server:
         names = [a["id"] for a in httpx.get(f"{server.url}/v1/adapters", headers=USER).json()["data"]]
         assert names == ["kept"]
+        assert complete(server, "lost").status_code == 404
         assert upload(server, "lost", demo_dir / "adapters" / "gamma").status_code == 201, "name stuck"
         assert complete(server, "lost").status_code == 200
     with run_server({**options, "max_loras": 0}, config) as server:  # no adapter slots: starts, serves base
@@ -143,3 +145,37 @@ def test_an_oversized_chunked_body_is_a_413(live_server):
     resp = httpx.post(f"{live_server.url}/v1/completions", headers={**USER, "Content-Type": "application/json"},
                       content=chunks())
     assert resp.status_code == 413 and "--max-body-size" in resp.json()["error"]["message"]
+
+
+def test_a_prompt_too_long_to_ever_fit_is_refused_unread(live_server):
+    state = live_server.state
+    text = "x" * (state.engine._max_prompt_bytes + 1)
+    start = time.perf_counter()
+    resp = complete(live_server, "demo", prompt=text)
+    assert resp.status_code == 400 and "cannot fit in max_model_len" in resp.json()["error"]["message"]
+    chat = httpx.post(f"{live_server.url}/v1/chat/completions", headers=USER, timeout=60,
+                      json={"model": "demo", "messages": [{"role": "user", "content": text}]})
+    assert chat.status_code == 400 and "cannot fit" in chat.json()["error"]["message"]
+    assert time.perf_counter() - start < 5
+
+
+def test_streamed_text_offsets_equal_the_whole_with_a_stop_string_held_back(live_server):
+    body = {"model": "beta", "prompt": "Once upon a time", "max_tokens": 30, "temperature": 1.0, "seed": 7,
+            "logprobs": 1, "stop": ["QQQQQQQQ"], "ignore_eos": True}
+    whole = httpx.post(f"{live_server.url}/v1/completions", headers=USER, json=body, timeout=60).json()
+    offsets = []
+    with httpx.stream("POST", f"{live_server.url}/v1/completions", headers=USER, json={**body, "stream": True},
+                      timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                logprobs = json.loads(line[6:])["choices"][0]["logprobs"]
+                offsets += logprobs["text_offset"] if logprobs else []
+    assert offsets == whole["choices"][0]["logprobs"]["text_offset"]
+    assert offsets == sorted(offsets)
+
+
+def test_delete_succeeds_when_an_earlier_delete_was_cut_short(live_server, demo_dir):
+    assert upload(live_server, "cut-short", demo_dir / "adapters" / "alpha").status_code == 201
+    live_server.state.registry.store.delete("cut-short")  # the row went; the rest did not happen
+    assert httpx.delete(f"{live_server.url}/v1/adapters/cut-short", headers=ADMIN).status_code == 200
+    assert complete(live_server, "cut-short").status_code == 404
