@@ -60,44 +60,37 @@ def assert_recent(created) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["demo", "alpha"])
-def test_completion_object(client, model):
-    out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
-    assert isinstance(out, Completion)
-    assert out.object == "text_completion"
+def assert_one_choice(out, cls, obj: str, model: str):
+    """The response's envelope and usage (5 tokens at most were asked for); returns its only choice."""
+    assert isinstance(out, cls)
+    assert out.object == obj
     assert isinstance(out.id, str) and out.id
     assert_recent(out.created)
     assert out.model == model
     assert len(out.choices) == 1
     choice = out.choices[0]
     assert choice.index == 0
-    assert isinstance(choice.text, str)
     assert choice.finish_reason in ("stop", "length")
     assert choice.logprobs is None
-    assert out.usage is not None
-    assert out.usage.prompt_tokens > 0
+    assert out.usage is not None and out.usage.prompt_tokens > 0
     assert 1 <= out.usage.completion_tokens <= 5
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    return choice
+
+
+@pytest.mark.parametrize("model", ["demo", "alpha"])
+def test_completion_object(client, model):
+    out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
+    choice = assert_one_choice(out, Completion, "text_completion", model)
+    assert isinstance(choice.text, str)
 
 
 @pytest.mark.parametrize("model", ["demo", "beta"])
 def test_chat_completion_object(client, model):
     out = client.chat.completions.create(model=model, messages=USER, max_tokens=5, temperature=0)
-    assert isinstance(out, ChatCompletion)
-    assert out.object == "chat.completion"
-    assert isinstance(out.id, str) and out.id
-    assert_recent(out.created)
-    assert out.model == model
-    assert len(out.choices) == 1
-    choice = out.choices[0]
-    assert choice.index == 0
+    choice = assert_one_choice(out, ChatCompletion, "chat.completion", model)
     assert choice.message.role == "assistant"
     assert isinstance(choice.message.content, str)
-    assert choice.finish_reason in ("stop", "length")
-    assert choice.logprobs is None
-    assert out.usage.prompt_tokens > 0
-    assert 1 <= out.usage.completion_tokens <= 5
-    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
 def test_ids_are_unique(client):
