@@ -70,7 +70,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace, help="seconds in-flight requests "
                    "get to finish on Ctrl-C / SIGTERM before they are aborted")
     g.add_argument("--metrics-max-adapters", type=int, default=d.metrics_max_adapters, help="adapters with "
-                   "their own metrics label; later ones share the label 'other'")
+                   "their own metrics label: the most requested (up to twice this many labels in all); the "
+                   "rest share the label 'other'")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

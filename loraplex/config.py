@@ -113,7 +113,7 @@ class ServerConfig:
     max_choices: int = 64  # sequences one request may start (prompts x n)
     allowed_local_adapter_dir: str | None = None  # what /v1/load_lora_adapter may read
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
-    metrics_max_adapters: int = 32  # adapters with their own metrics label; the rest share `other`
+    metrics_max_adapters: int = 32  # the most requested adapters get their own metrics label; others `other`
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or isinstance(self.port, bool):

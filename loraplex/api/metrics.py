@@ -1,14 +1,16 @@
 """Prometheus metrics: per-request latencies and token counts, and engine state read at scrape time.
 
-Each server has its own registry (no process-wide state). Adapter labels are bounded: the first
-`max_adapters` adapters that receive traffic get their own label, every later one counts as
-`other`, and the base model as `base`, so a server with thousands of adapters keeps a fixed number
-of series.
+Each server has its own registry (no process-wide state). Adapter labels are bounded: an adapter
+gets its own label while it is among the `max_adapters` most requested (counted since the start),
+up to twice that many labels in all (a series, once made, stays: counters must not jump); all
+others count as `other`, and the base model as `base`. A server with thousands of adapters keeps a
+fixed number of series, and they go to its busiest adapters.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter as Counter_
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -58,6 +60,7 @@ class Metrics:
         self._drain_load_seconds = drain_load_seconds
         self._max_adapters = max_adapters
         self._labelled: set[str] = set()
+        self._requests: Counter_[str] = Counter_()  # per adapter name, to rank them
         r = self.registry
         self.requests = Counter("loraplex_requests", "Finished generation requests by outcome "
                                 "(stop, length, abort, error, rejected)", ["adapter", "outcome"], registry=r)
@@ -78,12 +81,18 @@ class Metrics:
     def label(self, adapter: str | None) -> str:
         if adapter is None:
             return BASE_LABEL
+        self._requests[adapter] += 1
         if adapter in self._labelled:
             return adapter
-        if len(self._labelled) < self._max_adapters:
+        if len(self._labelled) < 2 * self._max_adapters and self._in_top(adapter):
             self._labelled.add(adapter)
             return adapter
         return OTHER_LABEL
+
+    def _in_top(self, adapter: str) -> bool:
+        count = self._requests[adapter]
+        busier = sum(1 for c in self._requests.values() if c > count)
+        return busier < self._max_adapters
 
     def track(self, adapter: str | None) -> SequenceTracker:
         return SequenceTracker(self, self.label(adapter))

@@ -127,10 +127,18 @@ def test_a_full_queue_is_a_429_with_retry_after(tight_server):
     assert complete(tight_server, "demo", n=2).status_code == 200
 
 
-def test_adapter_labels_are_bounded(tight_server):
-    for model in ("alpha", "beta", "gamma"):
+def test_adapter_labels_go_to_the_busiest_adapters_and_are_bounded(tight_server):
+    # metrics_max_adapters=1: an adapter gets a label while no other was requested more; 2 labels at most
+    for model in ("alpha", "alpha", "beta", "gamma", "gamma", "gamma"):
         assert complete(tight_server, model).status_code == 200
     samples = scrape(tight_server)
     adapters = {dict(labels).get("adapter") for (name, labels) in samples if name == "loraplex_requests_total"}
-    assert adapters == {"alpha", "other", "base"}
-    assert value(samples, "loraplex_requests_total", adapter="other", outcome="length") == 2
+    assert adapters == {"alpha", "gamma", "other", "base"}  # beta never led: it shares `other`
+
+    def count(adapter):
+        return value(samples, "loraplex_requests_total", adapter=adapter, outcome="length")
+
+    assert (count("alpha"), count("gamma"), count("other")) == (2, 2, 2)  # gamma's first request was behind
+    for _ in range(3):  # beta now leads, but both labels are taken
+        assert complete(tight_server, "beta").status_code == 200
+    assert value(scrape(tight_server), "loraplex_requests_total", adapter="other", outcome="length") == 5
