@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
+from loraplex.adapters_store.checksums import file_sha256
+from loraplex.adapters_store.formats import WEIGHTS_FILE, LoRAAdapter, load_peft_lora
 from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -195,15 +195,14 @@ class AdapterManager:
         return adapter
 
     def _load(self, path: Path, key: str, checksums: dict[str, str] | None) -> LoRAAdapter:
-        for file_name, expected in (checksums or {}).items():
-            digest = hashlib.sha256()
-            with open(path / file_name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            if digest.hexdigest() != expected:
-                raise ValueError(f"{path / file_name}: sha256 {digest.hexdigest()} differs from the stored "
-                                 f"{expected}; the file was changed on disk; upload the adapter again")
-        return load_peft_lora(path, key, self.model_config, self.max_lora_rank)
+        checksums = checksums or {}
+        for file_name, expected in checksums.items():
+            found, _ = file_sha256(path / file_name)
+            if found != expected:
+                raise ValueError(f"{path / file_name}: sha256 {found} differs from the stored {expected}; the "
+                                 "file was changed on disk; upload the adapter again")
+        return load_peft_lora(path, key, self.model_config, self.max_lora_rank,
+                              sha256=checksums.get(WEIGHTS_FILE))  # checked just now: not hashed again
 
     def unregister(self, name: str) -> None:
         """New requests can no longer name it; those running on it keep its weights until they end."""
@@ -284,10 +283,6 @@ class AdapterManager:
         # What requests see: no server paths, only the file names inside the adapter.
         directory = str(self._key_paths[key])
         self.errors[key] = str(error).replace(directory + "/", "").replace(directory, "the adapter directory")
-
-    @property
-    def num_loading(self) -> int:
-        return len(self._loads)
 
     def drain_load_seconds(self) -> list[float]:
         """Load times recorded since the last call (for metrics, which observe each once)."""

@@ -3,7 +3,6 @@ against the base model, and hold the result as per-module (A, B, scale) triples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -14,8 +13,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loraplex.adapters_store.checksums import file_sha256
 from loraplex.models.model_config import ModelConfig
 
+WEIGHTS_FILE = "adapter_model.safetensors"
 # Modules an adapter may target, as the checkpoint names them.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -76,11 +77,12 @@ def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
     }[module]
 
 
-def load_peft_lora(path: Path, name: str, base: ModelConfig, max_rank: int) -> LoRAAdapter:
-    """Read and validate a PEFT LoRA directory; raises ValueError naming the file and the problem."""
+def load_peft_lora(path: Path, name: str, base: ModelConfig, max_rank: int, sha256: str | None = None) -> LoRAAdapter:
+    """Read and validate a PEFT LoRA directory; raises ValueError naming the file and the problem.
+    `sha256`: the weights file's, when the caller has just checked it (else it is computed)."""
     path = Path(path)
     config = read_adapter_config(path)
-    weights_file = path / "adapter_model.safetensors"
+    weights_file = path / WEIGHTS_FILE
     if not weights_file.exists():
         if (path / "adapter_model.bin").exists():
             raise ValueError(
@@ -91,7 +93,7 @@ def load_peft_lora(path: Path, name: str, base: ModelConfig, max_rank: int) -> L
         raise ValueError(f"{path}: adapter_model.safetensors is missing")
     tensors = _read_safetensors(weights_file)
     modules = _pair_modules(weights_file, tensors, config, base, max_rank)
-    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    digest = sha256 or file_sha256(weights_file)[0]  # in chunks: uploads may be large
     return LoRAAdapter(name=name, modules=modules, config=config, sha256=digest)
 
 

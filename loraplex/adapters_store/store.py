@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CHUNK = 1 << 20
+from loraplex.adapters_store.checksums import file_sha256
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     name TEXT PRIMARY KEY,
@@ -59,18 +60,6 @@ class StoredAdapter:
     format: str  # e.g. "peft-lora"
     created: float  # unix time of the commit
     info: dict[str, Any]  # JSON-able metadata given by the caller (rank, target_modules, source, ...)
-
-
-def file_sha256(path: Path, sync: bool = False) -> tuple[str, int]:
-    """(sha256 hex, size in bytes) of a file read in chunks; with `sync`, fsync it too."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-            size += len(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest(), size
 
 
 def content_digest(files: dict[str, str]) -> str:

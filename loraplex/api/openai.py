@@ -78,6 +78,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.response_format is not None and body.response_format.type != "text":
         raise APIError(400, f"response_format: type {body.response_format.type!r} is not supported; only 'text'",
                        param="response_format")
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+    _check_choices(state, body.n)  # the cheap checks before the template and the tokenizer run
     tokenizer = state.engine.engine.tokenizer
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
@@ -89,11 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
         max_tokens = max(state.engine.engine.max_model_len - len(prompt), 1)
-    top = body.top_logprobs if body.logprobs else None
-    if body.top_logprobs and not body.logprobs:
-        raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
-    logprobs = (top or 0) if body.logprobs else None
-    _check_choices(state, body.n)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     items = [(prompt, _params(body, j, max_tokens, logprobs)) for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "chatcmpl", request.state.request_id)
     await generation.submit(items)
