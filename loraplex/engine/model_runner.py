@@ -93,6 +93,7 @@ class ModelRunner:
             max_query_len=max(n for _, n in batch.scheduled),
             seq_ids=tuple(seq.request_id for seq, _ in batch.scheduled),
             seq_lens_host=seq_lens,
+            query_lens_host=[n for _, n in batch.scheduled],
         )
         self.model.backend.prepare(meta, self.block_size)
         lora = None

@@ -23,6 +23,7 @@ class AttentionMetadata:
     max_query_len: int
     seq_ids: tuple[str, ...] | None = None  # which sequence each row is (lets backends keep state per batch)
     seq_lens_host: list[int] | None = None  # seq_lens, on the host
+    query_lens_host: list[int] | None = None  # new tokens per sequence, on the host
     plan: object = field(default=None)  # backend-specific layout, filled by `Backend.prepare`
 
 
@@ -106,28 +107,51 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self) -> None:
-        self._decode = DecodeKVCache()
+    def __init__(self, decode_mirror: bool = True) -> None:
+        self._decode = DecodeKVCache() if decode_mirror else None
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         meta.plan = reference.plan_paged_attention(
             meta.block_tables, meta.seq_lens, meta.query_start_loc, block_size
         )
-        groups = meta.plan.groups
-        decode_only = len(groups) == 1 and groups[0].max_query_len == 1 and meta.seq_lens_host is not None
-        self._decode.begin_step(meta.seq_ids, meta.seq_lens_host or [], decode_only)
+        if self._decode is None:
+            return
+        ids, lens = [], []
+        if meta.seq_ids is not None and meta.query_lens_host is not None:
+            for seq_id, seq_len, query_len in zip(meta.seq_ids, meta.seq_lens_host, meta.query_lens_host, strict=True):
+                if query_len == 1:
+                    ids.append(seq_id)
+                    lens.append(seq_len)
+        # The plan puts the decodes first, in batch order: the mirror's rows.
+        self._decode.begin_step(ids, lens)
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
-        if self._decode.appending:
-            self._decode.append(k_cache, key, value)
+        if self._decode is not None and self._decode.active:
+            group = meta.plan.groups[0]
+            if group.token_index is not None:
+                key, value = key[group.token_index], value[group.token_index]
+            self._decode.update(k_cache, v_cache, key, value, group.block_tables)
 
-    def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_dim]; key, value: this step's, already written by
+        `write_kv` (used as they are by prompts with no cached context)."""
         groups = meta.plan.groups
-        if self._decode.active:
-            kv = self._decode.keys_values(k_cache, v_cache, groups[0])
-            return reference.attend_group(query, k_cache, v_cache, groups[0], scale, kv)
-        return reference.paged_attention_planned(query, k_cache, v_cache, meta.plan, scale)
+        if len(groups) == 1:
+            return self._attend(query, key, value, k_cache, v_cache, groups[0], scale)
+        out = torch.empty_like(query)
+        for group in groups:
+            index = group.token_index
+            out[index] = self._attend(query[index], key[index], value[index], k_cache, v_cache, group, scale)
+        return out
+
+    def _attend(self, query, key, value, k_cache, v_cache, group: reference.AttentionGroup, scale: float):
+        kv = None
+        if group.max_query_len == 1 and self._decode is not None and self._decode.active:
+            kv = self._decode.keys_values(k_cache, group.max_kv_len)
+        elif group.fresh:
+            kv = reference.pad_to_group(key, group), reference.pad_to_group(value, group)
+        return reference.attend_group(query, k_cache, v_cache, group, scale, kv)
 
     def prepare_lora(self, batch: LoRABatch) -> None:
         batch.plan = _segment_groups(batch.meta, batch.active_slots)
@@ -170,9 +194,12 @@ class TritonBackend(TorchBackend):
         if meta.max_query_len > 1:
             super().prepare(meta, block_size)
 
-    def attention(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def __init__(self) -> None:
+        super().__init__(decode_mirror=False)  # the paged kernel reads the cache directly
+
+    def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.plan is not None:
-            return super().attention(query, k_cache, v_cache, meta, scale)
+            return super().attention(query, key, value, k_cache, v_cache, meta, scale)
         from loraplex.kernels.paged_attention import paged_attention
 
         return paged_attention(

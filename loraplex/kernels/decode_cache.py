@@ -1,62 +1,138 @@
-"""A contiguous copy of the running batch's keys and values, for the torch decode path.
+"""A contiguous copy of the decoding sequences' keys and values, for the torch attention path.
 
 Gathering every sequence's blocks out of the paged cache costs a full copy of the context per
-layer per step. While the same sequences decode step after step, each only adds one key and one
-value: this cache keeps the last gather and appends to it in place, and gathers again only when
-the batch changes (a sequence joins, finishes, or is preempted), a prompt chunk runs, or the copy
-is full. The paged cache stays the source of truth; this is a per-layer mirror of it.
+layer per step. A decoding sequence only adds one key and one value per step, so this mirror keeps
+row i of a per-layer buffer for the i-th decode of the step: a row that decoded in the step before
+is kept (moved up when sequences before it left) and appended to in place; only a sequence that was
+not decoding in the step before (it just finished its prompt, or was preempted) is gathered from
+the paged cache, and only its own row. The paged cache stays the source of truth.
+
+The buffers are kept from step to step and grow geometrically (their rows kept), so steady
+decoding touches no new memory: on the CPU a fresh allocation of this size costs page faults on
+every touch. They hold about one more copy of the decoding batch's keys and values, at most a
+quarter more than its longest context and half more rows than its largest batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from loraplex.kernels.reference import AttentionGroup, gather_kv
-
-# Room for this many more decode steps is reserved at each gather.
+# Room for at least this many more decode steps is reserved when a buffer grows.
 _HEADROOM = 64
+
+
+@dataclass
+class _Plan:
+    """How this step's rows come from the last step's; applied once per layer by `update`."""
+
+    num_rows: int
+    moves: list[tuple[int, int]]  # (destination row, source row), destination < source, ascending
+    gathered: list[int]  # rows filled from the paged cache
+    positions: torch.Tensor  # [num_rows] where each row's new key goes
+    max_len: int
 
 
 class DecodeKVCache:
     def __init__(self) -> None:
-        self._batch: tuple[str, ...] | None = None  # sequence ids of the last decode step
-        self._lens: list[int] = []
-        self._capacity = 0
+        self._rows: dict[str, tuple[int, int]] = {}  # seq id -> (row, cached length) after the last step
+        self._shape = (0, 0)  # (rows, length) every layer's buffers have room for
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: k, v
-        self.active = False  # this step is a decode step served from the mirror
-        self.appending = False  # ... and appends to it (else it is rebuilt)
-        self._positions: torch.Tensor | None = None  # [num_seqs]: where this step's keys go
+        self._updated: set[int] = set()  # layers that applied this step's plan
+        self._plan: _Plan | None = None
+        self.num_gathered = 0  # rows gathered from the paged cache in the last step (for tests and stats)
 
-    def begin_step(self, seq_ids: tuple[str, ...] | None, seq_lens: list[int], decode_only: bool) -> None:
-        self.active = decode_only and seq_ids is not None
-        if not self.active:
-            self._batch, self.appending = None, False
-            self._buffers.clear()
+    @property
+    def active(self) -> bool:
+        return self._plan is not None
+
+    def begin_step(self, seq_ids: list[str], seq_lens: list[int]) -> None:
+        """Plan the step for the decodes `seq_ids` (in batch order), whose contexts are `seq_lens`
+        long after this step. No decodes: the mirror rests and forgets its rows."""
+        self._updated.clear()
+        if not seq_ids:
+            self._plan, self._rows, self.num_gathered = None, {}, 0
             return
-        grown = self._batch == seq_ids and all(n == m + 1 for n, m in zip(seq_lens, self._lens, strict=True))
-        self.appending = grown and max(seq_lens) <= self._capacity
-        if not self.appending:
-            self._buffers.clear()
-            self._capacity = max(seq_lens) + _HEADROOM
-        self._batch, self._lens = seq_ids, list(seq_lens)
-        self._positions = torch.tensor([n - 1 for n in seq_lens])
+        rows, length = self._shape
+        max_len = max(seq_lens)
+        if len(seq_ids) > rows or max_len > length:
+            self._grow(len(seq_ids), max_len)
+        moves, gathered = [], []
+        for row, (seq_id, seq_len) in enumerate(zip(seq_ids, seq_lens, strict=True)):
+            source, cached = self._rows.get(seq_id, (-1, -1))
+            # Kept only if it decoded in the last step and its row can move up without overwriting a
+            # row still to be read (rows are visited in ascending order, and sources never go below).
+            if cached == seq_len - 1 and source >= row:
+                if source != row:
+                    moves.append((row, source))
+            else:
+                gathered.append(row)
+        self._rows = {seq_id: (row, n) for row, (seq_id, n) in enumerate(zip(seq_ids, seq_lens, strict=True))}
+        positions = torch.tensor([n - 1 for n in seq_lens])
+        self._plan = _Plan(len(seq_ids), moves, gathered, positions, max_len)
+        self.num_gathered = len(gathered)
 
-    def append(self, k_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key, value: [num_seqs, num_kv_heads, head_dim], one new token per sequence, in batch order."""
+    def _grow(self, num_rows: int, max_len: int) -> None:
+        # Each layer moves its rows into the larger buffers when it next updates.
+        rows, length = self._shape
+        if num_rows > rows:
+            rows = max(num_rows, rows + rows // 2)
+        if max_len > length:
+            length = max_len + max(_HEADROOM, max_len // 4)
+        self._shape = (rows, length)
+
+    def update(self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               block_tables: torch.Tensor) -> None:
+        """Bring this layer's rows up to date after this step's keys went into the paged cache.
+
+        key, value: [num_rows, num_kv_heads, head_dim], the decodes' new keys in row order.
+        block_tables: [num_rows, blocks] of the decoding sequences, for the rows gathered.
+        """
+        plan, layer = self._plan, k_cache.data_ptr()
+        if layer in self._updated:
+            return
+        self._updated.add(layer)
+        k, v = self._buffers.get(layer) or self._allocate(k_cache)
+        if k.shape[:2] != self._shape:
+            k, v = self._allocate(k_cache, k, v)
+        self._buffers[layer] = k, v
+        for dst, src in plan.moves:
+            k[dst, : plan.max_len].copy_(k[src, : plan.max_len])
+            v[dst, : plan.max_len].copy_(v[src, : plan.max_len])
+        rows = torch.arange(plan.num_rows)
+        k[rows, plan.positions] = key
+        v[rows, plan.positions] = value
+        if plan.gathered:
+            self._gather(k_cache, k, block_tables, plan.gathered, plan)
+            self._gather(v_cache, v, block_tables, plan.gathered, plan)
+
+    def _allocate(self, cache: torch.Tensor, *old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*self._shape, *cache.shape[2:])
+        # Zeros, not empty: positions past a sequence's length still enter the product with V
+        # (masked to weight 0) and 0 * NaN is NaN; later they hold other sequences' finite keys.
+        new = cache.new_zeros(shape), cache.new_zeros(shape)
+        for src, dst in zip(old, new):
+            dst[: src.shape[0], : src.shape[1]] = src
+        return new
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, buffer: torch.Tensor, block_tables: torch.Tensor, rows: list[int],
+                plan: _Plan) -> None:
+        block_size = cache.shape[1]
+        num_blocks = -(-plan.max_len // block_size)
+        if rows == list(range(plan.num_rows)):
+            tables, target = block_tables[:, :num_blocks], slice(0, plan.num_rows)
+        else:
+            index = torch.tensor(rows)
+            tables, target = block_tables[index, :num_blocks], index
+        # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
+        blocks = cache.index_select(0, tables.flatten().long())  # [rows * num_blocks, block_size, H, D]
+        context = blocks.view(len(rows), num_blocks * block_size, *cache.shape[2:])[:, : plan.max_len]
+        buffer[target, : plan.max_len] = context
+
+    def keys_values(self, k_cache: torch.Tensor, max_kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's [num_rows, max_kv_len, num_kv_heads, head_dim] keys and values (views)."""
         k, v = self._buffers[k_cache.data_ptr()]
-        rows = torch.arange(key.shape[0])
-        k[rows, self._positions] = key
-        v[rows, self._positions] = value
-
-    def keys_values(self, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup):
-        """This layer's [num_seqs, max_kv_len, num_kv_heads, head_dim] keys and values."""
-        layer = k_cache.data_ptr()
-        if layer not in self._buffers:
-            keys, values = gather_kv(k_cache, v_cache, group)
-            shape = (keys.shape[0], self._capacity, *keys.shape[2:])
-            # Zeros, not empty: masked-out rows still enter the product with V, and 0 * NaN is NaN.
-            k, v = keys.new_zeros(shape), values.new_zeros(shape)
-            k[:, : keys.shape[1]], v[:, : values.shape[1]] = keys, values
-            self._buffers[layer] = (k, v)
-        k, v = self._buffers[layer]
-        return k[:, : group.max_kv_len], v[:, : group.max_kv_len]
+        n = self._plan.num_rows
+        return k[:n, :max_kv_len], v[:n, :max_kv_len]

@@ -75,9 +75,14 @@ class AttentionGroup:
     token_index: torch.Tensor | None  # [group_tokens]: the step's tokens of this group; None = all, in order
     block_tables: torch.Tensor  # [group_seqs, blocks needed by its longest sequence] int64
     padded_index: torch.Tensor  # [group_tokens]: token -> row of [group_seqs * max_query_len]
-    mask: torch.Tensor | None  # [group_seqs, 1, max_query_len, max_kv_len] bool, True = attend; None = all
+    mask: torch.Tensor | None  # [group_seqs, 1, max_query_len, max_kv_len] bool, True = attend; None = see `causal`
     max_query_len: int
     max_kv_len: int
+    # Every sequence's queries start at position 0 (no cached context): the mask is SDPA's causal one
+    # (padded rows sit after each sequence's own, so they never reach a real query), and the keys are
+    # the step's own.
+    fresh: bool = False
+    uniform: bool = False  # every sequence has max_query_len queries: padding is a view
 
 
 @dataclass(frozen=True)
@@ -125,15 +130,18 @@ def _plan_group(block_tables, seq_lens, query_start_loc, query_lens, seqs: torch
     if seqs is not None:
         token_index = starts[seq_of_token].long() + index_in_seq
 
-    # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
-    first_pos = (seq_lens - query_lens).unsqueeze(1)  # [num_seqs, 1]
-    q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
-    q_pos = torch.where(q_pos < seq_lens.unsqueeze(1), q_pos, torch.zeros_like(q_pos))
-    kv_pos = torch.arange(max_kv_len, device=device)
-    mask = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
-    if max_query_len == 1 and bool(seq_lens.min() == max_kv_len):
-        mask = None  # decodes over sequences of one length see every key: SDPA's fastest path
-    return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len)
+    fresh = max_query_len > 1 and bool((seq_lens == query_lens).all())
+    if fresh or max_query_len == 1 and bool(seq_lens.min() == max_kv_len):
+        mask = None  # SDPA's own causal mask, or decodes over one length that see every key
+    else:
+        # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
+        first_pos = (seq_lens - query_lens).unsqueeze(1)  # [num_seqs, 1]
+        q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
+        q_pos = torch.where(q_pos < seq_lens.unsqueeze(1), q_pos, torch.zeros_like(q_pos))
+        kv_pos = torch.arange(max_kv_len, device=device)
+        mask = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
+    uniform = int(query_lens.min()) == max_query_len
+    return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len, fresh, uniform)
 
 
 def paged_attention_planned(
@@ -173,20 +181,30 @@ def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, k
         # once instead of once per query head (GQA without expanding K and V).
         padded_q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     else:
-        padded_q = query.new_zeros(num_seqs * max_query_len, num_heads, head_dim)
-        padded_q.index_copy_(0, group.padded_index, query)
-        padded_q = padded_q.view(num_seqs, max_query_len, num_heads, head_dim).transpose(1, 2)
+        padded_q = pad_to_group(query, group).transpose(1, 2)
 
     keys, values = kv if kv is not None else gather_kv(k_cache, v_cache, group)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
 
     out = F.scaled_dot_product_attention(
-        padded_q, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=not decode and num_heads != num_kv_heads,
+        padded_q, keys, values, attn_mask=group.mask, is_causal=group.fresh, scale=scale,
+        enable_gqa=not decode and num_heads != num_kv_heads,
     )  # [num_seqs, num_heads, max_query_len, head_dim]; decode: [num_seqs, num_kv_heads, group, head_dim]
     if decode:
         return out.reshape(num_seqs, num_heads, head_dim)
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)
-    return out[group.padded_index]
+    return out if group.uniform else out[group.padded_index]
+
+
+def pad_to_group(x: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """[group_tokens, heads, head_dim] -> [group_seqs, max_query_len, heads, head_dim], each
+    sequence's tokens first, zeros after."""
+    num_seqs = group.block_tables.shape[0]
+    if group.uniform:
+        return x.view(num_seqs, group.max_query_len, *x.shape[1:])
+    padded = x.new_zeros(num_seqs * group.max_query_len, *x.shape[1:])
+    padded.index_copy_(0, group.padded_index, x)
+    return padded.view(num_seqs, group.max_query_len, *x.shape[1:])
 
 
 def lora_shrink(

@@ -134,7 +134,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = RotaryEmbedding.apply(rope, q, k)
         self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
-        out = self.backend.attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size), lora)
 
 
