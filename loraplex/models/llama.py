@@ -84,28 +84,29 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.cos_sin: torch.Tensor | None = None  # [max_positions, head_dim] each, built by `build`
+        self.cos_sin: torch.Tensor | None = None  # [2, max_positions, head_dim], built by `build`
 
     def build(self, device: torch.device, max_positions: int) -> None:
         inv_freq = rope_inv_freq(self.config).to(device)
         t = torch.arange(max_positions, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.cos_sin = torch.stack((emb.cos(), emb.sin()))
+        freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim // 2]
+        # x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1), is
+        # x * cos + (x2, x1) * (-sin, sin): the sign goes into the table, the swap is one roll.
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        self.cos_sin = torch.stack((cos, signed_sin))
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[2, num_tokens, 1, head_dim]: cos and sin at each position, looked up once per step."""
+        """[2, num_tokens, 1, head_dim]: cos and signed sin at each position, looked up once per step."""
         return self.cos_sin[:, positions].unsqueeze(2).to(dtype)
 
     @staticmethod
-    def apply(cos_sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = cos_sin
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    def apply(cos_sin: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, heads, head_dim] (any strides) -> rotated, contiguous. Query and key
+        heads go through together, in three ops."""
+        cos, signed_sin = cos_sin
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
+        return (x * cos).addcmul_(swapped, signed_sin)
 
 
 class Attention(nn.Module):
@@ -128,11 +129,11 @@ class Attention(nn.Module):
     def forward(self, rope: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(rope, q, k)
+        qkv = self.qkv_proj(x, lora)  # [num_tokens, q_size + 2 * kv_size]
+        heads = self.num_heads + self.num_kv_heads
+        qk = RotaryEmbedding.apply(rope, qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # views of [num_tokens, heads, head_dim]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
         out = self.backend.attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size), lora)
@@ -147,7 +148,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora)
+        # In place on the fresh projection: no new [num_tokens, intermediate] tensors.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -160,8 +162,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, rope: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+        # x is this forward's own residual stream (from the embedding lookup): added to in place.
+        x += self.self_attn(rope, self.input_layernorm(x), meta, lora)
+        return x.add_(self.mlp(self.post_attention_layernorm(x), lora))
 
 
 class LlamaModel(nn.Module):

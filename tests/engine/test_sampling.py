@@ -181,6 +181,14 @@ def test_greedy_is_argmax():
     assert result.logprobs is None and result.top_logprobs is None
 
 
+def test_greedy_breaks_ties_by_the_lowest_token_id():
+    logits = torch.zeros(3, 4096)
+    logits[0, [7, 900, 4000]] = 5.0
+    logits[1, [4095, 3]] = 2.0
+    result = sample(logits, [SamplingParams(temperature=0)] * 3)
+    assert result.token_ids == [7, 3, 0]
+
+
 def test_greedy_rows_stay_argmax_in_a_mixed_batch():
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(8, 50, generator=gen)
