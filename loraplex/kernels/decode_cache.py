@@ -30,15 +30,17 @@ class _Plan:
     num_rows: int
     moves: list[tuple[int, int]]  # (destination row, source row), destination < source, ascending
     gathered: list[int]  # rows filled from the paged cache
-    positions: torch.Tensor  # [num_rows] where each row's new key goes
+    positions: list[int]  # where each row's new key goes
     max_len: int
+    slots: torch.Tensor | None = None  # [num_rows * num_kv_heads] the new keys' rows in a flat buffer
 
 
 class DecodeKVCache:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[int, int]] = {}  # seq id -> (row, cached length) after the last step
         self._shape = (0, 0)  # (rows, length) every layer's buffers have room for
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: k, v
+        # per layer: k, v, each [rows, num_kv_heads, length, head_dim]
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._updated: set[int] = set()  # layers that applied this step's plan
         self._plan: _Plan | None = None
         self.num_gathered = 0  # rows gathered from the paged cache in the last step (for tests and stats)
@@ -69,8 +71,7 @@ class DecodeKVCache:
             else:
                 gathered.append(row)
         self._rows = {seq_id: (row, n) for row, (seq_id, n) in enumerate(zip(seq_ids, seq_lens, strict=True))}
-        positions = torch.tensor([n - 1 for n in seq_lens])
-        self._plan = _Plan(len(seq_ids), moves, gathered, positions, max_len)
+        self._plan = _Plan(len(seq_ids), moves, gathered, [n - 1 for n in seq_lens], max_len)
         self.num_gathered = len(gathered)
 
     def _grow(self, num_rows: int, max_len: int) -> None:
@@ -94,26 +95,31 @@ class DecodeKVCache:
             return
         self._updated.add(layer)
         k, v = self._buffers.get(layer) or self._allocate(k_cache)
-        if k.shape[:2] != self._shape:
+        if (k.shape[0], k.shape[2]) != self._shape:
             k, v = self._allocate(k_cache, k, v)
         self._buffers[layer] = k, v
         for dst, src in plan.moves:
-            k[dst, : plan.max_len].copy_(k[src, : plan.max_len])
-            v[dst, : plan.max_len].copy_(v[src, : plan.max_len])
-        rows = torch.arange(plan.num_rows)
-        k[rows, plan.positions] = key
-        v[rows, plan.positions] = value
+            k[dst, :, : plan.max_len].copy_(k[src, :, : plan.max_len])
+            v[dst, :, : plan.max_len].copy_(v[src, :, : plan.max_len])
+        rows, num_kv_heads, length, head_dim = k.shape
+        if plan.slots is None:  # the same for every layer
+            heads = torch.arange(num_kv_heads)
+            starts = torch.tensor(plan.positions) + torch.arange(plan.num_rows) * (num_kv_heads * length)
+            plan.slots = (starts.unsqueeze(1) + heads * length).flatten()
+        k.view(-1, head_dim).index_copy_(0, plan.slots, key.reshape(-1, head_dim))
+        v.view(-1, head_dim).index_copy_(0, plan.slots, value.reshape(-1, head_dim))
         if plan.gathered:
             self._gather(k_cache, k, block_tables, plan.gathered, plan)
             self._gather(v_cache, v, block_tables, plan.gathered, plan)
 
     def _allocate(self, cache: torch.Tensor, *old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (*self._shape, *cache.shape[2:])
+        num_kv_heads, head_dim = cache.shape[2:]
+        shape = (self._shape[0], num_kv_heads, self._shape[1], head_dim)
         # Zeros, not empty: positions past a sequence's length still enter the product with V
         # (masked to weight 0) and 0 * NaN is NaN; later they hold other sequences' finite keys.
         new = cache.new_zeros(shape), cache.new_zeros(shape)
         for src, dst in zip(old, new):
-            dst[: src.shape[0], : src.shape[1]] = src
+            dst[: src.shape[0], :, : src.shape[2]] = src
         return new
 
     @staticmethod
@@ -129,10 +135,11 @@ class DecodeKVCache:
         # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
         blocks = cache.index_select(0, tables.flatten().long())  # [rows * num_blocks, block_size, H, D]
         context = blocks.view(len(rows), num_blocks * block_size, *cache.shape[2:])[:, : plan.max_len]
-        buffer[target, : plan.max_len] = context
+        buffer[target, :, : plan.max_len] = context.transpose(1, 2)
 
     def keys_values(self, k_cache: torch.Tensor, max_kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's [num_rows, max_kv_len, num_kv_heads, head_dim] keys and values (views)."""
+        """This layer's [num_rows, max_kv_len, num_kv_heads, head_dim] keys and values (views of
+        head-major buffers: each head's keys are contiguous, as SDPA reads them)."""
         k, v = self._buffers[k_cache.data_ptr()]
         n = self._plan.num_rows
-        return k[:n, :max_kv_len], v[:n, :max_kv_len]
+        return k[:n, :, :max_kv_len].transpose(1, 2), v[:n, :, :max_kv_len].transpose(1, 2)
