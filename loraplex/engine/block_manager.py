@@ -106,6 +106,20 @@ class BlockManager:
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """The cache slots of positions start..end-1, a block's run at a time."""
+        size, table = self.block_size, seq.block_table
+        if end - start == 1:
+            return [table[start // size] * size + start % size]
+        out: list[int] = []
+        position = start
+        while position < end:
+            block_end = min((position // size + 1) * size, end)
+            base = table[position // size] * size - (position // size) * size
+            out.extend(range(base + position, base + block_end))
+            position = block_end
+        return out
+
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

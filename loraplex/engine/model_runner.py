@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -66,21 +67,25 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
-        query_start_loc = [0]
+        query_lens: list[int] = []
         sample_indices: list[int] = []
         sampled: list[Sequence] = []
-        token_slots: list[int] = []
+        num_tokens = 0
         for seq, num_new in batch.scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            token_slots.extend([seq.lora_slot] * num_new)
-            slots.extend(self.block_manager.slot(seq, p) for p in range(start, end))
+            if num_new == 1:  # a decode: the common case, kept cheap
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+            slots.extend(self.block_manager.slots(seq, start, end))
             seq_lens.append(end)
-            query_start_loc.append(query_start_loc[-1] + num_new)
+            query_lens.append(num_new)
+            num_tokens += num_new
             if end == seq.num_tokens:  # the whole known sequence is computed: sample the next token
-                sample_indices.append(query_start_loc[-1] - 1)
+                sample_indices.append(num_tokens - 1)
                 sampled.append(seq)
         max_blocks = max(len(seq.block_table) for seq, _ in batch.scheduled)
         block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in batch.scheduled]
@@ -89,15 +94,16 @@ class ModelRunner:
             slot_mapping=as_tensor(slots, torch.int64),
             block_tables=as_tensor(block_tables, torch.int32),
             seq_lens=as_tensor(seq_lens, torch.int32),
-            query_start_loc=as_tensor(query_start_loc, torch.int32),
-            max_query_len=max(n for _, n in batch.scheduled),
+            query_start_loc=as_tensor(list(itertools.accumulate(query_lens, initial=0)), torch.int32),
+            max_query_len=max(query_lens),
             seq_ids=tuple(seq.request_id for seq, _ in batch.scheduled),
             seq_lens_host=seq_lens,
-            query_lens_host=[n for _, n in batch.scheduled],
+            query_lens_host=query_lens,
         )
         self.model.backend.prepare(meta, self.block_size)
         lora = None
         if any(seq.lora_slot >= 0 for seq, _ in batch.scheduled):
+            token_slots = [seq.lora_slot for seq, num_new in batch.scheduled for _ in range(num_new)]
             lora = LoRABatch.make(as_tensor(token_slots, torch.int32))
             self.model.backend.prepare_lora(lora)
         return StepInputs(

@@ -21,9 +21,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
-    seq_ids: tuple[str, ...] | None = None  # which sequence each row is (lets backends keep state per batch)
-    seq_lens_host: list[int] | None = None  # seq_lens, on the host
-    query_lens_host: list[int] | None = None  # new tokens per sequence, on the host
+    seq_ids: tuple[str, ...]  # which sequence each row is (lets backends keep state per batch)
+    seq_lens_host: list[int]  # seq_lens, on the host
+    query_lens_host: list[int]  # new tokens per sequence, on the host
     plan: object = field(default=None)  # backend-specific layout, filled by `Backend.prepare`
 
 
@@ -111,19 +111,13 @@ class TorchBackend:
         self._decode = DecodeKVCache() if decode_mirror else None
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
-        meta.plan = reference.plan_paged_attention(
-            meta.block_tables, meta.seq_lens, meta.query_start_loc, block_size
-        )
-        if self._decode is None:
-            return
-        ids, lens = [], []
-        if meta.seq_ids is not None and meta.query_lens_host is not None:
-            for seq_id, seq_len, query_len in zip(meta.seq_ids, meta.seq_lens_host, meta.query_lens_host, strict=True):
-                if query_len == 1:
-                    ids.append(seq_id)
-                    lens.append(seq_len)
-        # The plan puts the decodes first, in batch order: the mirror's rows.
-        self._decode.begin_step(ids, lens)
+        meta.plan = reference.plan_paged_attention(meta.block_tables, meta.seq_lens_host, meta.query_lens_host,
+                                                   block_size)
+        if self._decode is not None:
+            # The plan puts the decodes first, in batch order: the mirror's rows.
+            decodes = [(seq_id, n) for seq_id, n, q in zip(meta.seq_ids, meta.seq_lens_host, meta.query_lens_host,
+                                                           strict=True) if q == 1]
+            self._decode.begin_step([seq_id for seq_id, _ in decodes], [n for _, n in decodes])
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +65,8 @@ def paged_attention(
         query_start_loc: [num_seqs + 1] int32
         returns:         [num_tokens, num_heads, head_dim]
     """
-    plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
+    query_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
+    plan = plan_paged_attention(block_tables, seq_lens.tolist(), query_lens, k_cache.shape[1])
     return paged_attention_planned(query, k_cache, v_cache, plan, scale)
 
 
@@ -74,7 +76,7 @@ class AttentionGroup:
 
     token_index: torch.Tensor | None  # [group_tokens]: the step's tokens of this group; None = all, in order
     block_tables: torch.Tensor  # [group_seqs, blocks needed by its longest sequence] int64
-    padded_index: torch.Tensor  # [group_tokens]: token -> row of [group_seqs * max_query_len]
+    padded_index: torch.Tensor | None  # [group_tokens]: token -> row of [group_seqs * max_query_len]; None: uniform
     mask: torch.Tensor | None  # [group_seqs, 1, max_query_len, max_kv_len] bool, True = attend; None = see `causal`
     max_query_len: int
     max_kv_len: int
@@ -95,52 +97,54 @@ class AttentionPlan:
     groups: list[AttentionGroup]
 
 
-def plan_paged_attention(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int
-) -> AttentionPlan:
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    is_decode = query_lens == 1
-    num_decodes = int(is_decode.sum())
-    if num_decodes in (0, query_lens.shape[0]):
+def plan_paged_attention(block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
+                         block_size: int) -> AttentionPlan:
+    """The step's layout from its lengths on the host (a few small tensors instead of a chain of
+    tiny device ops); index tensors go to `block_tables`' device."""
+    decodes = [i for i, n in enumerate(query_lens) if n == 1]
+    if len(decodes) in (0, len(query_lens)):
         selections = [None]  # one group: every sequence, tokens in order
     else:
-        selections = [is_decode.nonzero().squeeze(1), (~is_decode).nonzero().squeeze(1)]
+        selections = [decodes, [i for i, n in enumerate(query_lens) if n != 1]]
+    starts = list(itertools.accumulate(query_lens, initial=0))
     return AttentionPlan([
-        _plan_group(block_tables, seq_lens, query_start_loc, query_lens, seqs, block_size) for seqs in selections
+        _plan_group(block_tables, seq_lens, query_lens, starts, seqs, block_size) for seqs in selections
     ])
 
 
-def _plan_group(block_tables, seq_lens, query_start_loc, query_lens, seqs: torch.Tensor | None,
-                block_size: int) -> AttentionGroup:
+def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int], starts: list[int],
+                seqs: list[int] | None, block_size: int) -> AttentionGroup:
     device = block_tables.device
-    starts = query_start_loc[:-1]
     token_index = None
     if seqs is not None:
-        block_tables, seq_lens, query_lens, starts = block_tables[seqs], seq_lens[seqs], query_lens[seqs], starts[seqs]
-    num_seqs = seq_lens.shape[0]
-    max_query_len = int(query_lens.max())
-    max_kv_len = int(seq_lens.max())
+        token_index = torch.tensor([t for i in seqs for t in range(starts[i], starts[i + 1])], device=device)
+        block_tables = block_tables[torch.tensor(seqs, device=device)]
+        seq_lens, query_lens = [seq_lens[i] for i in seqs], [query_lens[i] for i in seqs]
+    max_query_len, max_kv_len = max(query_lens), max(seq_lens)
     block_tables = block_tables[:, : -(-max_kv_len // block_size)].long()
 
-    # Place the group's tokens in a padded [num_seqs, max_query_len] grid.
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
-    local_starts = torch.cumsum(query_lens, 0) - query_lens
-    index_in_seq = torch.arange(seq_of_token.shape[0], device=device) - local_starts[seq_of_token]
-    padded_index = seq_of_token * max_query_len + index_in_seq
-    if seqs is not None:
-        token_index = starts[seq_of_token].long() + index_in_seq
+    # Place the group's tokens in a padded [num_seqs, max_query_len] grid (a view when none is short).
+    uniform = min(query_lens) == max_query_len
+    padded_index = None
+    if not uniform:
+        padded_index = torch.tensor(
+            [b * max_query_len + i for b, n in enumerate(query_lens) for i in range(n)], device=device
+        )
 
-    fresh = max_query_len > 1 and bool((seq_lens == query_lens).all())
-    if fresh or max_query_len == 1 and bool(seq_lens.min() == max_kv_len):
+    fresh = max_query_len > 1 and seq_lens == query_lens
+    if fresh or max_query_len == 1 and min(seq_lens) == max_kv_len:
         mask = None  # SDPA's own causal mask, or decodes over one length that see every key
+    elif max_query_len == 1:  # decodes see their whole context
+        lens = torch.tensor(seq_lens, device=device).view(-1, 1, 1, 1)
+        mask = torch.arange(max_kv_len, device=device) < lens  # [num_seqs, 1, 1, max_kv]
     else:
         # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
-        first_pos = (seq_lens - query_lens).unsqueeze(1)  # [num_seqs, 1]
+        lens = torch.tensor(seq_lens, device=device).unsqueeze(1)  # [num_seqs, 1]
+        first_pos = lens - torch.tensor(query_lens, device=device).unsqueeze(1)
         q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
-        q_pos = torch.where(q_pos < seq_lens.unsqueeze(1), q_pos, torch.zeros_like(q_pos))
+        q_pos = torch.where(q_pos < lens, q_pos, torch.zeros_like(q_pos))
         kv_pos = torch.arange(max_kv_len, device=device)
         mask = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
-    uniform = int(query_lens.min()) == max_query_len
     return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len, fresh, uniform)
 
 

@@ -112,6 +112,15 @@ def test_slot_maps_positions_into_the_block_table():
     assert not set(slots) & {bm.slot(filler, p) for p in range(3)}
 
 
+def test_slots_of_a_range_match_slot_of_each_position():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    seq = make_seq("a", list(range(14)))
+    seq.block_table = [9, 3, 12, 0]  # out of order, as after frees and reuse
+    for start in range(14):
+        for end in range(start + 1, 15):
+            assert bm.slots(seq, start, end) == [bm.slot(seq, p) for p in range(start, end)], (start, end)
+
+
 def test_append_slots_without_room_raises_and_allocates_nothing():
     bm = BlockManager(num_blocks=2, block_size=4)
     seq = make_seq("a", list(range(9)))  # needs 3 blocks

@@ -46,6 +46,6 @@ def test_matches_a_per_token_loop(lens, q_lens):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     out = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1 / math.sqrt(HEAD_DIM))
     torch.testing.assert_close(out, _loop_oracle(q, keys, values, lens, q_lens), atol=1e-5, rtol=1e-5)
-    plan = plan_paged_attention(block_tables, seq_lens, qsl, BLOCK)
+    plan = plan_paged_attention(block_tables, lens, q_lens, BLOCK)
     has_both = 1 in q_lens and any(n > 1 for n in q_lens)
     assert len(plan.groups) == (2 if has_both else 1)
