@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from loraplex.kernels.backend import AttentionMetadata, LoRABatch
 from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
+
+_ARRAY_CODES = {torch.int32: "i", torch.int64: "q"}
 
 
 @dataclass
@@ -88,11 +91,14 @@ class ModelRunner:
                 sample_indices.append(num_tokens - 1)
                 sampled.append(seq)
         max_blocks = max(len(seq.block_table) for seq, _ in batch.scheduled)
-        block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq, _ in batch.scheduled]
+        block_tables: list[int] = []  # [num_seqs, max_blocks], flat
+        for seq, _ in batch.scheduled:
+            block_tables += seq.block_table
+            block_tables += [0] * (max_blocks - len(seq.block_table))
         as_tensor = self._tensor
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots, torch.int64),
-            block_tables=as_tensor(block_tables, torch.int32),
+            block_tables=as_tensor(block_tables, torch.int32).view(len(batch.scheduled), max_blocks),
             seq_lens=as_tensor(seq_lens, torch.int32),
             query_start_loc=as_tensor(list(itertools.accumulate(query_lens, initial=0)), torch.int32),
             max_query_len=max(query_lens),
@@ -115,9 +121,10 @@ class ModelRunner:
             sampled_seqs=sampled,
         )
 
-    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+    def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         # Built on the host and copied once; pinned memory makes the copy asynchronous on CUDA.
-        t = torch.tensor(values, dtype=dtype)
+        # Through a typed array: several times faster than torch.tensor on a list.
+        t = torch.frombuffer(array(_ARRAY_CODES[dtype], values), dtype=dtype) if values else torch.empty(0, dtype=dtype)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
