@@ -111,10 +111,12 @@ class RotaryEmbedding(Module):
     @staticmethod
     def apply(cos_sin: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, heads, head_dim] (any strides) -> rotated, contiguous. Query and key
-        heads go through together, in three ops."""
+        heads go through together."""
         cos, signed_sin = cos_sin
-        swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
-        return (x * cos).addcmul_(swapped, signed_sin)
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1), a fresh tensor
+        # Two products rounded apart, then added, as the reference does (a fused multiply-add would
+        # round once and drift from it by an ulp).
+        return (x * cos).add_(swapped.mul_(signed_sin))
 
 
 class Attention(Module):
