@@ -27,7 +27,7 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
     lora: LoRABatch | None
-    sample_indices: torch.Tensor  # [num_sampled]: rows of the hidden states that give logits
+    sample_indices: torch.Tensor | None  # [num_sampled]: rows of the hidden states that give logits; None: all
     sampled_seqs: list[Sequence]
 
 
@@ -60,7 +60,9 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)  # [num_tokens, hidden]
         if not inputs.sampled_seqs:
             return [], None
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_sampled, vocab]
+        if inputs.sample_indices is not None:
+            hidden = hidden[inputs.sample_indices]
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
         params = [seq.params for seq in inputs.sampled_seqs]
         generators = [seq.generator for seq in inputs.sampled_seqs]
         return inputs.sampled_seqs, self.sampler(logits, params, generators)
@@ -117,7 +119,8 @@ class ModelRunner:
             positions=as_tensor(positions, torch.int64),
             meta=meta,
             lora=lora,
-            sample_indices=as_tensor(sample_indices, torch.int64),
+            # Decode-only steps sample every row: no copy of the hidden states.
+            sample_indices=None if len(sample_indices) == num_tokens else as_tensor(sample_indices, torch.int64),
             sampled_seqs=sampled,
         )
 
