@@ -289,7 +289,7 @@ class LLMEngine:
             return
         if not defer_text:
             seq.output_text += seq.detokenizer.step(seq.token_ids)
-        at_limit = len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        at_limit = seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
         if at_limit:
             seq.output_text += seq.detokenizer.flush(seq.token_ids)
         if not self._check_stop_strings(seq, previous_len) and at_limit:
@@ -324,7 +324,7 @@ class LLMEngine:
             prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
             text=seq.output_text[:emit_upto],
-            token_ids=list(seq.output_token_ids),
+            token_ids=seq.output_token_ids,  # a fresh slice
             delta_text=delta_text,
             delta_token_ids=seq.output_token_ids[-1:],
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
