@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -82,6 +83,7 @@ class LLMEngine:
                                    self.adapters)
         self.runner = ModelRunner(self.model, self.block_manager, self.dtype, self.device, config.seed)
         self._seqs: dict[str, Sequence] = {}
+        self._serials = itertools.count()  # Sequence.serial
         self._next_id = 0
         logger.info("loaded %s (%s, %s, %s backend): %d KV blocks of %d tokens, max_model_len %d",
                     model_dir, model_config.architecture, self.dtype, backend.name, num_blocks,
@@ -183,6 +185,7 @@ class LLMEngine:
             generator=generator,
             arrival_time=arrival_time,
         )
+        seq.serial = next(self._serials)
         if adapter is not None:
             seq.adapter = adapter
             # The key also salts the prefix cache: KV computed under one registration is never

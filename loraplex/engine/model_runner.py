@@ -104,7 +104,7 @@ class ModelRunner:
             seq_lens=as_tensor(seq_lens, torch.int32),
             query_start_loc=as_tensor(list(itertools.accumulate(query_lens, initial=0)), torch.int32),
             max_query_len=max(query_lens),
-            seq_ids=tuple(seq.request_id for seq, _ in batch.scheduled),
+            seq_ids=tuple(seq.serial for seq, _ in batch.scheduled),
             seq_lens_host=seq_lens,
             query_lens_host=query_lens,
         )

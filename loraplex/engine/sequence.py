@@ -38,6 +38,10 @@ class Sequence:
         arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
+        # Unique among the engine's sequences for its whole life, unlike a request id, which a
+        # caller may reuse once the request has finished: what kernel backends key per-sequence
+        # state by. Set by the engine when it takes the request.
+        self.serial = -1
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

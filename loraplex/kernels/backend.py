@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Hashable
 from typing import Protocol
 
 import torch
@@ -21,7 +22,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     max_query_len: int
-    seq_ids: tuple[str, ...]  # which sequence each row is (lets backends keep state per batch)
+    # Which sequence each row is, unique for the sequence's whole life and never given to another
+    # (lets backends keep state per sequence across steps).
+    seq_ids: tuple[Hashable, ...]
     seq_lens_host: list[int]  # seq_lens, on the host
     query_lens_host: list[int]  # new tokens per sequence, on the host
     plan: object = field(default=None)  # backend-specific layout, filled by `Backend.prepare`
@@ -143,7 +146,8 @@ class TorchBackend:
         kv = None
         if group.max_query_len == 1 and self._decode is not None and self._decode.active:
             kv = self._decode.keys_values(k_cache, group.max_kv_len)
-        elif group.fresh:
+        elif group.fresh:  # the keys as the cache holds them
+            key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
             kv = reference.pad_to_group(key, group), reference.pad_to_group(value, group)
         return reference.attend_group(query, k_cache, v_cache, group, scale, kv)
 

@@ -7,20 +7,25 @@ is kept (moved up when sequences before it left) and appended to in place; only 
 not decoding in the step before (it just finished its prompt, or was preempted) is gathered from
 the paged cache, and only its own row. The paged cache stays the source of truth.
 
-The buffers are kept from step to step and grow geometrically (their rows kept), so steady
-decoding touches no new memory: on the CPU a fresh allocation of this size costs page faults on
-every touch. They hold about one more copy of the decoding batch's keys and values, at most a
-quarter more than its longest context and half more rows than its largest batch.
+The buffers are kept from step to step, so steady decoding touches no new memory (on the CPU a
+fresh allocation of this size costs page faults on every touch). They are sized from the current
+decodes (rows x longest context, with half again as many rows and a quarter more length in
+reserve), grow keeping their rows when the decodes outgrow them, and are reallocated smaller when
+they exceed four times that size: at most about eight times the decoding batch's keys and values,
+about twice after a resize.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
 # Room for at least this many more decode steps is reserved when a buffer grows.
 _HEADROOM = 64
+# Buffers more than this many times the size the current decodes would get are reallocated at it.
+_SHRINK_AT = 4
 
 
 @dataclass
@@ -35,9 +40,15 @@ class _Plan:
     slots: torch.Tensor | None = None  # [num_rows * num_kv_heads] the new keys' rows in a flat buffer
 
 
+def _buffer_shape(num_rows: int, max_len: int) -> tuple[int, int]:
+    """(rows, length) of buffers for these decodes: half again as many rows, a quarter more length
+    (at least _HEADROOM positions) in reserve."""
+    return num_rows + num_rows // 2, max_len + max(_HEADROOM, max_len // 4)
+
+
 class DecodeKVCache:
     def __init__(self) -> None:
-        self._rows: dict[str, tuple[int, int]] = {}  # seq id -> (row, cached length) after the last step
+        self._rows: dict[Hashable, tuple[int, int]] = {}  # seq id -> (row, cached length) after the last step
         self._shape = (0, 0)  # (rows, length) every layer's buffers have room for
         # per layer: k, v, each [rows, num_kv_heads, length, head_dim]
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -49,7 +60,7 @@ class DecodeKVCache:
     def active(self) -> bool:
         return self._plan is not None
 
-    def begin_step(self, seq_ids: list[str], seq_lens: list[int]) -> None:
+    def begin_step(self, seq_ids: list[Hashable], seq_lens: list[int]) -> None:
         """Plan the step for the decodes `seq_ids` (in batch order), whose contexts are `seq_lens`
         long after this step. No decodes: the mirror rests and forgets its rows."""
         self._updated.clear()
@@ -57,9 +68,10 @@ class DecodeKVCache:
             self._plan, self._rows, self.num_gathered = None, {}, 0
             return
         rows, length = self._shape
-        max_len = max(seq_lens)
-        if len(seq_ids) > rows or max_len > length:
-            self._grow(len(seq_ids), max_len)
+        num_rows, max_len = len(seq_ids), max(seq_lens)
+        target = _buffer_shape(num_rows, max_len)
+        if num_rows > rows or max_len > length or rows * length > _SHRINK_AT * target[0] * target[1]:
+            self._resize(target)
         moves, gathered = [], []
         for row, (seq_id, seq_len) in enumerate(zip(seq_ids, seq_lens, strict=True)):
             source, cached = self._rows.get(seq_id, (-1, -1))
@@ -74,14 +86,13 @@ class DecodeKVCache:
         self._plan = _Plan(len(seq_ids), moves, gathered, [n - 1 for n in seq_lens], max_len)
         self.num_gathered = len(gathered)
 
-    def _grow(self, num_rows: int, max_len: int) -> None:
-        # Each layer moves its rows into the larger buffers when it next updates.
+    def _resize(self, shape: tuple[int, int]) -> None:
+        # Each layer moves its rows into the new buffers when it next updates, if they fit there;
+        # if not (the buffers shrank), every row is gathered again.
         rows, length = self._shape
-        if num_rows > rows:
-            rows = max(num_rows, rows + rows // 2)
-        if max_len > length:
-            length = max_len + max(_HEADROOM, max_len // 4)
-        self._shape = (rows, length)
+        self._shape = shape
+        if shape[0] < rows or shape[1] < length:
+            self._rows = {}
 
     def update(self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                block_tables: torch.Tensor) -> None:
@@ -105,9 +116,9 @@ class DecodeKVCache:
         if plan.slots is None:  # the same for every layer
             heads = torch.arange(num_kv_heads)
             starts = torch.tensor(plan.positions) + torch.arange(plan.num_rows) * (num_kv_heads * length)
-            plan.slots = (starts.unsqueeze(1) + heads * length).flatten()
-        k.view(-1, head_dim).index_copy_(0, plan.slots, key.reshape(-1, head_dim))
-        v.view(-1, head_dim).index_copy_(0, plan.slots, value.reshape(-1, head_dim))
+            plan.slots = (starts.unsqueeze(1) + heads * length).flatten().to(k.device)
+        k.view(-1, head_dim).index_copy_(0, plan.slots, key.reshape(-1, head_dim).to(k.dtype))
+        v.view(-1, head_dim).index_copy_(0, plan.slots, value.reshape(-1, head_dim).to(v.dtype))
         if plan.gathered:
             self._gather(k_cache, k, block_tables, plan.gathered, plan)
             self._gather(v_cache, v, block_tables, plan.gathered, plan)
@@ -119,7 +130,8 @@ class DecodeKVCache:
         # (masked to weight 0) and 0 * NaN is NaN; later they hold other sequences' finite keys.
         new = cache.new_zeros(shape), cache.new_zeros(shape)
         for src, dst in zip(old, new):
-            dst[: src.shape[0], :, : src.shape[2]] = src
+            if src.shape[0] <= shape[0] and src.shape[2] <= shape[2]:  # else every row is gathered again
+                dst[: src.shape[0], :, : src.shape[2]] = src
         return new
 
     @staticmethod
@@ -130,7 +142,7 @@ class DecodeKVCache:
         if rows == list(range(plan.num_rows)):
             tables, target = block_tables[:, :num_blocks], slice(0, plan.num_rows)
         else:
-            index = torch.tensor(rows)
+            index = torch.tensor(rows, device=cache.device)
             tables, target = block_tables[index, :num_blocks], index
         # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
         blocks = cache.index_select(0, tables.flatten().long())  # [rows * num_blocks, block_size, H, D]

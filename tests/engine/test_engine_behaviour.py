@@ -92,6 +92,33 @@ def test_abort_frees_blocks_and_spares_the_rest(demo_llm):
     assert _engine_drained(demo_llm)
 
 
+def test_a_request_id_reused_after_it_finished_gets_its_own_attention(demo_dir):
+    """The new request's first step is one token past a prefix-cache hit, at the length the finished
+    request had reached under the same id, in the same row of the batch: it must not be taken for
+    the finished request's continuation."""
+    from loraplex import LLM
+
+    def first_token(reuse: bool):
+        engine = LLM(model=str(demo_dir), dtype="float32", device="cpu", block_size=4,
+                     kv_cache_memory="16MiB").engine
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+        shared = [5, 6, 7, 8, 9]
+        engine.add_request(shared, params, "y")
+        engine.add_request([11, 12, 13], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), "x")
+        engine.step()
+        assert any(o.request_id == "x" and o.finished for o in engine.step())  # x decoded 4 tokens in row 1
+        request_id = engine.add_request(shared[:4] + [20], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
+                                                                          logprobs=0), "x" if reuse else "z")
+        out = next(o for o in engine.step() if o.request_id == request_id)
+        assert out.num_cached_tokens == 4  # the first block came from y: one token computed, as a decode
+        return out.token_ids[0], out.logprobs[0].logprob
+
+    token, logprob = first_token(reuse=True)
+    expected_token, expected_logprob = first_token(reuse=False)
+    assert token == expected_token
+    assert logprob == pytest.approx(expected_logprob, abs=1e-5)
+
+
 def test_seed_gives_same_output_whatever_the_batch(demo_llm):
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
     alone = demo_llm.generate("The harbour at dawn", params)[0].token_ids
