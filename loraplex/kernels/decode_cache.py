@@ -129,7 +129,7 @@ class DecodeKVCache:
         # Zeros, not empty: positions past a sequence's length still enter the product with V
         # (masked to weight 0) and 0 * NaN is NaN; later they hold other sequences' finite keys.
         new = cache.new_zeros(shape), cache.new_zeros(shape)
-        for src, dst in zip(old, new):
+        for src, dst in zip(old, new, strict=False):  # no old buffers on the first allocation
             if src.shape[0] <= shape[0] and src.shape[2] <= shape[2]:  # else every row is gathered again
                 dst[: src.shape[0], :, : src.shape[2]] = src
         return new

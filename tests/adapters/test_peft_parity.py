@@ -86,7 +86,8 @@ def assert_logprobs_match(reference, prompts, adapters, outputs) -> None:
             values, ids = ref[step].topk(TOP_K)
             assert [t for t, _ in ours.top] == ids.tolist(), f"{where}: top-{TOP_K} ids differ"
             got = torch.tensor([v for _, v in ours.top], dtype=torch.float32)
-            torch.testing.assert_close(got, values, atol=LOGPROB_ATOL, rtol=0, msg=lambda m: f"{where}: {m}")
+            torch.testing.assert_close(got, values, atol=LOGPROB_ATOL, rtol=0,
+                                       msg=lambda m, where=where: f"{where}: {m}")
 
 
 def test_fixture_adapters_are_what_peft_made(peft_adapters, peft_reference, peft_lora_layers):
