@@ -264,9 +264,11 @@ class LLMEngine:
                 time.sleep(0.001)  # only adapter loads are pending: let them progress
             return outputs
         sampled_seqs, result = self.runner.execute(batch)
+        commit = self.block_manager.commit if self.block_manager.enable_prefix_caching else None
         for seq, num_new in batch.scheduled:
             seq.num_computed_tokens += num_new
-            self.block_manager.commit(seq)
+            if commit is not None:
+                commit(seq)
         for row, seq in enumerate(sampled_seqs):
             # Offline, text is only read at the end: without stop strings to watch for, the whole
             # output is decoded once when the sequence finishes instead of token by token.

@@ -90,7 +90,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_append(seq, num_new):
+            needed = self.block_manager.blocks_needed(seq, num_new)  # preempting others does not change it
+            while needed > self.block_manager.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -98,7 +99,8 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it preempted itself: every newer sequence is out already
-            self.block_manager.append_slots(seq, num_new)
+            if needed:  # most decode steps fit in the last block
+                self.block_manager.append_slots(seq, num_new)
             out.scheduled.append((seq, num_new))
             budget -= num_new
         return budget
