@@ -135,19 +135,20 @@ class TorchBackend:
         `write_kv` (used as they are by prompts with no cached context)."""
         groups = meta.plan.groups
         if len(groups) == 1:
-            return self._attend(query, key, value, k_cache, v_cache, groups[0], scale)
+            return self._attend(query, (key, value), k_cache, v_cache, groups[0], scale)
         out = torch.empty_like(query)
         for group in groups:
             index = group.token_index
-            out[index] = self._attend(query[index], key[index], value[index], k_cache, v_cache, group, scale)
+            step_kv = (key[index], value[index]) if group.fresh else None  # only fresh prompts read them
+            out[index] = self._attend(query[index], step_kv, k_cache, v_cache, group, scale)
         return out
 
-    def _attend(self, query, key, value, k_cache, v_cache, group: reference.AttentionGroup, scale: float):
+    def _attend(self, query, step_kv, k_cache, v_cache, group: reference.AttentionGroup, scale: float):
         kv = None
         if group.max_query_len == 1 and self._decode is not None and self._decode.active:
             kv = self._decode.keys_values(k_cache, group.max_kv_len)
         elif group.fresh:  # the keys as the cache holds them
-            key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+            key, value = step_kv[0].to(k_cache.dtype), step_kv[1].to(v_cache.dtype)
             kv = reference.pad_to_group(key, group), reference.pad_to_group(value, group)
         return reference.attend_group(query, k_cache, v_cache, group, scale, kv)
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.kernels.reference import gather_context
+
 # Room for at least this many more decode steps is reserved when a buffer grows.
 _HEADROOM = 64
 # Buffers more than this many times the size the current decodes would get are reallocated at it.
@@ -38,6 +40,8 @@ class _Plan:
     positions: list[int]  # where each row's new key goes
     max_len: int
     slots: torch.Tensor | None = None  # [num_rows * num_kv_heads] the new keys' rows in a flat buffer
+    gather_rows: torch.Tensor | slice | None = None  # the gathered rows, as an index
+    gather_tables: torch.Tensor | None = None  # [len(gathered), blocks] their block tables
 
 
 def _buffer_shape(num_rows: int, max_len: int) -> tuple[int, int]:
@@ -120,8 +124,14 @@ class DecodeKVCache:
         k.view(-1, head_dim).index_copy_(0, plan.slots, key.reshape(-1, head_dim).to(k.dtype))
         v.view(-1, head_dim).index_copy_(0, plan.slots, value.reshape(-1, head_dim).to(v.dtype))
         if plan.gathered:
-            self._gather(k_cache, k, block_tables, plan.gathered, plan)
-            self._gather(v_cache, v, block_tables, plan.gathered, plan)
+            if plan.gather_rows is None:  # the same for every layer
+                every = plan.gathered == list(range(plan.num_rows))
+                index = torch.tensor(plan.gathered, device=k.device)
+                plan.gather_rows = slice(0, plan.num_rows) if every else index
+                plan.gather_tables = block_tables if every else block_tables[index]
+            for cache, buffer in ((k_cache, k), (v_cache, v)):
+                context = gather_context(cache, plan.gather_tables, plan.max_len)  # [rows, max_len, H, D]
+                buffer[plan.gather_rows, :, : plan.max_len] = context.transpose(1, 2)
 
     def _allocate(self, cache: torch.Tensor, *old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num_kv_heads, head_dim = cache.shape[2:]
@@ -133,21 +143,6 @@ class DecodeKVCache:
             if src.shape[0] <= shape[0] and src.shape[2] <= shape[2]:  # else every row is gathered again
                 dst[: src.shape[0], :, : src.shape[2]] = src
         return new
-
-    @staticmethod
-    def _gather(cache: torch.Tensor, buffer: torch.Tensor, block_tables: torch.Tensor, rows: list[int],
-                plan: _Plan) -> None:
-        block_size = cache.shape[1]
-        num_blocks = -(-plan.max_len // block_size)
-        if rows == list(range(plan.num_rows)):
-            tables, target = block_tables[:, :num_blocks], slice(0, plan.num_rows)
-        else:
-            index = torch.tensor(rows, device=cache.device)
-            tables, target = block_tables[index, :num_blocks], index
-        # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
-        blocks = cache.index_select(0, tables.flatten().long())  # [rows * num_blocks, block_size, H, D]
-        context = blocks.view(len(rows), num_blocks * block_size, *cache.shape[2:])[:, : plan.max_len]
-        buffer[target, :, : plan.max_len] = context.transpose(1, 2)
 
     def keys_values(self, k_cache: torch.Tensor, max_kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's [num_rows, max_kv_len, num_kv_heads, head_dim] keys and values (views of

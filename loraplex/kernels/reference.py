@@ -162,14 +162,18 @@ def paged_attention_planned(
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup):
     """Each sequence's keys and values, [group_seqs, max_kv_len, num_kv_heads, head_dim] each."""
-    num_seqs = group.block_tables.shape[0]
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    return (gather_context(k_cache, group.block_tables, group.max_kv_len),
+            gather_context(v_cache, group.block_tables, group.max_kv_len))
+
+
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [num_blocks, block_size, H, D], block_tables [seqs, >= length / block_size] int64 ->
+    [seqs, length, H, D]: each sequence's first `length` cached positions."""
+    block_size = cache.shape[1]
+    tables = block_tables[:, : -(-length // block_size)]
     # index_select of whole blocks: one contiguous copy per block, much faster than advanced indexing.
-    blocks = group.block_tables.flatten()
-    shape = (num_seqs, group.block_tables.shape[1] * block_size, num_kv_heads, head_dim)
-    keys = k_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len]
-    values = v_cache.index_select(0, blocks).view(shape)[:, : group.max_kv_len]
-    return keys, values
+    blocks = cache.index_select(0, tables.flatten())
+    return blocks.view(tables.shape[0], -1, *cache.shape[2:])[:, :length]
 
 
 def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, kv=None) -> torch.Tensor:
