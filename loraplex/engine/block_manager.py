@@ -109,8 +109,6 @@ class BlockManager:
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """The cache slots of positions start..end-1, a block's run at a time."""
         size, table = self.block_size, seq.block_table
-        if end - start == 1:
-            return [table[start // size] * size + start % size]
         out: list[int] = []
         position = start
         while position < end:

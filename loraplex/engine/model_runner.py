@@ -76,14 +76,13 @@ class ModelRunner:
         sample_indices: list[int] = []
         sampled: list[Sequence] = []
         num_tokens = 0
-        block_size = self.block_size
         for seq, num_new in batch.scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
             if num_new == 1:  # a decode: the common case, kept cheap
                 input_ids.append(seq.token_ids[start])
                 positions.append(start)
-                slots.append(seq.block_table[start // block_size] * block_size + start % block_size)
+                slots.append(self.block_manager.slot(seq, start))
             else:
                 input_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
