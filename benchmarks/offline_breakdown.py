@@ -30,7 +30,9 @@ from offline_throughput import make_prompts  # noqa: E402
 
 def engine_parts(model_dir: Path, runs: int) -> list[dict[str, float]]:
     from loraplex import LLM, SamplingParams
-    from loraplex.engine import llm_engine, model_runner
+    from loraplex.engine import model_runner
+    from loraplex.engine.sampling import Sampler
+    from loraplex.models.llama import LlamaForCausalLM
 
     llm = LLM(model=str(model_dir), dtype="float32", device="cpu", max_model_len=256, max_num_seqs=64,
               enable_prefix_caching=False)
@@ -39,42 +41,30 @@ def engine_parts(model_dir: Path, runs: int) -> list[dict[str, float]]:
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     times: dict[str, float] = defaultdict(float)
 
-    @torch.inference_mode()
-    def execute(self, batch):  # ModelRunner.execute, timed part by part
-        kind = "decode" if all(n == 1 for _, n in batch.scheduled) else "prompt"
-        t0 = time.perf_counter()
-        inputs = self.prepare(batch)
-        t1 = time.perf_counter()
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
-        t2 = time.perf_counter()
-        if inputs.sample_indices is not None:
-            hidden = hidden[inputs.sample_indices]
-        seqs = inputs.sampled_seqs
-        result = self.sampler(self.model.compute_logits(hidden), [s.params for s in seqs], [s.generator for s in seqs])
-        t3 = time.perf_counter()
-        times["prepare"] += t1 - t0
-        times[f"{kind} forward"] += t2 - t1
-        times["logits + sampling"] += t3 - t2
-        return seqs, result
+    def timed(owner, name: str, part) -> None:
+        """Wrap owner.name so that its time adds to times[part(args)]: the real code runs."""
+        original = getattr(owner, name)
 
-    step = llm_engine.LLMEngine.step
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = original(*args, **kwargs)
+            times[part(*args)] += time.perf_counter() - start
+            return result
 
-    def timed_step(self, *args, **kwargs):
-        start = time.perf_counter()
-        outputs = step(self, *args, **kwargs)
-        times["step"] += time.perf_counter() - start
-        return outputs
+        setattr(owner, name, wrapper)
 
-    model_runner.ModelRunner.execute, llm_engine.LLMEngine.step = execute, timed_step
+    timed(model_runner.ModelRunner, "prepare", lambda *a: "prepare")
+    timed(LlamaForCausalLM, "forward", lambda _, ids, pos, meta, *a: "decode forward" if meta.max_query_len == 1
+          else "prompt forward")
+    timed(LlamaForCausalLM, "compute_logits", lambda *a: "logits + sampling")
+    timed(Sampler, "__call__", lambda *a: "logits + sampling")
     rows = []
     for _ in range(runs):
         times.clear()
         start = time.perf_counter()
         llm.generate(prompts, params)
         total = time.perf_counter() - start
-        inner = sum(v for k, v in times.items() if k != "step")
-        rows.append({"total": total, **{k: v for k, v in times.items() if k != "step"},
-                     "rest of the engine": total - inner})
+        rows.append({"total": total, **times, "rest of the engine": total - sum(times.values())})
     return rows
 
 
