@@ -102,6 +102,30 @@ def test_mirror_grows_past_its_headroom_and_batch_keeping_its_rows():
         ids += [seq_id for seq_id, n in scheduled if n > 1]
 
 
+def test_next_batch_reuses_the_buffers_a_straggler_leaves_behind():
+    seqs = _Sequences(torch.Generator().manual_seed(3))
+    backend = TorchBackend()
+    batch = [f"a{i}" for i in range(8)]
+    seqs.step(backend, [(s, 5) for s in batch])
+    for _ in range(3):
+        seqs.step(backend, _decodes(*batch))
+    buffers = [t for kv in backend._decode._buffers.values() for t in kv]
+
+    def same_buffers() -> bool:
+        now = [t for kv in backend._decode._buffers.values() for t in kv]
+        return len(now) == len(buffers) and all(a is b for a, b in zip(now, buffers, strict=True))
+
+    # The batch ends with one straggler, the engine idles, then a batch of the same shape arrives.
+    for _ in range(2):
+        seqs.step(backend, _decodes(batch[-1]))
+        assert same_buffers()  # not shrunk for the straggler
+    seqs.step(backend, [(f"b{i}", 5) for i in range(8)])
+    for _ in range(3):
+        ours, expected = seqs.step(backend, _decodes(*(f"b{i}" for i in range(8))))
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert same_buffers()  # the same tensors: no reallocation
+
+
 def test_prompts_of_different_lengths_attend_causally_to_their_own_keys():
     seqs = _Sequences(torch.Generator().manual_seed(2))
     backend = TorchBackend(decode_mirror=False)
