@@ -116,11 +116,15 @@ class TorchBackend:
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         meta.plan = reference.plan_paged_attention(meta.block_tables, meta.seq_lens_host, meta.query_lens_host,
                                                    block_size)
-        if self._decode is not None:
-            # The plan puts the decodes first, in batch order: the mirror's rows.
-            decodes = [(seq_id, n) for seq_id, n, q in zip(meta.seq_ids, meta.seq_lens_host, meta.query_lens_host,
-                                                           strict=True) if q == 1]
-            self._decode.begin_step([seq_id for seq_id, _ in decodes], [n for _, n in decodes])
+        if self._decode is None:
+            return
+        if meta.max_query_len == 1:  # decodes only: every sequence is a row, in batch order
+            self._decode.begin_step(meta.seq_ids, meta.seq_lens_host)
+            return
+        # The plan puts the decodes first, in batch order: the mirror's rows.
+        decodes = [(seq_id, n) for seq_id, n, q in zip(meta.seq_ids, meta.seq_lens_host, meta.query_lens_host,
+                                                       strict=True) if q == 1]
+        self._decode.begin_step([seq_id for seq_id, _ in decodes], [n for _, n in decodes])
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)

@@ -19,7 +19,7 @@ a page fault per page on first touch: about 10 ms per layer for a 64 x 256-token
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +69,7 @@ class DecodeKVCache:
     def active(self) -> bool:
         return self._plan is not None
 
-    def begin_step(self, seq_ids: list[Hashable], seq_lens: list[int]) -> None:
+    def begin_step(self, seq_ids: Sequence[Hashable], seq_lens: Sequence[int]) -> None:
         """Plan the step for the decodes `seq_ids` (in batch order), whose contexts are `seq_lens`
         long after this step. No decodes: the mirror rests and forgets its rows."""
         self._updated.clear()

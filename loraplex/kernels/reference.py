@@ -77,7 +77,9 @@ class AttentionGroup:
     token_index: torch.Tensor | None  # [group_tokens]: the step's tokens of this group; None = all, in order
     block_tables: torch.Tensor  # [group_seqs, blocks needed by its longest sequence] int64
     padded_index: torch.Tensor | None  # [group_tokens]: token -> row of [group_seqs * max_query_len]; None: uniform
-    mask: torch.Tensor | None  # [group_seqs, 1, max_query_len, max_kv_len] bool, True = attend; None = see `causal`
+    # [group_seqs, 1, max_query_len, max_kv_len] fp32, added to the scores: 0 = attend, -inf = not (made
+    # once per step: SDPA would otherwise turn a bool mask into this in every layer); None = see `fresh`
+    mask: torch.Tensor | None
     max_query_len: int
     max_kv_len: int
     # Every sequence's queries start at position 0 (no cached context): the mask is SDPA's causal one
@@ -136,7 +138,7 @@ def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: lis
         mask = None  # SDPA's own causal mask, or decodes over one length that see every key
     elif max_query_len == 1:  # decodes see their whole context
         lens = torch.tensor(seq_lens, device=device).view(-1, 1, 1, 1)
-        mask = torch.arange(max_kv_len, device=device) < lens  # [num_seqs, 1, 1, max_kv]
+        mask = _additive(torch.arange(max_kv_len, device=device) < lens)  # [num_seqs, 1, 1, max_kv]
     else:
         # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
         lens = torch.tensor(seq_lens, device=device).unsqueeze(1)  # [num_seqs, 1]
@@ -144,8 +146,13 @@ def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: lis
         q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
         q_pos = torch.where(q_pos < lens, q_pos, torch.zeros_like(q_pos))
         kv_pos = torch.arange(max_kv_len, device=device)
-        mask = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
+        mask = _additive((kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1))  # [num_seqs, 1, max_q, max_kv]
     return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len, fresh, uniform)
+
+
+def _additive(attend: torch.Tensor) -> torch.Tensor:
+    """bool mask (True = attend) -> fp32 0 / -inf, as SDPA adds it to the scores."""
+    return torch.zeros(attend.shape, device=attend.device).masked_fill_(~attend, float("-inf"))
 
 
 def paged_attention_planned(
@@ -194,8 +201,11 @@ def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, k
     keys, values = kv if kv is not None else gather_kv(k_cache, v_cache, group)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
 
+    mask = group.mask
+    if mask is not None and mask.dtype != query.dtype:  # SDPA adds a float mask in the query's dtype
+        mask = mask.to(query.dtype)
     out = F.scaled_dot_product_attention(
-        padded_q, keys, values, attn_mask=group.mask, is_causal=group.fresh, scale=scale,
+        padded_q, keys, values, attn_mask=mask, is_causal=group.fresh, scale=scale,
         enable_gqa=not decode and num_heads != num_kv_heads,
     )  # [num_seqs, num_heads, max_query_len, head_dim]; decode: [num_seqs, num_kv_heads, group, head_dim]
     if decode:
