@@ -14,7 +14,8 @@ reserve), grow keeping their rows when the decodes outgrow them, and are realloc
 they have exceeded four times that size for _SHRINK_AFTER decode steps in a row: then at most
 about eight times the decoding batch's keys and values, about twice after a resize. The delay keeps
 a batch's last few stragglers, and the next batch after them, from reallocating (fresh memory costs
-a page fault per page on first touch: about 10 ms per layer for a 64 x 256-token batch).
+a page fault per page on first touch: about 10 ms per layer for a 64 x 256-token batch). An idle
+engine keeps its buffers until decoding resumes.
 """
 
 from __future__ import annotations
