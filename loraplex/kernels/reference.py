@@ -152,7 +152,7 @@ def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: lis
 
 def _additive(attend: torch.Tensor) -> torch.Tensor:
     """bool mask (True = attend) -> fp32 0 / -inf, as SDPA adds it to the scores."""
-    return torch.zeros(attend.shape, device=attend.device).masked_fill_(~attend, float("-inf"))
+    return torch.zeros(attend.shape, dtype=torch.float32, device=attend.device).masked_fill_(~attend, float("-inf"))
 
 
 def paged_attention_planned(
