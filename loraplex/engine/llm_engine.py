@@ -6,6 +6,7 @@ import itertools
 import logging
 import re
 import time
+from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
 from loraplex.config import EngineConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.list_prefix import ListPrefix
 from loraplex.engine.model_runner import ModelRunner, kv_cache_block_bytes
 from loraplex.engine.sampling import SampleResult, SamplingParams
 from loraplex.engine.scheduler import Scheduler
@@ -34,10 +36,12 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     text: str  # all output text so far
-    token_ids: list[int]  # all output tokens so far
+    # All output tokens so far: a list once finished; before that a `ListPrefix` of the sequence's
+    # own list (read-only, fixed at this output's tokens), so streaming copies nothing per step.
+    token_ids: abc.Sequence[int]
     delta_text: str  # text new since the previous output of this request
     delta_token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
+    logprobs: abc.Sequence[TokenLogprob] | None  # as token_ids: a list once finished
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (stop_reason says why)
     stop_reason: int | str | None = None
@@ -324,16 +328,20 @@ class LLMEngine:
         emit_upto = max(len(seq.output_text) - holdback, seq.num_emitted_chars)
         delta_text = seq.output_text[seq.num_emitted_chars : emit_upto]
         seq.num_emitted_chars = emit_upto
+        finished = seq.is_finished
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = list(seq.logprobs) if finished else ListPrefix(seq.logprobs)
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
             text=seq.output_text[:emit_upto],
-            token_ids=seq.output_token_ids,  # a fresh slice
+            token_ids=seq.output_token_ids if finished else ListPrefix(seq.token_ids, seq.num_prompt_tokens),
             delta_text=delta_text,
-            delta_token_ids=seq.output_token_ids[-1:],
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            finished=seq.is_finished,
+            delta_token_ids=seq.token_ids[-1:] if seq.num_output_tokens else [],
+            logprobs=logprobs,
+            finished=finished,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             num_cached_tokens=seq.num_cached_tokens,

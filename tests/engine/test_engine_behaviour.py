@@ -59,6 +59,25 @@ def test_streamed_deltas_add_up_and_hold_back_stop_prefixes(demo_llm):
     assert out.finished and out.text == greedy.text[: greedy.text.index(stop)]
 
 
+def test_streamed_outputs_keep_the_tokens_and_logprobs_they_had(demo_llm):
+    engine = demo_llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    engine.add_request("A letter", params)
+    streamed = []
+    while engine.has_unfinished_requests():
+        streamed += engine.step()
+    final = streamed[-1]
+    assert final.finished and isinstance(final.token_ids, list) and isinstance(final.logprobs, list)
+    assert len(final.token_ids) == len(final.logprobs) == 12
+    # Read after the request finished: each output still holds exactly the tokens of its own step.
+    for n, out in enumerate(streamed[:-1], start=1):
+        assert not out.finished
+        assert out.token_ids == final.token_ids[:n] and len(out.token_ids) == n
+        assert list(out.logprobs) == final.logprobs[:n]
+        assert out.delta_token_ids == [final.token_ids[n - 1]]
+        assert out.token_ids[n - 1 :] == out.delta_token_ids
+
+
 def test_request_that_cannot_fit_is_refused_at_once(demo_llm):
     with pytest.raises(ValueError, match="max_model_len"):
         demo_llm.engine.add_request([5] * 500, SamplingParams(max_tokens=13))
