@@ -13,15 +13,20 @@ class ListPrefix(Sequence[T]):
 
     Made in O(1), it keeps showing the same items however much the list grows afterwards. Streamed
     outputs hold their cumulative token ids and logprobs this way: copying them at every step cost
-    O(n) per token, O(n^2) over a request. Slices and iteration copy just what they return.
+    O(n) per token, O(n^2) over a request. Slices and iteration copy just what they return. It is
+    read-only and not a list: `list(prefix)` for one (to concatenate, or for `json.dumps`).
     """
 
     __slots__ = ("_items", "_start", "_stop")
 
     def __init__(self, items: list[T], start: int = 0, stop: int | None = None) -> None:
+        stop = len(items) if stop is None else stop
+        if not 0 <= start <= stop <= len(items):
+            raise ValueError(f"ListPrefix({len(items)} items, start={start}, stop={stop}): need 0 <= start <= stop <= "
+                             "len(items)")
         self._items = items
         self._start = start
-        self._stop = len(items) if stop is None else stop
+        self._stop = stop
 
     def __len__(self) -> int:
         return self._stop - self._start
@@ -42,11 +47,14 @@ class ListPrefix(Sequence[T]):
         return iter(self._items[self._start : self._stop])
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, (ListPrefix, list, tuple)):
+        if isinstance(other, (ListPrefix, list)):  # as a list: never equal to a tuple
             return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented
 
     __hash__ = None  # like a list: equal to lists, so not hashable
+
+    def __reduce__(self):
+        return ListPrefix, (list(self),)  # pickled or deep-copied: its own items only, not the whole list
 
     def __repr__(self) -> str:
         return f"ListPrefix({list(self)!r})"

@@ -37,10 +37,11 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str  # all output text so far
     # All output tokens so far: a list once finished; before that a `ListPrefix` of the sequence's
-    # own list (read-only, fixed at this output's tokens), so streaming copies nothing per step.
+    # own list (read-only, fixed at this output's tokens: `list()` it to concatenate or serialise),
+    # so streaming copies nothing per step.
     token_ids: abc.Sequence[int]
     delta_text: str  # text new since the previous output of this request
-    delta_token_ids: list[int]
+    delta_token_ids: list[int]  # tokens new since the previous output of this request
     logprobs: abc.Sequence[TokenLogprob] | None  # as token_ids: a list once finished
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (stop_reason says why)
@@ -329,6 +330,8 @@ class LLMEngine:
         delta_text = seq.output_text[seq.num_emitted_chars : emit_upto]
         seq.num_emitted_chars = emit_upto
         finished = seq.is_finished
+        delta_token_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
+        seq.num_emitted_tokens += len(delta_token_ids)
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = list(seq.logprobs) if finished else ListPrefix(seq.logprobs)
@@ -339,7 +342,7 @@ class LLMEngine:
             text=seq.output_text[:emit_upto],
             token_ids=seq.output_token_ids if finished else ListPrefix(seq.token_ids, seq.num_prompt_tokens),
             delta_text=delta_text,
-            delta_token_ids=seq.token_ids[-1:] if seq.num_output_tokens else [],
+            delta_token_ids=delta_token_ids,
             logprobs=logprobs,
             finished=finished,
             finish_reason=seq.finish_reason,

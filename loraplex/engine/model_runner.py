@@ -108,6 +108,7 @@ class ModelRunner:
             seq_ids=tuple(seq.serial for seq, _ in batch.scheduled),
             seq_lens_host=seq_lens,
             query_lens_host=query_lens,
+            dtype=self.kv_cache.dtype,
         )
         self.model.backend.prepare(meta, self.block_size)
         lora = None

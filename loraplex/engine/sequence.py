@@ -55,6 +55,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.output_text = ""
         self.num_emitted_chars = 0  # of output_text, handed out as deltas already
+        self.num_emitted_tokens = 0  # output tokens handed out as deltas already
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None  # the stop token id or string that ended it

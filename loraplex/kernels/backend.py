@@ -27,6 +27,7 @@ class AttentionMetadata:
     seq_ids: tuple[Hashable, ...]
     seq_lens_host: list[int]  # seq_lens, on the host
     query_lens_host: list[int]  # new tokens per sequence, on the host
+    dtype: torch.dtype = torch.float32  # the model's: attention masks are built in it, once per step
     plan: object = field(default=None)  # backend-specific layout, filled by `Backend.prepare`
 
 
@@ -115,7 +116,7 @@ class TorchBackend:
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         meta.plan = reference.plan_paged_attention(meta.block_tables, meta.seq_lens_host, meta.query_lens_host,
-                                                   block_size)
+                                                   block_size, meta.dtype)
         if self._decode is None:
             return
         if meta.max_query_len == 1:  # decodes only: every sequence is a row, in batch order

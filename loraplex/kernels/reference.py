@@ -66,7 +66,7 @@ def paged_attention(
         returns:         [num_tokens, num_heads, head_dim]
     """
     query_lens = (query_start_loc[1:] - query_start_loc[:-1]).tolist()
-    plan = plan_paged_attention(block_tables, seq_lens.tolist(), query_lens, k_cache.shape[1])
+    plan = plan_paged_attention(block_tables, seq_lens.tolist(), query_lens, k_cache.shape[1], query.dtype)
     return paged_attention_planned(query, k_cache, v_cache, plan, scale)
 
 
@@ -77,8 +77,9 @@ class AttentionGroup:
     token_index: torch.Tensor | None  # [group_tokens]: the step's tokens of this group; None = all, in order
     block_tables: torch.Tensor  # [group_seqs, blocks needed by its longest sequence] int64
     padded_index: torch.Tensor | None  # [group_tokens]: token -> row of [group_seqs * max_query_len]; None: uniform
-    # [group_seqs, 1, max_query_len, max_kv_len] fp32, added to the scores: 0 = attend, -inf = not (made
-    # once per step: SDPA would otherwise turn a bool mask into this in every layer); None = see `fresh`
+    # [group_seqs, 1, max_query_len, max_kv_len] in the model's dtype, added to the scores: 0 = attend,
+    # -inf = not (made once per step: SDPA would otherwise turn a bool mask into this in every layer);
+    # None = see `fresh`
     mask: torch.Tensor | None
     max_query_len: int
     max_kv_len: int
@@ -100,9 +101,9 @@ class AttentionPlan:
 
 
 def plan_paged_attention(block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int],
-                         block_size: int) -> AttentionPlan:
+                         block_size: int, dtype: torch.dtype = torch.float32) -> AttentionPlan:
     """The step's layout from its lengths on the host (a few small tensors instead of a chain of
-    tiny device ops); index tensors go to `block_tables`' device."""
+    tiny device ops); index tensors go to `block_tables`' device, masks are in `dtype` (the query's)."""
     decodes = [i for i, n in enumerate(query_lens) if n == 1]
     if len(decodes) in (0, len(query_lens)):
         selections = [None]  # one group: every sequence, tokens in order
@@ -110,12 +111,12 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: list[int], query_
         selections = [decodes, [i for i, n in enumerate(query_lens) if n != 1]]
     starts = list(itertools.accumulate(query_lens, initial=0))
     return AttentionPlan([
-        _plan_group(block_tables, seq_lens, query_lens, starts, seqs, block_size) for seqs in selections
+        _plan_group(block_tables, seq_lens, query_lens, starts, seqs, block_size, dtype) for seqs in selections
     ])
 
 
 def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: list[int], starts: list[int],
-                seqs: list[int] | None, block_size: int) -> AttentionGroup:
+                seqs: list[int] | None, block_size: int, dtype: torch.dtype) -> AttentionGroup:
     device = block_tables.device
     token_index = None
     if seqs is not None:
@@ -138,7 +139,7 @@ def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: lis
         mask = None  # SDPA's own causal mask, or decodes over one length that see every key
     elif max_query_len == 1:  # decodes see their whole context
         lens = torch.tensor(seq_lens, device=device).view(-1, 1, 1, 1)
-        mask = _additive(torch.arange(max_kv_len, device=device) < lens)  # [num_seqs, 1, 1, max_kv]
+        mask = _additive(torch.arange(max_kv_len, device=device) < lens, dtype)  # [num_seqs, 1, 1, max_kv]
     else:
         # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
         lens = torch.tensor(seq_lens, device=device).unsqueeze(1)  # [num_seqs, 1]
@@ -146,13 +147,14 @@ def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: lis
         q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
         q_pos = torch.where(q_pos < lens, q_pos, torch.zeros_like(q_pos))
         kv_pos = torch.arange(max_kv_len, device=device)
-        mask = _additive((kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1))  # [num_seqs, 1, max_q, max_kv]
+        attend = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
+        mask = _additive(attend, dtype)
     return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len, fresh, uniform)
 
 
-def _additive(attend: torch.Tensor) -> torch.Tensor:
-    """bool mask (True = attend) -> fp32 0 / -inf, as SDPA adds it to the scores."""
-    return torch.zeros(attend.shape, dtype=torch.float32, device=attend.device).masked_fill_(~attend, float("-inf"))
+def _additive(attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = attend) -> 0 / -inf in `dtype`, as SDPA adds it to the scores."""
+    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
 
 
 def paged_attention_planned(
@@ -202,7 +204,7 @@ def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, k
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
 
     mask = group.mask
-    if mask is not None and mask.dtype != query.dtype:  # SDPA adds a float mask in the query's dtype
+    if mask is not None and mask.dtype != query.dtype:  # a plan made for another dtype (SDPA needs the query's)
         mask = mask.to(query.dtype)
     out = F.scaled_dot_product_attention(
         padded_q, keys, values, attn_mask=mask, is_causal=group.fresh, scale=scale,

@@ -78,6 +78,16 @@ def test_streamed_outputs_keep_the_tokens_and_logprobs_they_had(demo_llm):
         assert out.token_ids[n - 1 :] == out.delta_token_ids
 
 
+def test_an_output_made_only_at_the_end_has_every_token_as_its_delta(demo_llm):
+    engine = demo_llm.engine
+    engine.add_request("A letter", SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step(finished_only=True)
+    [out] = outputs
+    assert len(out.token_ids) == 9 and out.delta_token_ids == out.token_ids
+
+
 def test_request_that_cannot_fit_is_refused_at_once(demo_llm):
     with pytest.raises(ValueError, match="max_model_len"):
         demo_llm.engine.add_request([5] * 500, SamplingParams(max_tokens=13))
