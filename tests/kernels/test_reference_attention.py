@@ -28,24 +28,29 @@ def _loop_oracle(q, keys, values, lens, q_lens):
     ([7, 2, 12, 4], [1, 2, 1, 4]),  # mixed, first tokens and continuations
     ([9], [9]),  # a whole prompt
 ])
-def test_matches_a_per_token_loop(lens, q_lens):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_a_per_token_loop(lens, q_lens, dtype):
     g = torch.Generator().manual_seed(0)
     num_blocks = 32
-    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     blocks = torch.randperm(num_blocks, generator=g).tolist()
     width = max(-(-n // BLOCK) for n in lens) + 1  # a spare column of unused entries
     block_tables = torch.tensor([blocks[i * width:(i + 1) * width] for i in range(len(lens))], dtype=torch.int32)
-    keys = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=g) for n in lens]
-    values = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=g) for n in lens]
+    # Values the dtype holds exactly, so that the fp32 loop sees what the cache holds.
+    keys = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=g).to(dtype).float() for n in lens]
+    values = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=g).to(dtype).float() for n in lens]
     for b, n in enumerate(lens):
         slots = torch.tensor([int(block_tables[b, p // BLOCK]) * BLOCK + p % BLOCK for p in range(n)])
         write_kv(keys[b], values[b], k_cache, v_cache, slots)
-    q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, generator=g)
+    q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, generator=g).to(dtype)
     qsl = torch.tensor([0, *torch.cumsum(torch.tensor(q_lens), 0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     out = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1 / math.sqrt(HEAD_DIM))
-    torch.testing.assert_close(out, _loop_oracle(q, keys, values, lens, q_lens), atol=1e-5, rtol=1e-5)
-    plan = plan_paged_attention(block_tables, lens, q_lens, BLOCK)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(out.float(), _loop_oracle(q.float(), keys, values, lens, q_lens), atol=tol, rtol=tol)
+    plan = plan_paged_attention(block_tables, lens, q_lens, BLOCK, dtype)
+    assert all(group.mask is None or group.mask.dtype == dtype for group in plan.groups)
     has_both = 1 in q_lens and any(n > 1 for n in q_lens)
     assert len(plan.groups) == (2 if has_both else 1)
