@@ -27,7 +27,7 @@ class AttentionMetadata:
     seq_ids: tuple[Hashable, ...]
     seq_lens_host: list[int]  # seq_lens, on the host
     query_lens_host: list[int]  # new tokens per sequence, on the host
-    dtype: torch.dtype = torch.float32  # the model's: attention masks are built in it, once per step
+    dtype: torch.dtype = torch.float32  # the model's (SDPA adds masks in the query's dtype): masks are built in it
     plan: object = field(default=None)  # backend-specific layout, filled by `Backend.prepare`
 
 
@@ -194,12 +194,12 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
+    def __init__(self) -> None:
+        super().__init__(decode_mirror=False)  # the paged kernel reads the cache directly
+
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         if meta.max_query_len > 1:
             super().prepare(meta, block_size)
-
-    def __init__(self) -> None:
-        super().__init__(decode_mirror=False)  # the paged kernel reads the cache directly
 
     def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.plan is not None:

@@ -203,11 +203,8 @@ def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, k
     keys, values = kv if kv is not None else gather_kv(k_cache, v_cache, group)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
 
-    mask = group.mask
-    if mask is not None and mask.dtype != query.dtype:  # a plan made for another dtype (SDPA needs the query's)
-        mask = mask.to(query.dtype)
     out = F.scaled_dot_product_attention(
-        padded_q, keys, values, attn_mask=mask, is_causal=group.fresh, scale=scale,
+        padded_q, keys, values, attn_mask=group.mask, is_causal=group.fresh, scale=scale,
         enable_gqa=not decode and num_heads != num_kv_heads,
     )  # [num_seqs, num_heads, max_query_len, head_dim]; decode: [num_seqs, num_kv_heads, group, head_dim]
     if decode:
