@@ -22,6 +22,7 @@ from loraplex.engine.model_runner import ModelRunner, kv_cache_block_bytes
 from loraplex.engine.sampling import SampleResult, SamplingParams
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence, TokenLogprob
+from loraplex.errors import conflict, invalid, not_found
 from loraplex.models.loader import load_model
 from loraplex.models.tokenizer import Tokenizer
 
@@ -102,8 +103,8 @@ class LLMEngine:
         if requested is None:
             return limit
         if requested > limit:
-            raise ValueError(f"max_model_len: {requested} exceeds the model's limit of {limit} tokens "
-                             "(max_position_embeddings, or its sliding window); lower it")
+            raise invalid("max_model_len", f"{requested} exceeds the model's limit of {limit} tokens "
+                          "(max_position_embeddings, or its sliding window); lower it")
         return requested
 
     def _num_kv_blocks(self) -> int:
@@ -111,8 +112,8 @@ class LLMEngine:
         num_blocks = self.config.kv_cache_bytes(self.device) // block_bytes
         needed = -(-self.max_model_len // self.config.block_size)
         if num_blocks < needed:
-            raise ValueError(
-                f"kv_cache_memory: {num_blocks * block_bytes} bytes hold {num_blocks} blocks of "
+            raise invalid(
+                "kv_cache_memory", f"{num_blocks * block_bytes} bytes hold {num_blocks} blocks of "
                 f"{self.config.block_size} tokens, but one sequence of max_model_len {self.max_model_len} "
                 f"needs {needed} ({needed * block_bytes} bytes); raise kv_cache_memory or lower max_model_len"
             )
@@ -127,7 +128,7 @@ class LLMEngine:
         its weights come `preloaded` (from `inspect_adapter` on the same files). `checksums`
         ({file name: sha256}) are checked on every read from disk."""
         if self.adapters is None:
-            raise ValueError("max_loras is 0: this engine serves no adapters; start it with max_loras >= 1")
+            raise invalid("max_loras", "is 0: this engine serves no adapters; start it with max_loras >= 1")
         validate_adapter_name(name)
         return self.adapters.register(name, path, validate=validate, checksums=checksums, preloaded=preloaded)
 
@@ -135,14 +136,14 @@ class LLMEngine:
         """Read and validate an adapter directory against this model without registering it. Touches
         no engine state, so it may run in another thread while the engine steps."""
         if self.adapters is None:
-            raise ValueError("max_loras is 0: this engine serves no adapters; start it with max_loras >= 1")
+            raise invalid("max_loras", "is 0: this engine serves no adapters; start it with max_loras >= 1")
         adapter = load_peft_lora(Path(path), "inspect", self.model.config, self.config.max_lora_rank)
         return pinned(adapter) if self.adapters.host.pin_memory else adapter  # here, not between steps
 
     def remove_adapter(self, name: str) -> None:
         """Unregister an adapter: requests already running on it finish, new ones are refused."""
         if self.adapters is None or name not in self.adapters:
-            raise ValueError(f"adapter: {name!r} is not registered")
+            raise not_found("adapter", f"{name!r} is not registered")
         self.adapters.unregister(name)
 
     def adapter_paths_in_use(self) -> set[Path]:
@@ -165,16 +166,16 @@ class LLMEngine:
         adapter: str | None = None,
     ) -> str:
         """Queue a prompt (text, or token ids), on an adapter or the base model (None); returns its
-        request id. Raises ValueError at once for a request that could never run."""
+        request id. Raises LoraplexError at once for a request that could never run."""
         params = params or SamplingParams()
         if adapter is not None and (self.adapters is None or adapter not in self.adapters):
             known = ", ".join(self.adapter_names()) or "none"
-            raise ValueError(f"adapter: {adapter!r} is not registered (registered: {known})")
+            raise not_found("adapter", f"{adapter!r} is not registered (registered: {known})")
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
         if request_id in self._seqs:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+            raise conflict("request_id", f"{request_id!r} is already in use")
         if not isinstance(prompt, str):
             self._check_fits(len(prompt), params)  # before looking at every id of a huge list
         text, token_ids = self._tokenize(prompt)
@@ -210,16 +211,16 @@ class LLMEngine:
             vocab = self.model.config.vocab_size
             bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+                raise invalid("prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
         if not token_ids:
-            raise ValueError("prompt: must not be empty")
+            raise invalid("prompt", "must not be empty")
         return text, token_ids
 
     def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         total = num_prompt_tokens + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = {total} "
+            raise invalid(
+                "max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens"
             )
 
@@ -354,5 +355,5 @@ class LLMEngine:
 
 def validate_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
-        raise ValueError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit")
+        raise invalid("name", f"{name!r} is not a valid adapter name: use 1-64 letters, digits, '.', '_' or '-', "
+                               "starting with a letter or digit", code="invalid_name")
