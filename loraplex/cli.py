@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from loraplex.config import EngineConfig, ServerConfig
+from loraplex.config import KERNEL_BACKENDS, EngineConfig, ServerConfig
 from loraplex.engine.sampling import SamplingParams
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -28,6 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto = bfloat16 on CUDA, float32 on the CPU")
     g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--kernel-backend", default=defaults.kernel_backend, choices=list(KERNEL_BACKENDS),
+                   help="auto: the Triton kernels on CUDA, torch elsewhere; triton on the CPU runs the Triton "
+                        "kernels in Triton's interpreter (slow: for testing that path)")
     g.add_argument("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit)")
     g.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
                    help="sequences running at once")
@@ -86,6 +89,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model, "data_dir": args.data_dir, "dtype": args.dtype, "device": args.device,
+        "kernel_backend": args.kernel_backend,
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
@@ -21,6 +22,7 @@ class EngineConfig:
     model: str | None = None  # checkpoint directory; None = the demo model in data_dir
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kernel_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton (interpreted on the CPU)
     max_model_len: int | None = None  # prompt + output tokens; None = the model's own limit
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
@@ -43,6 +45,8 @@ class EngineConfig:
                 raise ValueError(f"{f.name}: must be an integer, got {value!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend: {self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank", "max_cpu_adapters"):

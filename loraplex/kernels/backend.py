@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from loraplex.errors import invalid
 from loraplex.kernels import reference
 from loraplex.kernels.decode_cache import DecodeKVCache
 from loraplex.kernels.lora_meta import LoRAKernelMeta
@@ -190,12 +194,19 @@ class TorchBackend:
 
 
 class TritonBackend(TorchBackend):
-    """CUDA: the Triton paged kernel for decode-only steps, SDPA over gathered blocks for prefill."""
+    """The Triton kernels: the paged decode kernel for decode-only steps, SDPA over gathered blocks for
+    prefill, and the SGMV shrink/expand pair for every LoRA term. On CUDA they are compiled; on the CPU
+    they run in Triton's interpreter (`select_backend` turns it on), which is how CI tests this path."""
 
     name = "triton"
 
     def __init__(self) -> None:
         super().__init__(decode_mirror=False)  # the paged kernel reads the cache directly
+        from loraplex.kernels.lora_expand import lora_expand
+        from loraplex.kernels.lora_shrink import lora_shrink
+        from loraplex.kernels.paged_attention import paged_attention
+
+        self._shrink, self._expand, self._paged_attention = lora_shrink, lora_expand, paged_attention
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         if meta.max_query_len > 1:
@@ -204,29 +215,56 @@ class TritonBackend(TorchBackend):
     def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.plan is not None:
             return super().attention(query, key, value, k_cache, v_cache, meta, scale)
-        from loraplex.kernels.paged_attention import paged_attention
-
-        return paged_attention(
-            query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
-        )
+        return self._paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     meta.query_start_loc, scale)
 
     def prepare_lora(self, batch: LoRABatch) -> None:
         pass
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
-        from loraplex.kernels.lora_expand import lora_expand
-        from loraplex.kernels.lora_shrink import lora_shrink
-
-        h = lora_shrink(x, weights.a, weights.ranks, batch.meta)
-        lora_expand(y, h, weights.b, weights.ranks, weights.scales, batch.meta, weights.slice_offsets)
+        h = self._shrink(x, weights.a, weights.ranks, batch.meta)  # [num_tokens, num_slices, max_rank] fp32
+        self._expand(y, h, weights.b, weights.ranks, weights.scales, batch.meta, weights.slice_offsets)
 
 
-def select_backend(device: torch.device, head_dim: int) -> TorchBackend:
-    """Triton on CUDA where its kernels apply (head_dim a power of two up to 256), torch elsewhere."""
-    if device.type == "cuda" and head_dim & (head_dim - 1) == 0 and head_dim <= 256:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return TorchBackend()
-        return TritonBackend()
-    return TorchBackend()
+
+
+def select_backend(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> TorchBackend:
+    """`kind`: auto, torch or triton (config.KERNEL_BACKENDS). auto: Triton on CUDA where its kernels
+    apply, torch elsewhere. triton: the Triton kernels on any device (interpreted on the CPU), or a refusal."""
+    if kind == "torch":
+        return TorchBackend()
+    problem = _triton_problem(device, head_dim, dtype)
+    if kind == "auto":
+        return TritonBackend() if device.type == "cuda" and problem is None else TorchBackend()
+    if problem is not None:
+        raise invalid("kernel_backend", f"triton cannot run here: {problem}; use --kernel-backend torch")
+    if device.type != "cuda":
+        _use_triton_interpreter()
+    return TritonBackend()
+
+
+def _triton_problem(device: torch.device, head_dim: int, dtype: torch.dtype) -> str | None:
+    if importlib.util.find_spec("triton") is None:  # found, not imported: see _use_triton_interpreter
+        return "the triton package is not installed"
+    if head_dim & (head_dim - 1) or head_dim > 256:
+        return f"the paged attention kernel needs a head_dim that is a power of two up to 256, not {head_dim}"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return "the CPU interpreter computes bf16 tl.dot wrongly (float32 and float16 are right)"
+    if device.type not in ("cpu", "cuda"):
+        return f"device {device.type} has no Triton support"
+    return None
+
+
+def _use_triton_interpreter() -> None:
+    """Triton decides between compiling and interpreting when a function is defined (`@triton.jit`
+    reads TRITON_INTERPRET, its own library's functions included), so the variable must be set before
+    triton is first imported."""
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.cdiv, InterpretedFunction):
+        raise invalid("kernel_backend", "triton on the CPU needs Triton's interpreter, but triton was imported "
+                      "without it; set TRITON_INTERPRET=1 before starting")

@@ -52,10 +52,10 @@ def is_gguf(path: Path) -> bool:
 
 
 def load_model(
-    model_path: Path, dtype: torch.dtype, device: torch.device, backend: TorchBackend | None = None
+    model_path: Path, dtype: torch.dtype, device: torch.device, backend: str | TorchBackend = "auto"
 ) -> LlamaForCausalLM:
-    """Build the model from a Hugging Face checkpoint directory or a GGUF file; the kernel backend is
-    chosen from the device and the model's head size unless given."""
+    """Build the model from a Hugging Face checkpoint directory or a GGUF file. `backend` is a kernel
+    backend, or the name of one (auto | torch | triton) to choose for the device and head size."""
     if is_gguf(model_path):
         from loraplex.models.gguf import read_gguf
 
@@ -66,7 +66,8 @@ def load_model(
         config = ModelConfig.from_file(model_path / "config.json")
         files = find_weight_files(model_path)
         tensors = ((path, name, tensor) for path in files for name, tensor in _read_tensors(path))
-    backend = backend or select_backend(device, config.head_dim)
+    if isinstance(backend, str):
+        backend = select_backend(backend, device, config.head_dim, dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, dtype)
     model.to_empty(device=device)

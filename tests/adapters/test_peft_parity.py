@@ -6,6 +6,9 @@ logits of one full forward pass of the peft model over prompt + generated tokens
 made by PEFT itself (see conftest.py): different ranks, target modules (including "all-linear" and a
 regex), rank_pattern / alpha_pattern, rsLoRA and layers_to_transform. LoRA variants whose tensors look
 like a plain LoRA's (aLoRA, layer_replication, ...) must be served as PEFT serves them, or refused.
+
+The mixed-batch and eviction suites run on both kernel backends: torch, and triton (the Triton
+shrink/expand and paged attention kernels, in Triton's CPU interpreter here, so with fewer tokens).
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ from __future__ import annotations
 import random
 import re
 
+import peft
 import pytest
 import torch
 
 from loraplex import LLM
 from loraplex.engine.sampling import SamplingParams
-
-peft = pytest.importorskip("peft")
 
 NUM_SPECIAL = 5  # the demo tokenizer's special tokens take ids 0..4; 4 is the pad token
 MAX_NEW = 16
@@ -27,6 +29,17 @@ LOGPROB_ATOL = 1e-4
 TOP_K = 5
 VOCAB_SIZE = 2048
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True, logprobs=TOP_K)
+# tokens per request on each kernel backend (the Triton interpreter takes about a second a step)
+BACKEND_MAX_NEW = {"torch": MAX_NEW, "triton": 5}
+
+
+@pytest.fixture(params=list(BACKEND_MAX_NEW))
+def backend(request) -> str:
+    return request.param
+
+
+def greedy(max_new: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True, logprobs=TOP_K)
 
 
 def random_prompt(rng: random.Random, length: int) -> list[int]:
@@ -44,10 +57,12 @@ def make_requests(seed: int, plan: list[tuple[str | None, int]]) -> tuple[list[l
     return prompts, [adapter for adapter, _ in plan]
 
 
-def make_llm(demo_dir, adapters: dict, **options) -> LLM:
+def make_llm(demo_dir, adapters: dict, backend: str = "torch", **options) -> LLM:
     options = {"max_lora_rank": 32, "max_model_len": 256, "kv_cache_memory": "64MiB", **options}
-    return LLM(model=str(demo_dir), adapters={k: str(v) for k, v in adapters.items()}, dtype="float32",
-               device="cpu", **options)
+    llm = LLM(model=str(demo_dir), adapters={k: str(v) for k, v in adapters.items()}, dtype="float32",
+              device="cpu", kernel_backend=backend, **options)
+    assert llm.engine.model.backend.name == backend
+    return llm
 
 
 def first_difference(ours: list[int], expected: list[int]) -> int:
@@ -55,7 +70,7 @@ def first_difference(ours: list[int], expected: list[int]) -> int:
                 min(len(ours), len(expected)))
 
 
-def assert_tokens_match(reference, prompts, adapters, outputs, served_as=None) -> None:
+def assert_tokens_match(reference, prompts, adapters, outputs, served_as=None, max_new: int = MAX_NEW) -> None:
     """`adapters`: the reference's adapter per request; `served_as`: the engine's name for it (default: the same)."""
     assert len(outputs) == len(prompts)
     served_as = adapters if served_as is None else served_as
@@ -64,7 +79,7 @@ def assert_tokens_match(reference, prompts, adapters, outputs, served_as=None) -
         assert out.prompt_token_ids == prompt, f"{where}: outputs out of order"
         assert out.adapter == served_as[index], where
         assert out.finished and out.finish_reason == "length", f"{where}: {out.finish_reason}"
-        expected = reference.greedy(adapter, prompt, MAX_NEW)
+        expected = reference.greedy(adapter, prompt, max_new)
         if out.token_ids != expected:
             at = first_difference(out.token_ids, expected)
             top2 = reference.logits(adapter, prompt + expected[:at])[-1].topk(2).values
@@ -74,9 +89,9 @@ def assert_tokens_match(reference, prompts, adapters, outputs, served_as=None) -
             )
 
 
-def assert_logprobs_match(reference, prompts, adapters, outputs) -> None:
+def assert_logprobs_match(reference, prompts, adapters, outputs, max_new: int = MAX_NEW) -> None:
     for index, (prompt, adapter, out) in enumerate(zip(prompts, adapters, outputs, strict=True)):
-        assert out.logprobs is not None and len(out.logprobs) == MAX_NEW, f"request {index}"
+        assert out.logprobs is not None and len(out.logprobs) == max_new, f"request {index}"
         # one full forward over prompt + generated: row len(prompt) - 1 + i predicts output token i
         ref = reference.logits(adapter, prompt + out.token_ids[:-1]).log_softmax(-1)[len(prompt) - 1:]
         for step, (token, ours) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
@@ -138,12 +153,13 @@ MIXED_PLAN: list[tuple[str | None, int]] = [
 ]
 
 
-def test_mixed_adapter_batch_matches_peft(demo_dir, peft_adapters, peft_reference):
+def test_mixed_adapter_batch_matches_peft(demo_dir, peft_adapters, peft_reference, backend):
+    max_new = BACKEND_MAX_NEW[backend]
     prompts, adapters = make_requests(7, MIXED_PLAN)
-    llm = make_llm(demo_dir, peft_adapters)
-    outputs = llm.generate(prompts, GREEDY, adapter=adapters)
-    assert_tokens_match(peft_reference, prompts, adapters, outputs)
-    assert_logprobs_match(peft_reference, prompts, adapters, outputs)
+    llm = make_llm(demo_dir, peft_adapters, backend)
+    outputs = llm.generate(prompts, greedy(max_new), adapter=adapters)
+    assert_tokens_match(peft_reference, prompts, adapters, outputs, max_new=max_new)
+    assert_logprobs_match(peft_reference, prompts, adapters, outputs, max_new)
 
 
 def test_demo_adapters_in_one_batch_match_peft(demo_dir, peft_reference):
@@ -157,7 +173,7 @@ def test_demo_adapters_in_one_batch_match_peft(demo_dir, peft_reference):
     assert_logprobs_match(peft_reference, prompts, adapters, outputs)
 
 
-def test_slot_and_host_eviction_mid_run_matches_peft(demo_dir, peft_adapters, peft_reference):
+def test_slot_and_host_eviction_mid_run_matches_peft(demo_dir, peft_adapters, peft_reference, backend):
     """Six adapters through two slots and two host-cache entries: adapters are evicted from their slots
     and from host memory and read back from disk while the batch runs; every answer stays exact."""
     names = list(peft_adapters)
@@ -166,21 +182,22 @@ def test_slot_and_host_eviction_mid_run_matches_peft(demo_dir, peft_adapters, pe
     plan = [(names[i % 6] if i % 5 != 4 else None, n) for i, n in enumerate(lengths)]
     plan += [(names[0], 0), (names[5], 0)]  # an adapter reloaded after eviction, on the prompt before it
     prompts, adapters = make_requests(9, plan)
-    llm = make_llm(demo_dir, peft_adapters, max_loras=2, max_cpu_adapters=2)
+    max_new = BACKEND_MAX_NEW[backend]
+    llm = make_llm(demo_dir, peft_adapters, backend, max_loras=2, max_cpu_adapters=2)
     manager = llm.engine.adapters
-    outputs = llm.generate(prompts, GREEDY, adapter=adapters)
+    outputs = llm.generate(prompts, greedy(max_new), adapter=adapters)
     assert manager.slots.evictions > 0
     assert manager.slots.loads > 2
     assert manager.host.evictions > 0
     assert manager.disk_loads > 0, "no adapter was read back from disk"
-    assert_tokens_match(peft_reference, prompts, adapters, outputs)
-    assert_logprobs_match(peft_reference, prompts, adapters, outputs)
+    assert_tokens_match(peft_reference, prompts, adapters, outputs, max_new=max_new)
+    assert_logprobs_match(peft_reference, prompts, adapters, outputs, max_new)
 
     # a second run over the same engine: slots and host cache now hold whatever the first run left
     loads = manager.slots.loads
-    again = llm.generate(prompts[::-1], GREEDY, adapter=adapters[::-1])
+    again = llm.generate(prompts[::-1], greedy(max_new), adapter=adapters[::-1])
     assert manager.slots.loads > loads
-    assert_tokens_match(peft_reference, prompts[::-1], adapters[::-1], again)
+    assert_tokens_match(peft_reference, prompts[::-1], adapters[::-1], again, max_new=max_new)
 
 
 INVOCATION = [300, 301, 302]

@@ -2,19 +2,23 @@
 
 transformers is the reference. Every expectation below comes from running the HF model (full forward
 passes, or `model.generate` on one prompt alone) on the same checkpoint the engine loads from disk.
+
+The batch, preemption, chunked-prefill and prefix-cache suites run on both kernel backends: torch, and
+triton (the Triton kernels, in Triton's CPU interpreter here). The interpreter takes about a second a
+step, so triton's runs are shorter (`SIZES`), through the same paths.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
+import transformers
 
 from loraplex import LLM
 from loraplex.engine.sampling import SamplingParams
-
-transformers = pytest.importorskip("transformers")
 
 # The demo tokenizer's special tokens take ids 0..4 (<|bos|> <|eos|> <|im_start|> <|im_end|> <|pad|>).
 NUM_SPECIAL = 5
@@ -26,14 +30,35 @@ LOGPROB_ATOL = 1e-4
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    lengths: tuple[int, ...]  # prompt lengths of the batch
+    max_new: int  # greedy tokens per prompt
+    logprob_steps: int
+
+    @property
+    def greedy(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_new, temperature=0, ignore_eos=True)
+
+
+SIZES = {"torch": Sizes(PROMPT_LENGTHS, MAX_NEW, 20), "triton": Sizes((1, 61, 3, 17, 30), 6, 4)}
+
+
+@pytest.fixture(params=list(SIZES))
+def backend(request) -> str:
+    return request.param
+
+
 def make_prompts(seed: int, lengths, vocab_size: int) -> list[list[int]]:
     """Random ordinary (non-special) token ids: never the pad token, so HF's padding cannot interfere."""
     rng = random.Random(seed)
     return [[rng.randrange(NUM_SPECIAL, vocab_size) for _ in range(n)] for n in lengths]
 
 
-def make_llm(model, **options) -> LLM:
-    return LLM(model=str(model.path), dtype="float32", device="cpu", **options)
+def make_llm(model, backend: str = "torch", **options) -> LLM:
+    llm = LLM(model=str(model.path), dtype="float32", device="cpu", kernel_backend=backend, **options)
+    assert llm.engine.model.backend.name == backend
+    return llm
 
 
 def assert_greedy_matches_hf(model, prompts: list[list[int]], outputs, max_new: int = MAX_NEW):
@@ -56,11 +81,11 @@ def assert_greedy_matches_hf(model, prompts: list[list[int]], outputs, max_new: 
 # -- a. logits --------------------------------------------------------------------------------------
 
 
-def test_logprobs_match_hf_prefill_and_decode(parity_model):
-    """Top-5 log-probabilities of the prefill step and of 19 decode steps, three prompts batched."""
-    steps = 20
+def test_logprobs_match_hf_prefill_and_decode(parity_model, backend):
+    """Top-5 log-probabilities of the prefill step and of the decode steps after it, three prompts batched."""
+    steps = SIZES[backend].logprob_steps
     prompts = make_prompts(11, (70, 1, 130), parity_model.vocab_size)
-    llm = make_llm(parity_model)
+    llm = make_llm(parity_model, backend)
     params = SamplingParams(max_tokens=steps, temperature=0, logprobs=5, ignore_eos=True)
     outputs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outputs, strict=True):
@@ -99,37 +124,41 @@ def test_llama3_rope_scaling_changes_hf_logits(load_parity_model):
 # -- b. greedy, batched ------------------------------------------------------------------------------
 
 
-def test_greedy_batch_matches_hf(parity_model):
-    prompts = make_prompts(1, PROMPT_LENGTHS, parity_model.vocab_size)
-    outputs = make_llm(parity_model).generate(prompts, GREEDY)
-    assert_greedy_matches_hf(parity_model, prompts, outputs)
+def test_greedy_batch_matches_hf(parity_model, backend):
+    sizes = SIZES[backend]
+    prompts = make_prompts(1, sizes.lengths, parity_model.vocab_size)
+    outputs = make_llm(parity_model, backend).generate(prompts, sizes.greedy)
+    assert_greedy_matches_hf(parity_model, prompts, outputs, sizes.max_new)
 
 
 # -- c. preemption ----------------------------------------------------------------------------------
 
 
-def test_greedy_with_preemption_matches_hf(parity_model):
+def test_greedy_with_preemption_matches_hf(parity_model, backend):
+    sizes = SIZES[backend]
     block_size = 8
-    max_model_len = 192  # >= 150 + 32
+    max_model_len = -(-(max(sizes.lengths) + sizes.max_new) // block_size) * block_size
     blocks_per_seq = max_model_len // block_size
     # room for ~1.5 longest sequences, while the batch needs far more: recompute preemption must kick in
     kv_bytes = (blocks_per_seq * 3 // 2) * parity_model.kv_block_bytes(block_size)
-    prompts = make_prompts(1, PROMPT_LENGTHS, parity_model.vocab_size)
-    total_blocks = sum(-(-(len(p) + MAX_NEW) // block_size) for p in prompts)
+    prompts = make_prompts(1, sizes.lengths, parity_model.vocab_size)
+    total_blocks = sum(-(-(len(p) + sizes.max_new) // block_size) for p in prompts)
     assert total_blocks > 2 * blocks_per_seq
-    llm = make_llm(parity_model, block_size=block_size, max_model_len=max_model_len, kv_cache_memory=kv_bytes)
-    outputs = llm.generate(prompts, GREEDY)
+    llm = make_llm(parity_model, backend, block_size=block_size, max_model_len=max_model_len,
+                   kv_cache_memory=kv_bytes)
+    outputs = llm.generate(prompts, sizes.greedy)
     assert llm.engine.scheduler.num_preemptions > 0
-    assert_greedy_matches_hf(parity_model, prompts, outputs)
+    assert_greedy_matches_hf(parity_model, prompts, outputs, sizes.max_new)
 
 
 # -- d. chunked prefill -----------------------------------------------------------------------------
 
 
-def test_greedy_with_chunked_prefill_matches_hf(parity_model):
+def test_greedy_with_chunked_prefill_matches_hf(parity_model, backend):
+    sizes = SIZES[backend]
     budget = 16
-    prompts = make_prompts(1, PROMPT_LENGTHS, parity_model.vocab_size)
-    llm = make_llm(parity_model, max_num_batched_tokens=budget)
+    prompts = make_prompts(1, sizes.lengths, parity_model.vocab_size)
+    llm = make_llm(parity_model, backend, max_num_batched_tokens=budget)
     steps = 0
     step = llm.engine.step
 
@@ -139,18 +168,19 @@ def test_greedy_with_chunked_prefill_matches_hf(parity_model):
         return step(*args, **kwargs)
 
     llm.engine.step = counting_step
-    outputs = llm.generate(prompts, GREEDY)
+    outputs = llm.generate(prompts, sizes.greedy)
     # every prompt token and every fed-back output token but the last goes through some step
-    assert steps >= sum(len(p) + MAX_NEW - 1 for p in prompts) / budget
-    assert_greedy_matches_hf(parity_model, prompts, outputs)
+    assert steps >= sum(len(p) + sizes.max_new - 1 for p in prompts) / budget
+    assert_greedy_matches_hf(parity_model, prompts, outputs, sizes.max_new)
 
 
 # -- e. prefix caching ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("model_name", ["demo", "qwen2"])
-def test_shared_prefix_and_prefix_cache_match_hf(load_parity_model, model_name):
+def test_shared_prefix_and_prefix_cache_match_hf(load_parity_model, model_name, backend):
     model = load_parity_model(model_name)
+    greedy, max_new = SIZES[backend].greedy, SIZES[backend].max_new
     block_size = 8
     prefix, other, *suffixes = make_prompts(5, (40, 30, 1, 3, 21, 9), model.vocab_size)
     first_changed = [other[0]] + prefix[1:]  # blocks 1.. hold the same tokens, after a different block 0
@@ -165,17 +195,17 @@ def test_shared_prefix_and_prefix_cache_match_hf(load_parity_model, model_name):
         first_changed + suffixes[0],
         last_of_block_changed + suffixes[1],
     ]
-    llm = make_llm(model, block_size=block_size)
-    first = llm.generate(prompts, GREEDY)
-    assert_greedy_matches_hf(model, prompts, first)
+    llm = make_llm(model, backend, block_size=block_size)
+    first = llm.generate(prompts, greedy)
+    assert_greedy_matches_hf(model, prompts, first, max_new)
 
     # Again, plus a prompt that runs on into the first call's output: KV written by decode steps.
     again = prompts + [prompts[2] + first[2].token_ids]
-    second = llm.generate(again, GREEDY)
+    second = llm.generate(again, greedy)
     cached = [out.num_cached_tokens for out in second]
     assert any(n > 0 for n in cached), cached
     assert all(0 <= n <= len(p) for n, p in zip(cached, again, strict=True)), cached
-    assert_greedy_matches_hf(model, again, second)
+    assert_greedy_matches_hf(model, again, second, max_new)
 
 
 # -- f. text prompts --------------------------------------------------------------------------------
