@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapters_store.cache import AdapterManager, pinned
 from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
 from loraplex.config import EngineConfig
+from loraplex.engine.adapters import AdapterManager, pinned
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.list_prefix import ListPrefix

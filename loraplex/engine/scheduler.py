@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from loraplex.adapters_store.cache import AdapterManager
+from loraplex.engine.adapters import AdapterManager
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.sequence import Sequence, SequenceStatus
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraplex import LLM, SamplingParams
-from loraplex.adapters_store import cache as cache_module
+from loraplex.engine import adapters as adapters_module
 from loraplex.engine import scheduler as scheduler_module
 from loraplex.models.demo import DEMO_ADAPTERS
 
@@ -115,14 +115,14 @@ def gate_loads(monkeypatch):
     calls: list[str] = []
 
     def install() -> tuple[threading.Event, list[str]]:
-        real = cache_module.load_peft_lora
+        real = adapters_module.load_peft_lora
 
         def slow(path, name, *args, **kwargs):
             calls.append(name)
             assert gate.wait(TIMEOUT_S), "the test never opened the gate"
             return real(path, name, *args, **kwargs)
 
-        monkeypatch.setattr(cache_module, "load_peft_lora", slow)
+        monkeypatch.setattr(adapters_module, "load_peft_lora", slow)
         return gate, calls
 
     yield install

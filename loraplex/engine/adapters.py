@@ -1,8 +1,10 @@
-"""Adapter memory: disk -> host LRU cache -> GPU slots.
+"""The adapter runtime: where each registered adapter's weights are, disk -> host LRU cache -> device
+slots, and what writes them into the model's slot weights.
 
 Disk reads and validation run on a background thread, so a request whose adapter is not resident
 never stalls the batch. Moving a host-resident adapter into a slot is a device copy done between
-steps. An adapter used by a running sequence is never evicted from its slot.
+steps. An adapter used by a running sequence is never evicted from its slot. Queries (`ready`,
+`can_place`, `resident`) change nothing; loads start only through `prefetch` and `want`.
 """
 
 from __future__ import annotations
@@ -92,13 +94,14 @@ class SlotPool:
     def can_place(self, name: str) -> bool:
         return name in self.slot_of or bool(self.free_slots) or bool(self.idle)
 
-    def acquire(self, name: str, host: HostCache) -> int | None:
-        """The adapter's slot, loading it from the host cache (evicting an idle adapter) if needed;
-        None if every slot is in use or the adapter is not in host memory."""
+    def acquire(self, name: str, host: HostCache) -> int:
+        """The adapter's slot, loading it from the host cache (evicting an idle adapter) if needed. The
+        caller checks first that it can (`can_place`, and the adapter resident or in `host`)."""
         if name not in self.slot_of:
             adapter = host.get(name)
             if adapter is None or not (self.free_slots or self.idle):
-                return None
+                where = "every slot is in use" if adapter is not None else "it is not in host memory"
+                raise RuntimeError(f"adapter {name} cannot take a slot now: {where}")
             if not self.free_slots:
                 victim, _ = self.idle.popitem(last=False)
                 self.free_slots.append(self.slot_of.pop(victim))
@@ -225,8 +228,10 @@ class AdapterManager:
         return self.keys.get(key.rpartition("#")[0]) == key
 
     def want(self, keys: list[str]) -> None:
-        """The adapters the waiting queue needs, in its order: the first that fit the host cache
-        are fetched (the rest wait their turn)."""
+        """Once per scheduling round: move finished background loads into the host cache, then fetch
+        the adapters the waiting queue needs, in its order, as many as fit the host cache (the rest
+        wait their turn)."""
+        self._collect()
         self._wanted = {}
         for key in dict.fromkeys(keys):
             if not self.slots.resident(key) and len(self._wanted) < self.host.capacity:
@@ -235,13 +240,9 @@ class AdapterManager:
             self.prefetch(key)
 
     def ready(self, key: str) -> bool:
-        """True when the adapter can go into a slot now; otherwise starts loading it from disk
-        (when the host cache has room for it)."""
-        self._collect()
-        if self.slots.resident(key) or key in self.host:
-            return True
-        self.prefetch(key)
-        return False
+        """True when the adapter's weights are in a slot or in host memory, so it can take a slot now.
+        Loads that finished since the last `want` count from the next one on."""
+        return self.slots.resident(key) or key in self.host
 
     def prefetch(self, key: str) -> None:
         if key in self._loads or key in self.host or self.slots.resident(key) or key not in self._key_paths:
@@ -291,10 +292,10 @@ class AdapterManager:
             drained.append(self.load_seconds.popleft())
         return drained
 
-    def acquire(self, key: str) -> int | None:
+    def acquire(self, key: str) -> int:
+        """A slot holding the adapter, for one more running sequence (see `SlotPool.acquire`)."""
         slot = self.slots.acquire(key, self.host)
-        if slot is not None:
-            self._wanted.pop(key, None)
+        self._wanted.pop(key, None)
         return slot
 
     def release(self, key: str) -> None:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraplex.adapters_store import cache as cache_module
-from loraplex.adapters_store.cache import AdapterManager, HostCache, SlotPool
 from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
+from loraplex.engine import adapters as adapters_module
+from loraplex.engine.adapters import AdapterManager, HostCache, SlotPool
 from loraplex.kernels.backend import TorchBackend
 from loraplex.models.demo import DEMO_ADAPTERS
 from loraplex.models.loader import load_model
@@ -103,14 +103,14 @@ def gated_loads(monkeypatch):
     """Background loads wait for `gate` before reading the disk; `calls` records (name, path)."""
     gate = threading.Event()
     calls: list[tuple[str, Path]] = []
-    real = cache_module.load_peft_lora
+    real = adapters_module.load_peft_lora
 
     def slow(path, name, *args, **kwargs):
         calls.append((name, Path(path)))
         assert gate.wait(TIMEOUT_S), "the test never opened the gate"
         return real(path, name, *args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "load_peft_lora", slow)
+    monkeypatch.setattr(adapters_module, "load_peft_lora", slow)
     yield gate, calls
     gate.set()  # never leave the loader thread blocked
 
@@ -262,7 +262,8 @@ def test_an_adapter_in_use_is_never_evicted(demo_dir, parsed):
     host = _host(parsed, "alpha", "beta")
     slot = pool.acquire("alpha", host)
     assert not pool.can_place("beta") and pool.can_place("alpha")
-    assert pool.acquire("beta", host) is None
+    with pytest.raises(RuntimeError, match="every slot is in use"):
+        pool.acquire("beta", host)
     assert pool.slot_of == {"alpha": slot} and pool.users == {"alpha": 1}
     assert pool.loads == 1 and pool.evictions == 0
     assert_slot_holds(model, slot, parsed["alpha"])
@@ -277,10 +278,12 @@ def test_an_adapter_in_use_is_never_evicted(demo_dir, parsed):
     pool.release("beta")
 
 
-def test_acquire_of_an_adapter_not_in_host_memory_returns_none(demo_dir, parsed):
+def test_acquire_of_an_adapter_not_in_host_memory_raises_and_changes_nothing(demo_dir, parsed):
+    """A slot is never handed out for weights that were not written into it."""
     model = _model(demo_dir, max_loras=1)
     pool = SlotPool(model, max_loras=1)
-    assert pool.acquire("alpha", _host(parsed)) is None
+    with pytest.raises(RuntimeError, match="not in host memory"):
+        pool.acquire("alpha", _host(parsed))
     assert pool.slot_of == {} and pool.users == {} and pool.loads == 0 and pool.free_slots == [0]
 
 
@@ -298,7 +301,7 @@ def test_register_validates_and_keeps_the_adapter_in_host_memory(manager, demo_d
     assert adapter is not None and adapter.name == key and key.startswith("a#")
     assert adapter.sha256 == parsed["alpha"].sha256
     assert "a" in mgr and key in mgr.host and mgr.is_current(key)
-    assert mgr.ready(key)
+    assert _poll(mgr, key)
     slot = mgr.acquire(key)
     assert_slot_holds(mgr.model, slot, parsed["alpha"])
     mgr.release(key)
@@ -333,20 +336,39 @@ def test_register_rejects_a_bad_adapter_and_registers_nothing(manager, demo_dir,
     assert mgr.paths["bad"] == demo_dir / "adapters" / "alpha" and mgr.key("bad") == key and key in mgr.host
 
 
-def test_ready_starts_a_background_load_and_turns_true_when_it_lands(manager, demo_dir, parsed, gated_loads):
+def _poll(mgr: AdapterManager, key: str) -> bool:
+    """One scheduling round's view of an adapter a waiting request needs: `want` it, then ask `ready`."""
+    mgr.want([key])
+    return mgr.ready(key)
+
+
+def test_ready_is_a_query_without_side_effects(manager, demo_dir, gated_loads):
+    gate, calls = gated_loads
+    gate.set()
+    mgr = manager()
+    mgr.register("a", demo_dir / "adapters" / "alpha", validate=False)
+    key = mgr.key("a")
+    for _ in range(3):
+        assert mgr.ready(key) is False
+    time.sleep(0.05)
+    assert calls == [] and mgr.disk_loads == 0 and key not in mgr.host
+
+
+def test_want_starts_a_background_load_and_ready_turns_true_when_it_lands(manager, demo_dir, parsed, gated_loads):
     gate, calls = gated_loads
     mgr = manager()
     assert mgr.register("a", demo_dir / "adapters" / "alpha", validate=False) is None
     key = mgr.key("a")
     assert "a" in mgr and key not in mgr.host
-    assert mgr.ready(key) is False
+    assert _poll(mgr, key) is False
     assert _wait_for(lambda: len(calls) == 1)  # the load runs on the loader thread ...
-    assert mgr.ready(key) is False  # ... once: asking again does not start another
-    assert mgr.acquire(key) is None  # not in host memory yet
+    assert _poll(mgr, key) is False  # ... once: asking again does not start another
+    with pytest.raises(RuntimeError, match="not in host memory"):
+        mgr.acquire(key)
     time.sleep(0.05)
     assert len(calls) == 1 and mgr.disk_loads == 0
     gate.set()
-    assert _wait_for(lambda: mgr.ready(key)), "the background load never landed"
+    assert _wait_for(lambda: _poll(mgr, key)), "the background load never landed"
     assert key in mgr.host and mgr.disk_loads == 1 and len(mgr.load_seconds) == 1
     assert not mgr.errors and len(calls) == 1
     slot = mgr.acquire(key)
@@ -360,8 +382,8 @@ def test_ready_of_a_registered_adapter_evicted_from_host_memory_reloads_it(manag
     mgr.register("b", demo_dir / "adapters" / "beta")  # capacity 1: pushes a out of host memory
     key = mgr.key("a")
     assert key not in mgr.host and mgr.host.evictions == 1
-    assert mgr.ready(key) is False
-    assert _wait_for(lambda: mgr.ready(key))
+    assert _poll(mgr, key) is False
+    assert _wait_for(lambda: _poll(mgr, key))
     assert mgr.disk_loads == 1
 
 
@@ -371,22 +393,24 @@ def test_a_failed_background_load_lands_in_errors_until_a_load_succeeds(manager,
     mgr.register("gone", path, validate=False)
     key = mgr.key("gone")
     shutil.rmtree(path)
-    assert mgr.ready(key) is False
-    assert _wait_for(lambda: (mgr.ready(key), key in mgr.errors)[1]), "the failure was never collected"
+    assert _poll(mgr, key) is False
+    assert _wait_for(lambda: (_poll(mgr, key), key in mgr.errors)[1]), "the failure was never collected"
     assert "adapter_config.json is missing" in mgr.errors[key]
     assert str(tmp_path) not in mgr.errors[key], "requests must not see server paths"
     assert key not in mgr.host and mgr.disk_loads == 0
-    assert mgr.ready(key) is False and mgr.acquire(key) is None
+    assert _poll(mgr, key) is False
+    with pytest.raises(RuntimeError):
+        mgr.acquire(key)
     # The files come back: a later load succeeds and clears the error.
     shutil.copytree(demo_dir / "adapters" / "alpha", path)
-    assert _wait_for(lambda: mgr.ready(key))
+    assert _wait_for(lambda: _poll(mgr, key))
     assert key not in mgr.errors
 
 
 def _failing_loads(monkeypatch, failures: int) -> list[int]:
     """The first `failures` loads raise EMFILE (too many open files: a passing condition)."""
     calls: list[int] = []
-    real = cache_module.load_peft_lora
+    real = adapters_module.load_peft_lora
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -394,8 +418,8 @@ def _failing_loads(monkeypatch, failures: int) -> list[int]:
             raise OSError(errno.EMFILE, "Too many open files")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "load_peft_lora", flaky)
-    monkeypatch.setattr(cache_module, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(adapters_module, "load_peft_lora", flaky)
+    monkeypatch.setattr(adapters_module, "RETRY_SECONDS", 0.01)
     return calls
 
 
@@ -404,7 +428,7 @@ def test_a_transient_io_error_is_retried(manager, demo_dir, monkeypatch):
     mgr = manager()
     mgr.register("a", demo_dir / "adapters" / "alpha", validate=False)
     key = mgr.key("a")
-    assert _wait_for(lambda: mgr.ready(key)), "the load was not retried"
+    assert _wait_for(lambda: _poll(mgr, key)), "the load was not retried"
     assert len(calls) == 3 and not mgr.errors and mgr.disk_loads == 1
 
 
@@ -413,8 +437,8 @@ def test_a_lasting_io_error_fails_after_the_retries(manager, demo_dir, monkeypat
     mgr = manager()
     mgr.register("a", demo_dir / "adapters" / "alpha", validate=False)
     key = mgr.key("a")
-    assert _wait_for(lambda: (mgr.ready(key), key in mgr.errors)[1])
-    assert len(calls) == cache_module.MAX_LOAD_RETRIES + 1 and "Too many open files" in mgr.errors[key]
+    assert _wait_for(lambda: (_poll(mgr, key), key in mgr.errors)[1])
+    assert len(calls) == adapters_module.MAX_LOAD_RETRIES + 1 and "Too many open files" in mgr.errors[key]
 
 
 def test_unregister_forgets_the_adapter_everywhere(manager, demo_dir):
@@ -467,7 +491,7 @@ def test_a_stale_background_load_does_not_override_a_newer_registration(manager,
     mgr = manager()
     mgr.register("x", demo_dir / "adapters" / "alpha", validate=False)
     old = mgr.key("x")
-    assert mgr.ready(old) is False
+    assert _poll(mgr, old) is False
     assert _wait_for(lambda: len(calls) == 1)  # the alpha load is in flight
     gate.set()
     mgr.register("x", demo_dir / "adapters" / "beta")  # validated now, with the real loader
