@@ -87,7 +87,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.adapters)
-        self.runner = ModelRunner(self.model, self.block_manager, self.dtype, self.device, config.seed)
+        self.runner = ModelRunner(self.model, self.block_manager, self.dtype, self.device, config.seed,
+                                  config.max_num_batched_tokens, config.max_loras)
         self._seqs: dict[str, Sequence] = {}
         self._serials = itertools.count()  # Sequence.serial
         self._next_id = 0

@@ -14,6 +14,7 @@ from loraplex.engine.sampling import Sampler, SampleResult
 from loraplex.engine.scheduler import SchedulerOutput
 from loraplex.engine.sequence import Sequence
 from loraplex.kernels.backend import AttentionMetadata, LoRABatch
+from loraplex.kernels.lora_meta import LoRAMetaBuffers
 from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def kv_cache_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, dtype: torch.dtype,
-                 device: torch.device, seed: int) -> None:
+                 device: torch.device, seed: int, max_num_batched_tokens: int, max_loras: int) -> None:
         self.model = model
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
@@ -52,6 +53,7 @@ class ModelRunner:
         )
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.lora_buffers = LoRAMetaBuffers(max_num_batched_tokens, max_loras, device) if max_loras else None
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> tuple[list[Sequence], SampleResult | None]:
@@ -112,9 +114,8 @@ class ModelRunner:
         )
         self.model.backend.prepare(meta, self.block_size)
         lora = None
-        if any(seq.lora_slot >= 0 for seq, _ in batch.scheduled):
-            token_slots = [seq.lora_slot for seq, num_new in batch.scheduled for _ in range(num_new)]
-            lora = LoRABatch.make(as_tensor(token_slots, torch.int32))
+        if self.lora_buffers is not None and any(seq.lora_slot >= 0 for seq, _ in batch.scheduled):
+            lora = LoRABatch.make(self.lora_buffers, [seq.lora_slot for seq, _ in batch.scheduled], query_lens)
             self.model.backend.prepare_lora(lora)
         return StepInputs(
             input_ids=as_tensor(input_ids, torch.int64),

@@ -14,7 +14,7 @@ import torch
 from loraplex.errors import invalid
 from loraplex.kernels import reference
 from loraplex.kernels.decode_cache import DecodeKVCache
-from loraplex.kernels.lora_meta import LoRAKernelMeta
+from loraplex.kernels.lora_meta import LoRAKernelMeta, LoRAMetaBuffers
 
 
 @dataclass
@@ -53,15 +53,15 @@ class LoRABatch:
 
     meta: LoRAKernelMeta
     active_slots: list[int]  # meta.active_slots on the host
+    seg_starts: list[int]  # meta.seg_starts on the host
     plan: object = field(default=None)  # backend-specific, filled by `Backend.prepare_lora`
 
     @classmethod
-    def make(cls, token_slots: torch.Tensor) -> LoRABatch | None:
-        """None when no token of the step uses an adapter: the layers then skip the LoRA term."""
-        meta = LoRAKernelMeta.make(token_slots)
-        if meta.num_active == 0:
-            return None
-        return cls(meta, meta.active_slots.tolist())
+    def make(cls, buffers: LoRAMetaBuffers, run_slots: list[int], run_lengths: list[int]) -> LoRABatch | None:
+        """Runs of tokens (a sequence's new tokens) and their adapter slots (-1: none). None when no
+        token of the step uses an adapter: the layers then skip the LoRA term."""
+        layout = buffers.layout(run_slots, run_lengths)
+        return None if layout is None else cls(*layout)
 
 
 @dataclass
@@ -81,8 +81,7 @@ class _SegmentGroup:
 _SHORT_SEGMENT = 16
 
 
-def _segment_groups(meta: LoRAKernelMeta, active_slots: list[int]) -> list[_SegmentGroup]:
-    starts = meta.seg_starts.tolist()
+def _segment_groups(meta: LoRAKernelMeta, starts: list[int], active_slots: list[int]) -> list[_SegmentGroup]:
     lengths = [hi - lo for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
     buckets: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
@@ -162,7 +161,7 @@ class TorchBackend:
         return reference.attend_group(query, k_cache, v_cache, group, scale, kv)
 
     def prepare_lora(self, batch: LoRABatch) -> None:
-        batch.plan = _segment_groups(batch.meta, batch.active_slots)
+        batch.plan = _segment_groups(batch.meta, batch.seg_starts, batch.active_slots)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
         """y += the adapter term of every token, as `reference.lora_shrink` then `lora_expand`.

@@ -5,6 +5,7 @@ import torch
 
 from loraplex.kernels import reference
 from loraplex.kernels.backend import LoRABatch, TorchBackend
+from loraplex.kernels.lora_meta import LoRAMetaBuffers
 from loraplex.models.lora import LoRASlotWeights
 
 IN_FEATURES = 40
@@ -45,23 +46,22 @@ def test_matches_reference(mix):
     h = reference.lora_shrink(x, w.a, w.ranks, token_slots)
     reference.lora_expand(expected, h, w.b, w.ranks, w.scales, token_slots, w.slice_offsets)
     backend = TorchBackend()
-    batch = LoRABatch.make(token_slots)
+    batch = LoRABatch.make(LoRAMetaBuffers(len(mix), 6, torch.device("cpu")), mix, [1] * len(mix))
     backend.prepare_lora(batch)
     backend.add_lora(actual, x, w, batch)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_batch_without_adapters_is_none():
-    assert LoRABatch.make(torch.tensor([-1, -1], dtype=torch.int32)) is None
+    assert LoRABatch.make(LoRAMetaBuffers(4, 2, torch.device("cpu")), [-1, -1], [3, 1]) is None
 
 
 def test_cleared_slice_contributes_nothing():
     w = _slot_weights(2, [[4, 4, 4], [4, 4, 4]])
     w.clear_slice(0, 1)
-    token_slots = torch.tensor([0, 0], dtype=torch.int32)
     x = torch.randn(2, IN_FEATURES)
     y = torch.zeros(2, sum(OUTPUT_SIZES))
-    batch = LoRABatch.make(token_slots)
+    batch = LoRABatch.make(LoRAMetaBuffers(2, 2, torch.device("cpu")), [0], [2])
     backend = TorchBackend()
     backend.prepare_lora(batch)
     backend.add_lora(y, x, w, batch)
