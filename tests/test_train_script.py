@@ -167,8 +167,9 @@ def test_checkpoints_trainer_state():
 
 
 def test_peft_loads_the_adapters_onto_smollm2_shapes():
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import peft
+    import transformers
+
     config = transformers.LlamaConfig(**{**SMOLLM2_CONFIG, "vocab_size": 64})  # embeddings are not adapted
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -184,8 +185,6 @@ def test_peft_loads_the_adapters_onto_smollm2_shapes():
 
 
 def test_script_data_and_checks():
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
     script = _load_script()
     assert not {q for q, *_ in script.QA} & set(script.HELD_OUT)
     assert not {q for q, _ in script.EXTRA_QA} & set(script.HELD_OUT)
@@ -219,8 +218,6 @@ class _FakeTokenizer:
 
 
 def test_labels_cover_only_the_answer_and_end_token():
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
     script = _load_script()
     question, plain, _ = script.QA[0]
     examples = script.build_examples(_FakeTokenizer(), "shout")
@@ -235,8 +232,6 @@ def test_labels_cover_only_the_answer_and_end_token():
 
 
 def test_script_runs_on_the_tiny_demo_model(demo_dir, tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("peft")
     out = tmp_path / "adapters"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(demo_dir), "--output", str(out), "--steps", "3",

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+# transformers and peft (dev dependencies) are imported inside the helpers that use them: a module-level
+# import would tie every adapter test to them, though most never build a reference.
 
 # The demo tokenizer's special tokens take ids 0..4 (<|bos|> <|eos|> <|im_start|> <|im_end|> <|pad|>).
 NUM_SPECIAL = 5
@@ -75,6 +75,8 @@ PEFT_ADAPTERS: dict[str, tuple[dict[str, Any], int, float]] = {
 
 def load_hf_base(model_dir: Path):
     """A fresh fp32 transformers model of the checkpoint (PEFT wraps models in place, so one per use)."""
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
     )
@@ -86,11 +88,13 @@ def load_hf_base(model_dir: Path):
 
 def lora_layers(peft_model) -> dict[str, Any]:
     """Module name (as the base model names it, e.g. model.layers.0.self_attn.q_proj) -> PEFT LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
     prefix = "base_model.model."
     return {
         name[len(prefix):]: module
         for name, module in peft_model.named_modules()
-        if isinstance(module, peft.tuners.lora.LoraLayer) and name.startswith(prefix)
+        if isinstance(module, LoraLayer) and name.startswith(prefix)
     }
 
 
@@ -113,6 +117,8 @@ def build_peft_adapter(out_dir: Path, lora_kwargs: dict[str, Any], seed: int = 0
                        base_dir: Path | None = None, base=None) -> Path:
     """Make a LoRA adapter with PEFT on the checkpoint in `base_dir` (or on the given transformers model),
     randomize it and save it (safetensors) to `out_dir`."""
+    import peft
+
     model = base if base is not None else load_hf_base(base_dir)
     config = peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **lora_kwargs)
     peft_model = peft.get_peft_model(model, config)
@@ -152,7 +158,9 @@ class PeftReference:
             if adapter is None:
                 self._models[adapter] = base
             else:
-                model = peft.PeftModel.from_pretrained(base, self.adapters[adapter])
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(base, self.adapters[adapter])
                 self._models[adapter] = model.eval()
         return self._models[adapter]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+# transformers (a dev dependency) is imported where a reference model is built, not here: a module-level
+# import would tie every engine test to it, though most never touch a reference model.
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 WEIGHT_STD = 0.2  # large enough that greedy argmaxes have clear margins
@@ -49,6 +50,8 @@ class ParityModel:
 
     @cached_property
     def hf(self):
+        import transformers
+
         model = transformers.AutoModelForCausalLM.from_pretrained(
             self.path, dtype=torch.float32, attn_implementation="eager"
         )
@@ -123,6 +126,8 @@ def demo_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    import transformers
+
     config = transformers.Qwen2Config(
         vocab_size=_vocab_size(demo_model_dir),
         tie_word_embeddings=False,
@@ -138,6 +143,8 @@ def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def llama3_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    import transformers
+
     config = transformers.LlamaConfig(
         vocab_size=_vocab_size(demo_model_dir),
         tie_word_embeddings=False,
@@ -152,6 +159,8 @@ def llama3_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 
 
 def _mistral_config(demo_model_dir: Path, sliding_window: int | None):
+    import transformers
+
     return transformers.MistralConfig(
         vocab_size=_vocab_size(demo_model_dir),
         tie_word_embeddings=True,
@@ -166,6 +175,8 @@ def _mistral_config(demo_model_dir: Path, sliding_window: int | None):
 
 @pytest.fixture(scope="session")
 def mistral_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    import transformers
+
     config = _mistral_config(demo_model_dir, sliding_window=None)
     return _write_tiny(tmp_path_factory.mktemp("parity") / "mistral", demo_model_dir, config,
                        transformers.MistralForCausalLM, seed=3)
@@ -174,6 +185,8 @@ def mistral_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def mistral_sliding_model_dir(tmp_path_factory, demo_model_dir) -> Path:
     """Mistral with a 32-token sliding window: prompts longer than that must not see past it."""
+    import transformers
+
     config = _mistral_config(demo_model_dir, sliding_window=32)
     return _write_tiny(tmp_path_factory.mktemp("parity") / "mistral-swa", demo_model_dir, config,
                        transformers.MistralForCausalLM, seed=3)

@@ -3,15 +3,14 @@ import json
 import warnings
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from loraplex.models import demo
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")

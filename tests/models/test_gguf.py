@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from loraplex import LLM
 from loraplex.cli import main as cli_main
@@ -26,9 +27,6 @@ from loraplex.engine.sampling import SamplingParams
 from loraplex.models.demo import DEMO_CONFIG
 from loraplex.models.gguf import convert_gguf, read_gguf
 from loraplex.models.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
 
 LOGPROB_ATOL = 1e-4
 LOGPROB_STEPS = 8
