@@ -129,6 +129,6 @@ class BlockManager:
         tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
         digest = hashlib.blake2b(parent, digest_size=16)
         digest.update(array("q", tokens).tobytes())
-        if seq.cache_salt:
-            digest.update(seq.cache_salt.encode())
+        if seq.adapter_key:
+            digest.update(seq.adapter_key.encode())
         return digest.digest()

@@ -6,7 +6,6 @@ import itertools
 import logging
 import re
 import time
-from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,11 @@ from loraplex.config import EngineConfig
 from loraplex.engine.adapters import AdapterManager, pinned
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.engine.list_prefix import ListPrefix
 from loraplex.engine.model_runner import ModelRunner, kv_cache_block_bytes
-from loraplex.engine.sampling import SampleResult, SamplingParams
+from loraplex.engine.output import OutputState, RequestOutput, TokenLogprob
+from loraplex.engine.sampling import SamplingParams
 from loraplex.engine.scheduler import Scheduler
-from loraplex.engine.sequence import Sequence, TokenLogprob
+from loraplex.engine.sequence import Sequence
 from loraplex.errors import conflict, invalid, not_found
 from loraplex.models.loader import load_model
 from loraplex.models.tokenizer import Tokenizer
@@ -29,26 +28,6 @@ from loraplex.models.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str  # all output text so far
-    # All output tokens so far: a list once finished; before that a `ListPrefix` of the sequence's
-    # own list (read-only, fixed at this output's tokens: `list()` it to concatenate or serialise),
-    # so streaming copies nothing per step.
-    token_ids: abc.Sequence[int]
-    delta_text: str  # text new since the previous output of this request
-    delta_token_ids: list[int]  # tokens new since the previous output of this request
-    logprobs: abc.Sequence[TokenLogprob] | None  # as token_ids: a list once finished
-    finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (stop_reason says why)
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    adapter: str | None = None  # None = the base model
 
 
 @dataclass(frozen=True)
@@ -89,7 +68,7 @@ class LLMEngine:
                                    self.adapters)
         self.runner = ModelRunner(self.model, self.block_manager, self.dtype, self.device, config.seed,
                                   config.max_num_batched_tokens, config.max_loras)
-        self._seqs: dict[str, Sequence] = {}
+        self._requests: dict[str, OutputState] = {}  # unfinished, by request id
         self._serials = itertools.count()  # Sequence.serial
         self._next_id = 0
         logger.info("loaded %s (%s, %s, %s backend): %d KV blocks of %d tokens, max_model_len %d",
@@ -151,7 +130,8 @@ class LLMEngine:
         """Directories of registered adapters, and of deleted ones that unfinished requests still use."""
         if self.adapters is None:
             return set()
-        return self.adapters.paths_in_use({s.adapter_key for s in self._seqs.values() if s.adapter_key})
+        keys = {state.seq.adapter_key for state in self._requests.values() if state.seq.adapter_key}
+        return self.adapters.paths_in_use(keys)
 
     def adapter_names(self) -> list[str]:
         return sorted(self.adapters.paths) if self.adapters is not None else []
@@ -163,7 +143,6 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
-        arrival_time: float | None = None,
         adapter: str | None = None,
     ) -> str:
         """Queue a prompt (text, or token ids), on an adapter or the base model (None); returns its
@@ -175,7 +154,7 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-        if request_id in self._seqs:
+        if request_id in self._requests:
             raise conflict("request_id", f"{request_id!r} is already in use")
         if not isinstance(prompt, str):
             self._check_fits(len(prompt), params)  # before looking at every id of a huge list
@@ -185,21 +164,16 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(
-            request_id, text, token_ids, params,
-            stop_token_ids=frozenset(eos | set(params.stop_token_ids)),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
-            generator=generator,
-            arrival_time=arrival_time,
-        )
-        seq.serial = next(self._serials)
+        seq = Sequence(request_id, token_ids, params, frozenset(eos | set(params.stop_token_ids)), generator,
+                       serial=next(self._serials))
         if adapter is not None:
             seq.adapter = adapter
             # The key also salts the prefix cache: KV computed under one registration is never
             # reused under another, even of the same name.
-            seq.adapter_key = seq.cache_salt = self.adapters.key(adapter)
+            seq.adapter_key = self.adapters.key(adapter)
             self.adapters.prefetch(seq.adapter_key)
-        self._seqs[request_id] = seq
+        detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        self._requests[request_id] = OutputState(seq, text, detokenizer)
         self.scheduler.add(seq)
         return request_id
 
@@ -228,7 +202,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; returns False if it was not running or waiting."""
         seq = self.scheduler.abort(request_id)
-        self._seqs.pop(request_id, None)
+        self._requests.pop(request_id, None)
         return seq is not None
 
     def has_unfinished_requests(self) -> bool:
@@ -252,7 +226,7 @@ class LLMEngine:
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._seqs)
+        return len(self._requests)
 
     # -- stepping ------------------------------------------------------------------------------
 
@@ -263,9 +237,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         outputs = []
         for seq in batch.failed:
-            seq.output_text += seq.detokenizer.flush(seq.token_ids)  # (offline text may have been deferred)
-            outputs.append(self._output(seq))
-            del self._seqs[seq.request_id]
+            state = self._requests.pop(seq.request_id)
+            state.flush()  # (offline text may have been deferred)
+            outputs.append(state.make_output())
         if not batch.scheduled:
             if self.has_unfinished_requests():
                 time.sleep(0.001)  # only adapter loads are pending: let them progress
@@ -277,81 +251,21 @@ class LLMEngine:
             if commit is not None:
                 commit(seq)
         for row, seq in enumerate(sampled_seqs):
+            token = result.token_ids[row]
+            seq.token_ids.append(token)
+            logprob = None
+            if result.logprobs is not None and seq.params.logprobs is not None:
+                logprob = TokenLogprob(token, result.logprobs[row], result.top_logprobs[row])
+            state = self._requests[seq.request_id]
             # Offline, text is only read at the end: without stop strings to watch for, the whole
             # output is decoded once when the sequence finishes instead of token by token.
-            self._append_token(seq, result, row, defer_text=finished_only and not seq.params.stop)
+            state.append(token, logprob, self.max_model_len, defer_text=finished_only and not seq.params.stop)
             if seq.is_finished or not finished_only:
-                outputs.append(self._output(seq))
+                outputs.append(state.make_output())
             if seq.is_finished:
                 self.scheduler.finish(seq)
-                del self._seqs[seq.request_id]
+                del self._requests[seq.request_id]
         return outputs
-
-    def _append_token(self, seq: Sequence, result: SampleResult, row: int, defer_text: bool = False) -> None:
-        token = result.token_ids[row]
-        seq.token_ids.append(token)
-        if result.logprobs is not None and seq.params.logprobs is not None:
-            seq.logprobs.append(TokenLogprob(token, result.logprobs[row], result.top_logprobs[row]))
-        previous_len = len(seq.output_text)
-        if token in seq.stop_token_ids:
-            # The stop token adds no text, but bytes held back before it are still owed.
-            seq.output_text += seq.detokenizer.flush(seq.token_ids[:-1])
-            if not self._check_stop_strings(seq, previous_len):
-                seq.finish("stop", token)
-            return
-        if not defer_text:
-            seq.output_text += seq.detokenizer.step(seq.token_ids)
-        at_limit = seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
-        if at_limit:
-            seq.output_text += seq.detokenizer.flush(seq.token_ids)
-        if not self._check_stop_strings(seq, previous_len) and at_limit:
-            seq.finish("length")
-
-    @staticmethod
-    def _check_stop_strings(seq: Sequence, previous_len: int) -> bool:
-        """Finish at the earliest stop string in the new text; True if one was found."""
-        text = seq.output_text
-        found: tuple[int, str] | None = None
-        for stop in seq.params.stop:
-            # Only the new text, plus enough before it for a stop string that straddles the boundary.
-            index = text.find(stop, max(previous_len - len(stop) + 1, 0))
-            if index >= 0 and (found is None or index < found[0]):
-                found = (index, stop)
-        if found is None:
-            return False
-        index, stop = found
-        end = index + len(stop) if seq.params.include_stop_str_in_output else index
-        seq.output_text = text[:end]
-        seq.finish("stop", stop)
-        return True
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        # While running, hold back a tail that may still turn out to start a stop string.
-        holdback = 0 if seq.is_finished else max((len(s) - 1 for s in seq.params.stop), default=0)
-        emit_upto = max(len(seq.output_text) - holdback, seq.num_emitted_chars)
-        delta_text = seq.output_text[seq.num_emitted_chars : emit_upto]
-        seq.num_emitted_chars = emit_upto
-        finished = seq.is_finished
-        delta_token_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
-        seq.num_emitted_tokens += len(delta_token_ids)
-        logprobs = None
-        if seq.params.logprobs is not None:
-            logprobs = list(seq.logprobs) if finished else ListPrefix(seq.logprobs)
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            text=seq.output_text[:emit_upto],
-            token_ids=seq.output_token_ids if finished else ListPrefix(seq.token_ids, seq.num_prompt_tokens),
-            delta_text=delta_text,
-            delta_token_ids=delta_token_ids,
-            logprobs=logprobs,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            num_cached_tokens=seq.num_cached_tokens,
-            adapter=seq.adapter,
-        )
 
 
 def validate_adapter_name(name: str) -> None:

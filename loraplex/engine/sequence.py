@@ -1,14 +1,11 @@
-"""One request's state as it moves through the engine."""
+"""One request's scheduling state as it moves through the engine."""
 
 from __future__ import annotations
 
 import enum
-import time
-from dataclasses import dataclass, field
 
 import torch
 
-from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.sampling import SamplingParams
 
 
@@ -18,55 +15,42 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
-
-
 class Sequence:
+    """One request's scheduling state: its tokens, how many are in the KV cache, its blocks, its
+    adapter and slot. What it has produced for the caller (text, logprobs) is its `OutputState`."""
+
     def __init__(
         self,
         request_id: str,
-        prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
         stop_token_ids: frozenset[int],
-        detokenizer: IncrementalDetokenizer,
         generator: torch.Generator | None,
-        arrival_time: float | None = None,
+        serial: int = -1,
     ) -> None:
         self.request_id = request_id
         # Unique among the engine's sequences for its whole life, unlike a request id, which a
         # caller may reuse once the request has finished: what kernel backends key per-sequence
-        # state by. Set by the engine when it takes the request.
-        self.serial = -1
-        self.prompt = prompt
+        # state by. Given by the engine when it takes the request.
+        self.serial = serial
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.stop_token_ids = stop_token_ids
-        self.detokenizer = detokenizer
         self.generator = generator
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output
         self.num_computed_tokens = 0  # tokens whose keys and values are in the cache
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
-        self.output_text = ""
-        self.num_emitted_chars = 0  # of output_text, handed out as deltas already
-        self.num_emitted_tokens = 0  # output tokens handed out as deltas already
-        self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None  # the stop token id or string that ended it
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on first admission
-        self.first_token_time: float | None = None
         self.adapter: str | None = None  # adapter name; None = the base model
-        self.adapter_key: str | None = None  # which registration of that name it runs on
+        # Which registration of that name it runs on; also salts its prefix-cache blocks, since KV
+        # computed under one registration differs from another's.
+        self.adapter_key: str | None = None
         self.lora_slot = -1  # the adapter's slot while running
         self.num_skips = 0  # scheduling rounds passed over while waiting for its adapter
-        self.cache_salt: str | None = None  # keeps prefix-cache blocks apart when their KV differs
 
     @property
     def num_tokens(self) -> int:

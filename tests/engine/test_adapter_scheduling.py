@@ -172,7 +172,7 @@ def test_a_loading_adapter_does_not_hold_back_others(make_llm, reference, demo_d
     steps = record_steps(llm)
     slow_id = llm.engine.add_request(PROMPTS[0], greedy(6), adapter="slow")  # first in line
     base_id = llm.engine.add_request(PROMPTS[1], greedy(8))
-    slow_seq = llm.engine._seqs[slow_id]
+    slow_seq = llm.engine._requests[slow_id].seq
     for step in range(8):  # the base request runs a token per step while "slow" loads
         outputs = llm.engine.step()
         assert [out.request_id for out in outputs] == [base_id], f"step {step}: {outputs}"
@@ -247,9 +247,8 @@ def test_removing_an_adapter_lets_its_running_request_finish(make_llm, reference
 
 @pytest.mark.parametrize("waiting_for", ["admission", "slot"])
 def test_a_queued_request_whose_adapter_is_removed_still_finishes(make_llm, waiting_for):
-    """BUG: a request queued (not yet running) on an adapter that is then removed waits forever:
-    ready() finds it neither resident nor in host memory and prefetch() skips unregistered names,
-    so the scheduler passes it over on every step and LLM.generate never returns."""
+    """A request queued (not yet running) on an adapter that is then removed still finishes: it runs on
+    the removed registration's weights, or ends with a finish reason; it is never left waiting."""
     llm = make_llm(max_loras=1)
     engine = llm.engine
     if waiting_for == "slot":
@@ -263,10 +262,9 @@ def test_a_queued_request_whose_adapter_is_removed_still_finishes(make_llm, wait
 
 
 def test_readding_an_adapter_name_serves_the_new_weights(make_llm, reference, demo_dir):
-    """BUG: after remove_adapter(name) while a request ran on it, then add_adapter(name, other files),
-    requests on `name` still get the old weights: the old slot stays resident under the name (SlotPool.evict
-    refused while in use, release() then parks it as idle), and the prefix cache salts KV blocks by the
-    name alone, so the old adapter's cached prompt blocks are reused too."""
+    """remove_adapter(name) while a request runs on it, then add_adapter(name, other files): the running
+    request finishes on the old weights, and new requests on `name` get the new weights, neither the old
+    slot (kept only while in use) nor KV blocks that the old weights computed."""
     llm = make_llm(max_loras=1)
     engine = llm.engine
     old_id = engine.add_request(LONG_PROMPT, greedy(4), adapter="alpha")
@@ -281,10 +279,9 @@ def test_readding_an_adapter_name_serves_the_new_weights(make_llm, reference, de
 
 
 def test_readding_an_idle_adapter_name_does_not_reuse_its_cached_prompt_blocks(make_llm, reference, demo_dir):
-    """BUG: prefix-cache blocks are salted with the adapter's name only (Sequence.cache_salt = adapter),
-    so after remove_adapter + add_adapter of the same name with other weights, a prompt the old adapter
-    processed is served from KV computed with the old weights. Here the old slot was idle and evicted
-    properly; only the prefix cache is stale."""
+    """Prefix-cache blocks are salted with the adapter's registration (Sequence.adapter_key), not its
+    name: after remove_adapter + add_adapter of the same name with other weights, a prompt the old
+    adapter processed is computed again, not served from the old weights' KV."""
     llm = make_llm(max_loras=1)
     first = llm.generate(LONG_PROMPT, greedy(4), adapter="alpha")[0]
     assert first.token_ids == reference(LONG_PROMPT, "alpha", 4)

@@ -16,22 +16,12 @@ from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence, SequenceStatus
 
 
-class StubDetokenizer:
-    """Stands in for IncrementalDetokenizer: these tests never turn tokens into text."""
-
-    def step(self, all_token_ids: list[int]) -> str:
-        return ""
-
-    def flush(self, all_token_ids: list[int]) -> str:
-        return ""
-
-
 def make_seq(request_id: str, tokens: list[int], max_tokens: int = 4, salt: str | None = None) -> Sequence:
     seq = Sequence(
-        request_id, None, list(tokens), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-        stop_token_ids=frozenset(), detokenizer=StubDetokenizer(), generator=None,
+        request_id, list(tokens), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        stop_token_ids=frozenset(), generator=None,
     )
-    seq.cache_salt = salt
+    seq.adapter_key = salt
     return seq
 
 
@@ -198,7 +188,7 @@ def test_last_token_is_never_taken_from_the_cache():
     assert one_block.block_table == []
 
 
-def test_a_different_cache_salt_does_not_share():
+def test_a_different_adapter_key_does_not_share():
     bm = BlockManager(num_blocks=32, block_size=4)
     prompt = list(range(9))
     plain = make_seq("plain", prompt)
@@ -407,9 +397,7 @@ def test_random_workload_with_aborts_and_preemption_leaks_nothing(seed):
     for i in range(30):
         tokens = rng.choice(prefixes)[: rng.randrange(0, 9)] + [rng.randrange(1, 500)
                                                                 for _ in range(rng.randrange(1, 14))]
-        seq = make_seq(f"r{i}", tokens, max_tokens=rng.randrange(1, 12))
-        seq.cache_salt = rng.choice([None, None, "x"])
-        seqs.append(seq)
+        seqs.append(make_seq(f"r{i}", tokens, max_tokens=rng.randrange(1, 12)))
     pending = list(seqs)
     for _ in range(2000):
         if not pending and not sched.has_unfinished():

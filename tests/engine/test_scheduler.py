@@ -12,19 +12,11 @@ from loraplex.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.engine.sequence import Sequence, SequenceStatus
 
 
-class StubDetokenizer:
-    def step(self, all_token_ids: list[int]) -> str:
-        return ""
-
-    def flush(self, all_token_ids: list[int]) -> str:
-        return ""
-
-
 def make_seq(request_id: str, num_prompt: int, max_tokens: int = 4, first: int = 0) -> Sequence:
     tokens = [first + i for i in range(num_prompt)]
     return Sequence(
-        request_id, None, tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-        stop_token_ids=frozenset(), detokenizer=StubDetokenizer(), generator=None,
+        request_id, tokens, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        stop_token_ids=frozenset(), generator=None,
     )
 
 
