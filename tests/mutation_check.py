@@ -58,8 +58,8 @@ MUTATIONS = {
     # the torch backend's attention returns zeros
     "torch-attention": Mutation(
         BACKEND,
-        "        return reference.attend_group(query, k_cache, v_cache, group, scale, kv)",
-        "        return torch.zeros_like(reference.attend_group(query, k_cache, v_cache, group, scale, kv))",
+        "        return torch_attention.attend_group(query, k_cache, v_cache, group, scale, kv)",
+        "        return torch.zeros_like(torch_attention.attend_group(query, k_cache, v_cache, group, scale, kv))",
         ("tests/engine/test_hf_parity.py", "-k", "torch"),
     ),
 }

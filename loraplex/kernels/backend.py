@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from loraplex.errors import invalid
-from loraplex.kernels import reference
+from loraplex.kernels import torch_attention
 from loraplex.kernels.decode_cache import DecodeKVCache
 from loraplex.kernels.lora_meta import LoRAKernelMeta, LoRAMetaBuffers
 
@@ -118,8 +118,8 @@ class TorchBackend:
         self._decode = DecodeKVCache() if decode_mirror else None
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
-        meta.plan = reference.plan_paged_attention(meta.block_tables, meta.seq_lens_host, meta.query_lens_host,
-                                                   block_size, meta.dtype)
+        meta.plan = torch_attention.plan_paged_attention(meta.block_tables, meta.seq_lens_host,
+                                                         meta.query_lens_host, block_size, meta.dtype)
         if self._decode is None:
             return
         if meta.max_query_len == 1:  # decodes only: every sequence is a row, in batch order
@@ -131,7 +131,7 @@ class TorchBackend:
         self._decode.begin_step([seq_id for seq_id, _ in decodes], [n for _, n in decodes])
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
-        reference.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        torch_attention.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         if self._decode is not None and self._decode.active:
             group = meta.plan.groups[0]
             if group.token_index is not None:
@@ -151,14 +151,14 @@ class TorchBackend:
             out[index] = self._attend(query[index], step_kv, k_cache, v_cache, group, scale)
         return out
 
-    def _attend(self, query, step_kv, k_cache, v_cache, group: reference.AttentionGroup, scale: float):
+    def _attend(self, query, step_kv, k_cache, v_cache, group: torch_attention.AttentionGroup, scale: float):
         kv = None
         if group.max_query_len == 1 and self._decode is not None and self._decode.active:
             kv = self._decode.keys_values(k_cache, group.max_kv_len)
         elif group.fresh:  # the keys as the cache holds them
             key, value = step_kv[0].to(k_cache.dtype), step_kv[1].to(v_cache.dtype)
-            kv = reference.pad_to_group(key, group), reference.pad_to_group(value, group)
-        return reference.attend_group(query, k_cache, v_cache, group, scale, kv)
+            kv = torch_attention.pad_to_group(key, group), torch_attention.pad_to_group(value, group)
+        return torch_attention.attend_group(query, k_cache, v_cache, group, scale, kv)
 
     def prepare_lora(self, batch: LoRABatch) -> None:
         batch.plan = _segment_groups(batch.meta, batch.seg_starts, batch.active_slots)

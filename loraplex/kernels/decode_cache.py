@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.kernels.reference import gather_context
+from loraplex.kernels.torch_attention import gather_context
 
 # Room for at least this many more decode steps is reserved when a buffer grows.
 _HEADROOM = 64

@@ -29,11 +29,20 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.kernels.checks import (
+    INDEX_DTYPES,
+    check_block,
+    check_contiguous,
+    check_device,
+    check_dims,
+    check_dtype,
+    check_float_dtype,
+    check_meta,
+    check_same_dtype,
+    check_shape,
+    check_unit_stride,
+)
 from loraplex.kernels.lora_meta import LoRAKernelMeta
-from loraplex.kernels.lora_shrink import _check_block, _check_meta, _check_ranks
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 # slice_offsets live on the device as a tiny int32 tensor; cache it so that the per-layer,
 # per-step call does no host-to-device copy (which would also break CUDA graph capture).
@@ -127,18 +136,12 @@ def _check(
     meta: LoRAKernelMeta,
     slice_offsets: list[int],
 ) -> None:
-    if y.dim() != 2:
-        raise ValueError(f"y must be [num_tokens, out_features], got {tuple(y.shape)}")
-    if h.dim() != 3:
-        raise ValueError(f"h must be [num_tokens, num_slices, max_rank], got {tuple(h.shape)}")
-    if lora_b.dim() != 3:
-        raise ValueError(f"lora_b must be [max_loras, out_features, max_rank], got {tuple(lora_b.shape)}")
-    if y.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"y dtype {y.dtype} not supported, expected one of {_SUPPORTED_DTYPES}")
-    if lora_b.dtype != y.dtype:
-        raise ValueError(f"lora_b dtype {lora_b.dtype} must match y dtype {y.dtype}")
-    if h.dtype != torch.float32:
-        raise ValueError(f"h must be float32 (lora_shrink's output), got {h.dtype}")
+    check_dims("y", y, "[num_tokens, out_features]")
+    check_dims("h", h, "[num_tokens, num_slices, max_rank]")
+    check_dims("lora_b", lora_b, "[max_loras, out_features, max_rank]")
+    check_float_dtype("y", y)
+    check_same_dtype("lora_b", lora_b, "y", y)
+    check_dtype("h", h, (torch.float32,), " (lora_shrink's output)")
     num_tokens, out_features = y.shape
     _, num_slices, max_rank = h.shape
     max_loras = lora_b.shape[0]
@@ -146,11 +149,28 @@ def _check(
         raise ValueError(f"h has {h.shape[0]} tokens, y has {num_tokens}")
     if num_slices < 1 or max_rank < 1:
         raise ValueError(f"h needs >= 1 slice and max_rank >= 1, got {tuple(h.shape)}")
-    if tuple(lora_b.shape[1:]) != (out_features, max_rank):
-        raise ValueError(
-            f"lora_b must be [max_loras, out_features={out_features}, max_rank={max_rank}], "
-            f"got {tuple(lora_b.shape)}"
-        )
+    check_shape("lora_b", lora_b, (max_loras, out_features, max_rank),
+                f"[max_loras, out_features={out_features}, max_rank={max_rank}]")
+    _check_slice_offsets(slice_offsets, num_slices, out_features)
+    check_unit_stride("y", y, 1, "out_features")
+    check_contiguous("h", h)
+    check_contiguous("lora_b", lora_b)
+    device = y.device
+    check_device("h", h, device, "y")
+    check_device("lora_b", lora_b, device, "y")
+    per_slot_slice = (max_loras, num_slices)
+    layout = f"[max_loras={max_loras}, num_slices={num_slices}]"
+    check_shape("ranks", ranks, per_slot_slice, layout)
+    check_device("ranks", ranks, device)
+    check_dtype("ranks", ranks, INDEX_DTYPES)
+    check_shape("scales", scales, per_slot_slice, layout)
+    check_device("scales", scales, device)
+    check_dtype("scales", scales, (torch.float32,))
+    check_meta(meta, num_tokens, device)
+
+
+def _check_slice_offsets(slice_offsets: list[int], num_slices: int, out_features: int) -> None:
+    """num_slices + 1 ints, strictly increasing from 0 to out_features (slice i: y[:, lo:hi])."""
     try:
         offsets = [operator.index(o) for o in slice_offsets]
     except TypeError:
@@ -161,24 +181,6 @@ def _check(
         raise ValueError(f"slice_offsets must run from 0 to y's out_features {out_features}, got {offsets}")
     if any(b <= a for a, b in pairwise(offsets)):
         raise ValueError(f"slice_offsets must be strictly increasing, got {offsets}")
-    # Rows are addressed through a stride (y may be a view); out_features must be the unit-stride axis.
-    if y.stride(1) != 1 and out_features > 1:
-        raise ValueError("y must be contiguous along out_features")
-    if not h.is_contiguous():
-        raise ValueError("h must be contiguous")
-    if not lora_b.is_contiguous():
-        raise ValueError("lora_b must be contiguous")
-    device = y.device
-    for name, t in (("h", h), ("lora_b", lora_b)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected y's device {device}")
-    _check_ranks("ranks", ranks, max_loras, num_slices, device)
-    if ranks.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"ranks must be int32 or int64, got {ranks.dtype}")
-    _check_ranks("scales", scales, max_loras, num_slices, device)
-    if scales.dtype != torch.float32:
-        raise ValueError(f"scales must be float32, got {scales.dtype}")
-    _check_meta(meta, num_tokens, device)
 
 
 def lora_expand(
@@ -236,7 +238,7 @@ def _lora_expand(
     if block_r is None:
         block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_r", block_r)):
-        _check_block(name, value)
+        check_block(name, value)
 
     offsets = _slice_offsets_tensor(slice_offsets, y.device)
     num_n_tiles = triton.cdiv(max_slice_out, block_n)

@@ -24,10 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.kernels.checks import (
+    INDEX_DTYPES,
+    check_block,
+    check_contiguous,
+    check_device,
+    check_dims,
+    check_dtype,
+    check_float_dtype,
+    check_meta,
+    check_same_dtype,
+    check_shape,
+    check_unit_stride,
+)
 from loraplex.kernels.lora_meta import LoRAKernelMeta
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
@@ -90,85 +100,32 @@ def _lora_shrink_kernel(
     tl.store(h_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-def _check_meta(meta: LoRAKernelMeta, num_tokens: int, device: torch.device) -> None:
-    """Shape, dtype and device checks of the per-step token layout (shared with lora_expand)."""
-    if not isinstance(meta, LoRAKernelMeta):
-        raise ValueError(f"meta must be a LoRAKernelMeta, got {type(meta).__name__}")
-    if meta.active_slots.dim() != 1:
-        raise ValueError(f"meta.active_slots must be 1-D, got {tuple(meta.active_slots.shape)}")
-    num_active = meta.active_slots.shape[0]
-    expected = {
-        "meta.token_slots": (num_tokens,),
-        "meta.sorted_token_ids": (num_tokens,),
-        "meta.active_slots": (num_active,),
-        "meta.seg_starts": (num_active + 1,),
-    }
-    for name, shape in expected.items():
-        t = getattr(meta, name.split(".")[1])
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} for {num_tokens} tokens, got {tuple(t.shape)}")
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected {device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if meta.max_seg_len < 0 or meta.max_seg_len > num_tokens:
-        raise ValueError(f"meta.max_seg_len {meta.max_seg_len} out of range for {num_tokens} tokens")
-
-
-def _check_ranks(name: str, t: torch.Tensor, max_loras: int, num_slices: int, device: torch.device) -> None:
-    if tuple(t.shape) != (max_loras, num_slices):
-        raise ValueError(f"{name} must be [max_loras={max_loras}, num_slices={num_slices}], got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-
-
-def _check_block(name: str, value: int) -> None:
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-
-
 def _check(
     x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRAKernelMeta, out: torch.Tensor | None
 ) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be [num_tokens, in_features], got {tuple(x.shape)}")
-    if lora_a.dim() != 4:
-        raise ValueError(
-            f"lora_a must be [max_loras, num_slices, max_rank, in_features], got {tuple(lora_a.shape)}"
-        )
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"x dtype {x.dtype} not supported, expected one of {_SUPPORTED_DTYPES}")
-    if lora_a.dtype != x.dtype:
-        raise ValueError(f"lora_a dtype {lora_a.dtype} must match x dtype {x.dtype}")
+    check_dims("x", x, "[num_tokens, in_features]")
+    check_dims("lora_a", lora_a, "[max_loras, num_slices, max_rank, in_features]")
+    check_float_dtype("x", x)
+    check_same_dtype("lora_a", lora_a, "x", x)
     max_loras, num_slices, max_rank, in_features = lora_a.shape
     if x.shape[1] != in_features:
         raise ValueError(f"x in_features {x.shape[1]} != lora_a in_features {in_features}")
     if num_slices < 1 or max_rank < 1:
         raise ValueError(f"lora_a needs >= 1 slice and max_rank >= 1, got {tuple(lora_a.shape)}")
-    # Rows are addressed through a stride (x may be a view); in_features must be the unit-stride axis.
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        raise ValueError("x must be contiguous along in_features")
-    if not lora_a.is_contiguous():
-        raise ValueError("lora_a must be contiguous")
+    check_unit_stride("x", x, 1, "in_features")
+    check_contiguous("lora_a", lora_a)
     device = x.device
-    if lora_a.device != device:
-        raise ValueError(f"lora_a is on {lora_a.device}, expected x's device {device}")
-    _check_ranks("ranks", ranks, max_loras, num_slices, device)
-    if ranks.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"ranks must be int32 or int64, got {ranks.dtype}")
-    _check_meta(meta, x.shape[0], device)
+    check_device("lora_a", lora_a, device, "x")
+    check_shape("ranks", ranks, (max_loras, num_slices), f"[max_loras={max_loras}, num_slices={num_slices}]")
+    check_device("ranks", ranks, device)
+    check_dtype("ranks", ranks, INDEX_DTYPES)
+    check_meta(meta, x.shape[0], device)
     if out is not None:
         shape = (x.shape[0], num_slices, max_rank)
-        if tuple(out.shape) != shape:
-            raise ValueError(f"out must be [num_tokens, num_slices, max_rank] = {shape}, got {tuple(out.shape)}")
-        if out.dtype != torch.float32:
-            raise ValueError(f"out must be float32, got {out.dtype}")
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous")
-        if out.device != device:
-            raise ValueError(f"out is on {out.device}, expected {device}")
+        check_shape("out", out, shape, f"[num_tokens, num_slices, max_rank] = {shape}")
+        check_dtype("out", out, (torch.float32,))
+        check_contiguous("out", out)
+        check_device("out", out, device)
 
 
 def lora_shrink(
@@ -224,7 +181,7 @@ def _lora_shrink(
     if block_k is None:
         block_k = min(64, max(16, triton.next_power_of_2(in_features)))
     for name, value in (("block_m", block_m), ("block_r", block_r), ("block_k", block_k)):
-        _check_block(name, value)
+        check_block(name, value)
 
     num_r_tiles = triton.cdiv(max_rank, block_r)
     grid = (triton.cdiv(meta.max_seg_len, block_m) * num_r_tiles, num_slices, meta.num_active)

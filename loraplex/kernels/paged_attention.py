@@ -24,7 +24,19 @@ import torch
 import triton
 import triton.language as tl
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from loraplex.kernels.checks import (
+    INDEX_DTYPES,
+    check_block,
+    check_contiguous,
+    check_device,
+    check_dims,
+    check_dtype,
+    check_float_dtype,
+    check_same_dtype,
+    check_shape,
+    check_unit_stride,
+)
+
 _LOG2E = 1.4426950408889634
 
 
@@ -114,20 +126,13 @@ def _check(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
 ) -> None:
-    if query.dim() != 3:
-        raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(
-            f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got {tuple(k_cache.shape)}"
-        )
+    check_dims("query", query, "[num_tokens, num_heads, head_dim]")
+    check_dims("k_cache", k_cache, "[num_blocks, block_size, num_kv_heads, head_dim]")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
-    if query.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"query dtype {query.dtype} not supported, expected one of {_SUPPORTED_DTYPES}")
-    if k_cache.dtype != query.dtype or v_cache.dtype != query.dtype:
-        raise ValueError(
-            f"k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must match query dtype {query.dtype}"
-        )
+    check_float_dtype("query", query)
+    check_same_dtype("k_cache", k_cache, "query", query)
+    check_same_dtype("v_cache", v_cache, "query", query)
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
@@ -138,27 +143,23 @@ def _check(
         raise ValueError(
             f"query num_heads {num_heads} is not a multiple of k_cache num_kv_heads {num_kv_heads}"
         )
-    # The kernel addresses rows through strides but assumes head_dim is the unit-stride axis.
-    if query.stride(-1) != 1:
-        raise ValueError("query must be contiguous along head_dim")
-    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("k_cache and v_cache must be contiguous")
+    check_unit_stride("query", query, 2, "head_dim")
+    check_contiguous("k_cache", k_cache)
+    check_contiguous("v_cache", v_cache)
+    check_dims("seq_lens", seq_lens, "[num_seqs]")
     num_seqs = seq_lens.shape[0]
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+    check_dims("block_tables", block_tables, "[num_seqs, max_blocks]")
+    if block_tables.shape[0] != num_seqs:
         raise ValueError(
             f"block_tables must be [num_seqs={num_seqs}, max_blocks], got {tuple(block_tables.shape)}"
         )
-    if query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError(
-            f"query_start_loc must be [num_seqs + 1 = {num_seqs + 1}], got {tuple(query_start_loc.shape)}"
-        )
-    indices = {"block_tables": block_tables, "seq_lens": seq_lens, "query_start_loc": query_start_loc}
-    for name, t in indices.items():
-        if t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
-    devices = {t.device for t in (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devices}")
+    check_shape("query_start_loc", query_start_loc, (num_seqs + 1,), f"[num_seqs + 1 = {num_seqs + 1}]")
+    device = query.device
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_device(name, t, device, "query")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        check_dtype(name, t, INDEX_DTYPES)
+        check_device(name, t, device, "query")
 
 
 def paged_attention(
@@ -216,8 +217,7 @@ def _paged_attention(
     group = num_heads // num_kv_heads
     if block_n is None:
         block_n = 64 if head_dim <= 128 else 32  # keeps the K and V tiles within registers
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    check_block("block_n", block_n)
 
     grid = (num_tokens, num_kv_heads)
     _paged_attention_kernel[grid](

@@ -1,11 +1,13 @@
-"""The pure-torch paged attention (the CPU path) against a plain per-token loop."""
+"""The pure-torch paged attention (the CPU path, torch_attention.py) and its twin
+`reference.paged_attention` against a plain per-token loop."""
 
 import math
 
 import pytest
 import torch
 
-from loraplex.kernels.reference import paged_attention, plan_paged_attention, write_kv
+from loraplex.kernels import reference
+from loraplex.kernels.torch_attention import paged_attention_planned, plan_paged_attention, write_kv
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
 
@@ -29,7 +31,8 @@ def _loop_oracle(q, keys, values, lens, q_lens):
     ([9], [9]),  # a whole prompt
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_a_per_token_loop(lens, q_lens, dtype):
+@pytest.mark.parametrize("impl", ["planned", "twin"])
+def test_matches_a_per_token_loop(lens, q_lens, dtype, impl):
     g = torch.Generator().manual_seed(0)
     num_blocks = 32
     k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype)
@@ -46,11 +49,16 @@ def test_matches_a_per_token_loop(lens, q_lens, dtype):
     q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, generator=g).to(dtype)
     qsl = torch.tensor([0, *torch.cumsum(torch.tensor(q_lens), 0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    out = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1 / math.sqrt(HEAD_DIM))
+    scale = 1 / math.sqrt(HEAD_DIM)
+    plan = plan_paged_attention(block_tables, lens, q_lens, BLOCK, dtype)
+    if impl == "planned":
+        out = paged_attention_planned(q, k_cache, v_cache, plan, scale)
+    else:
+        out = reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale)
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
     torch.testing.assert_close(out.float(), _loop_oracle(q.float(), keys, values, lens, q_lens), atol=tol, rtol=tol)
-    plan = plan_paged_attention(block_tables, lens, q_lens, BLOCK, dtype)
+    # Masks are made in the query's dtype (SDPA adds them to the scores); decodes and chunks are apart.
     assert all(group.mask is None or group.mask.dtype == dtype for group in plan.groups)
     has_both = 1 in q_lens and any(n > 1 for n in q_lens)
     assert len(plan.groups) == (2 if has_both else 1)
