@@ -2,6 +2,7 @@
 
     python benchmarks/multi_lora_throughput.py                         # demo model, CPU, fp32
     python benchmarks/multi_lora_throughput.py --shape smollm2-135m    # a random model of that shape
+    python benchmarks/multi_lora_throughput.py --device cuda --dtype bfloat16   # on a GPU
 
 Every request decodes `--output-len` tokens (greedy, EOS ignored) after a `--prompt-len` prompt;
 each loraplex row is the median of `--repeats` runs on one engine.
@@ -88,7 +89,8 @@ def run_loraplex(model_dir: Path, prompts, adapters: dict[str, Path], names: lis
     from loraplex import LLM, SamplingParams
 
     used = {n for n in names if n is not None}
-    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", max_num_seqs=len(prompts),
+    llm = LLM(model=str(model_dir), dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
+              max_num_seqs=len(prompts),
               max_model_len=args.prompt_len + args.output_len, enable_prefix_caching=False,
               max_loras=max(len(used), 1), max_lora_rank=args.rank, max_cpu_adapters=max(len(used), 1),
               adapters={n: adapters[n] for n in used})
@@ -109,21 +111,34 @@ def run_peft(model_dir: Path, prompts, adapters: dict[str, Path], names: list[st
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     base.generation_config.eos_token_id = None
     used = sorted(set(names))
     model = PeftModel.from_pretrained(base, adapters[used[0]], adapter_name=used[0])
     for name in used[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=args.device)
     with torch.inference_mode():
+        _sync(args.device)
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
                              do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len,
                              pad_token_id=0)
+        _sync(args.device)
         elapsed = time.perf_counter() - start
     assert out.shape[1] - ids.shape[1] == args.output_len
     return len(prompts) * args.output_len / elapsed
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -136,6 +151,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapter-counts", default="1,8,64,256")
     parser.add_argument("--peft-adapters", default="8,64", help="adapter counts to also run with peft")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"])
     args = parser.parse_args()
     counts = [int(c) for c in args.adapter_counts.split(",")]
     peft_counts = [int(c) for c in args.peft_adapters.split(",") if c]
@@ -168,7 +186,8 @@ def main() -> None:
 
     print(f"model {model_dir.name}, {args.num_requests} requests, prompt {args.prompt_len}, output "
           f"{args.output_len}, median of {args.repeats} runs (peft: 1), rank {args.rank} on {', '.join(TARGETS)}, "
-          f"fp32 CPU ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})")
+          f"{args.dtype} on {_device_name(args.device)} (torch {torch.__version__}, "
+          f"kernel backend {args.kernel_backend})")
     print("| run | generated tok/s | vs base | loraplex / this |\n|---|---|---|---|")
     for label, tps, ours in rows:
         versus = f"{ours / tps:.2f}x" if ours is not None else ""

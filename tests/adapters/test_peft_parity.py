@@ -7,8 +7,9 @@ made by PEFT itself (see conftest.py): different ranks, target modules (includin
 regex), rank_pattern / alpha_pattern, rsLoRA and layers_to_transform. LoRA variants whose tensors look
 like a plain LoRA's (aLoRA, layer_replication, ...) must be served as PEFT serves them, or refused.
 
-The mixed-batch and eviction suites run on both kernel backends: torch, and triton (the Triton
-shrink/expand and paged attention kernels, in Triton's CPU interpreter here, so with fewer tokens).
+The mixed-batch and eviction suites run on both kernel backends on the CPU: torch, and triton (the
+Triton shrink/expand and paged attention kernels, in Triton's CPU interpreter here, so with fewer
+tokens), and on both on CUDA in fp32 (marked `gpu`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,17 @@ LOGPROB_ATOL = 1e-4
 TOP_K = 5
 VOCAB_SIZE = 2048
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True, logprobs=TOP_K)
-# tokens per request on each kernel backend (the Triton interpreter takes about a second a step)
-BACKEND_MAX_NEW = {"torch": MAX_NEW, "triton": 5}
+# (device, kernel backend, tokens per request): the Triton interpreter takes about a second a step
+TARGETS = [
+    pytest.param(("cpu", "torch", MAX_NEW), id="torch"),
+    pytest.param(("cpu", "triton", 5), id="triton"),
+    pytest.param(("cuda", "torch", MAX_NEW), id="cuda-torch", marks=pytest.mark.gpu),
+    pytest.param(("cuda", "triton", MAX_NEW), id="cuda-triton", marks=pytest.mark.gpu),
+]
 
 
-@pytest.fixture(params=list(BACKEND_MAX_NEW))
-def backend(request) -> str:
+@pytest.fixture(params=TARGETS)
+def target(request) -> tuple[str, str, int]:
     return request.param
 
 
@@ -57,10 +63,11 @@ def make_requests(seed: int, plan: list[tuple[str | None, int]]) -> tuple[list[l
     return prompts, [adapter for adapter, _ in plan]
 
 
-def make_llm(demo_dir, adapters: dict, backend: str = "torch", **options) -> LLM:
+def make_llm(demo_dir, adapters: dict, target: tuple[str, str, int] = ("cpu", "torch", MAX_NEW), **options) -> LLM:
+    device, backend, _ = target
     options = {"max_lora_rank": 32, "max_model_len": 256, "kv_cache_memory": "64MiB", **options}
     llm = LLM(model=str(demo_dir), adapters={k: str(v) for k, v in adapters.items()}, dtype="float32",
-              device="cpu", kernel_backend=backend, **options)
+              device=device, kernel_backend=backend, **options)
     assert llm.engine.model.backend.name == backend
     return llm
 
@@ -153,10 +160,10 @@ MIXED_PLAN: list[tuple[str | None, int]] = [
 ]
 
 
-def test_mixed_adapter_batch_matches_peft(demo_dir, peft_adapters, peft_reference, backend):
-    max_new = BACKEND_MAX_NEW[backend]
+def test_mixed_adapter_batch_matches_peft(demo_dir, peft_adapters, peft_reference, target):
+    max_new = target[2]
     prompts, adapters = make_requests(7, MIXED_PLAN)
-    llm = make_llm(demo_dir, peft_adapters, backend)
+    llm = make_llm(demo_dir, peft_adapters, target)
     outputs = llm.generate(prompts, greedy(max_new), adapter=adapters)
     assert_tokens_match(peft_reference, prompts, adapters, outputs, max_new=max_new)
     assert_logprobs_match(peft_reference, prompts, adapters, outputs, max_new)
@@ -173,7 +180,7 @@ def test_demo_adapters_in_one_batch_match_peft(demo_dir, peft_reference):
     assert_logprobs_match(peft_reference, prompts, adapters, outputs)
 
 
-def test_slot_and_host_eviction_mid_run_matches_peft(demo_dir, peft_adapters, peft_reference, backend):
+def test_slot_and_host_eviction_mid_run_matches_peft(demo_dir, peft_adapters, peft_reference, target):
     """Six adapters through two slots and two host-cache entries: adapters are evicted from their slots
     and from host memory and read back from disk while the batch runs; every answer stays exact."""
     names = list(peft_adapters)
@@ -182,8 +189,8 @@ def test_slot_and_host_eviction_mid_run_matches_peft(demo_dir, peft_adapters, pe
     plan = [(names[i % 6] if i % 5 != 4 else None, n) for i, n in enumerate(lengths)]
     plan += [(names[0], 0), (names[5], 0)]  # an adapter reloaded after eviction, on the prompt before it
     prompts, adapters = make_requests(9, plan)
-    max_new = BACKEND_MAX_NEW[backend]
-    llm = make_llm(demo_dir, peft_adapters, backend, max_loras=2, max_cpu_adapters=2)
+    max_new = target[2]
+    llm = make_llm(demo_dir, peft_adapters, target, max_loras=2, max_cpu_adapters=2)
     manager = llm.engine.adapters
     outputs = llm.generate(prompts, greedy(max_new), adapter=adapters)
     assert manager.slots.evictions > 0

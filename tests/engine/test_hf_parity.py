@@ -3,9 +3,9 @@
 transformers is the reference. Every expectation below comes from running the HF model (full forward
 passes, or `model.generate` on one prompt alone) on the same checkpoint the engine loads from disk.
 
-The batch, preemption, chunked-prefill and prefix-cache suites run on both kernel backends: torch, and
-triton (the Triton kernels, in Triton's CPU interpreter here). The interpreter takes about a second a
-step, so triton's runs are shorter (`SIZES`), through the same paths.
+The logprob, batch, preemption, chunked-prefill and prefix-cache suites run on every `TARGETS` entry:
+both kernel backends on the CPU (triton: the Triton kernels in Triton's CPU interpreter, about a second
+a step, so its runs are shorter, through the same paths), and both on CUDA in fp32 (marked `gpu`).
 """
 
 from __future__ import annotations
@@ -31,21 +31,30 @@ GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
 
 
 @dataclass(frozen=True)
-class Sizes:
-    lengths: tuple[int, ...]  # prompt lengths of the batch
-    max_new: int  # greedy tokens per prompt
-    logprob_steps: int
+class Target:
+    """Where the engine runs, and how much of each suite it runs there."""
+
+    device: str
+    backend: str  # kernel backend
+    lengths: tuple[int, ...] = PROMPT_LENGTHS  # prompt lengths of the batch
+    max_new: int = MAX_NEW  # greedy tokens per prompt
+    logprob_steps: int = 20
 
     @property
     def greedy(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_new, temperature=0, ignore_eos=True)
 
 
-SIZES = {"torch": Sizes(PROMPT_LENGTHS, MAX_NEW, 20), "triton": Sizes((1, 61, 3, 17, 30), 6, 4)}
+TARGETS = [
+    pytest.param(Target("cpu", "torch"), id="torch"),
+    pytest.param(Target("cpu", "triton", (1, 61, 3, 17, 30), 6, 4), id="triton"),
+    pytest.param(Target("cuda", "torch"), id="cuda-torch", marks=pytest.mark.gpu),
+    pytest.param(Target("cuda", "triton"), id="cuda-triton", marks=pytest.mark.gpu),
+]
 
 
-@pytest.fixture(params=list(SIZES))
-def backend(request) -> str:
+@pytest.fixture(params=TARGETS)
+def target(request) -> Target:
     return request.param
 
 
@@ -55,9 +64,9 @@ def make_prompts(seed: int, lengths, vocab_size: int) -> list[list[int]]:
     return [[rng.randrange(NUM_SPECIAL, vocab_size) for _ in range(n)] for n in lengths]
 
 
-def make_llm(model, backend: str = "torch", **options) -> LLM:
-    llm = LLM(model=str(model.path), dtype="float32", device="cpu", kernel_backend=backend, **options)
-    assert llm.engine.model.backend.name == backend
+def make_llm(model, target: Target = Target("cpu", "torch"), **options) -> LLM:
+    llm = LLM(model=str(model.path), dtype="float32", device=target.device, kernel_backend=target.backend, **options)
+    assert llm.engine.model.backend.name == target.backend
     return llm
 
 
@@ -81,11 +90,11 @@ def assert_greedy_matches_hf(model, prompts: list[list[int]], outputs, max_new: 
 # -- a. logits --------------------------------------------------------------------------------------
 
 
-def test_logprobs_match_hf_prefill_and_decode(parity_model, backend):
+def test_logprobs_match_hf_prefill_and_decode(parity_model, target):
     """Top-5 log-probabilities of the prefill step and of the decode steps after it, three prompts batched."""
-    steps = SIZES[backend].logprob_steps
+    steps = target.logprob_steps
     prompts = make_prompts(11, (70, 1, 130), parity_model.vocab_size)
-    llm = make_llm(parity_model, backend)
+    llm = make_llm(parity_model, target)
     params = SamplingParams(max_tokens=steps, temperature=0, logprobs=5, ignore_eos=True)
     outputs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outputs, strict=True):
@@ -124,18 +133,17 @@ def test_llama3_rope_scaling_changes_hf_logits(load_parity_model):
 # -- b. greedy, batched ------------------------------------------------------------------------------
 
 
-def test_greedy_batch_matches_hf(parity_model, backend):
-    sizes = SIZES[backend]
-    prompts = make_prompts(1, sizes.lengths, parity_model.vocab_size)
-    outputs = make_llm(parity_model, backend).generate(prompts, sizes.greedy)
-    assert_greedy_matches_hf(parity_model, prompts, outputs, sizes.max_new)
+def test_greedy_batch_matches_hf(parity_model, target):
+    prompts = make_prompts(1, target.lengths, parity_model.vocab_size)
+    outputs = make_llm(parity_model, target).generate(prompts, target.greedy)
+    assert_greedy_matches_hf(parity_model, prompts, outputs, target.max_new)
 
 
 # -- c. preemption ----------------------------------------------------------------------------------
 
 
-def test_greedy_with_preemption_matches_hf(parity_model, backend):
-    sizes = SIZES[backend]
+def test_greedy_with_preemption_matches_hf(parity_model, target):
+    sizes = target
     block_size = 8
     max_model_len = -(-(max(sizes.lengths) + sizes.max_new) // block_size) * block_size
     blocks_per_seq = max_model_len // block_size
@@ -144,7 +152,7 @@ def test_greedy_with_preemption_matches_hf(parity_model, backend):
     prompts = make_prompts(1, sizes.lengths, parity_model.vocab_size)
     total_blocks = sum(-(-(len(p) + sizes.max_new) // block_size) for p in prompts)
     assert total_blocks > 2 * blocks_per_seq
-    llm = make_llm(parity_model, backend, block_size=block_size, max_model_len=max_model_len,
+    llm = make_llm(parity_model, target, block_size=block_size, max_model_len=max_model_len,
                    kv_cache_memory=kv_bytes)
     outputs = llm.generate(prompts, sizes.greedy)
     assert llm.engine.scheduler.num_preemptions > 0
@@ -154,11 +162,11 @@ def test_greedy_with_preemption_matches_hf(parity_model, backend):
 # -- d. chunked prefill -----------------------------------------------------------------------------
 
 
-def test_greedy_with_chunked_prefill_matches_hf(parity_model, backend):
-    sizes = SIZES[backend]
+def test_greedy_with_chunked_prefill_matches_hf(parity_model, target):
+    sizes = target
     budget = 16
     prompts = make_prompts(1, sizes.lengths, parity_model.vocab_size)
-    llm = make_llm(parity_model, backend, max_num_batched_tokens=budget)
+    llm = make_llm(parity_model, target, max_num_batched_tokens=budget)
     steps = 0
     step = llm.engine.step
 
@@ -178,9 +186,9 @@ def test_greedy_with_chunked_prefill_matches_hf(parity_model, backend):
 
 
 @pytest.mark.parametrize("model_name", ["demo", "qwen2"])
-def test_shared_prefix_and_prefix_cache_match_hf(load_parity_model, model_name, backend):
+def test_shared_prefix_and_prefix_cache_match_hf(load_parity_model, model_name, target):
     model = load_parity_model(model_name)
-    greedy, max_new = SIZES[backend].greedy, SIZES[backend].max_new
+    greedy, max_new = target.greedy, target.max_new
     block_size = 8
     prefix, other, *suffixes = make_prompts(5, (40, 30, 1, 3, 21, 9), model.vocab_size)
     first_changed = [other[0]] + prefix[1:]  # blocks 1.. hold the same tokens, after a different block 0
@@ -195,7 +203,7 @@ def test_shared_prefix_and_prefix_cache_match_hf(load_parity_model, model_name, 
         first_changed + suffixes[0],
         last_of_block_changed + suffixes[1],
     ]
-    llm = make_llm(model, backend, block_size=block_size)
+    llm = make_llm(model, target, block_size=block_size)
     first = llm.generate(prompts, greedy)
     assert_greedy_matches_hf(model, prompts, first, max_new)
 
