@@ -239,9 +239,16 @@ def test_unexpected_extra_tensor_is_named(tmp_path, extra):
 
 
 def test_rotary_inv_freq_is_ignored(tmp_path):
+    """Old checkpoints carry rotary_emb.inv_freq buffers: loading skips them, and the rotary tables are
+    computed from the config as for a checkpoint without them (zeros here would break every position)."""
     tensors = checkpoint_tensors()
+    plain = load(write_checkpoint(tmp_path / "plain", tensors))
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
-    load(write_checkpoint(tmp_path / "invfreq", tensors))
+    with_buffer = load(write_checkpoint(tmp_path / "invfreq", tensors))
+    assert torch.equal(with_buffer.model.rotary.cos_sin, plain.model.rotary.cos_sin)
+    assert not any("inv_freq" in name for name, _ in with_buffer.named_parameters())
+    for (name, a), (_, b) in zip(plain.state_dict().items(), with_buffer.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_index_pointing_at_a_missing_shard(tmp_path):
