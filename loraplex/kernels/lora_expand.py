@@ -29,19 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.checks import (
-    INDEX_DTYPES,
-    check_block,
-    check_contiguous,
-    check_device,
-    check_dims,
-    check_dtype,
-    check_float_dtype,
-    check_meta,
-    check_same_dtype,
-    check_shape,
-    check_unit_stride,
-)
+from loraplex.kernels import checks
 from loraplex.kernels.lora_meta import LoRAKernelMeta
 
 # slice_offsets live on the device as a tiny int32 tensor; cache it so that the per-layer,
@@ -136,12 +124,12 @@ def _check(
     meta: LoRAKernelMeta,
     slice_offsets: list[int],
 ) -> None:
-    check_dims("y", y, "[num_tokens, out_features]")
-    check_dims("h", h, "[num_tokens, num_slices, max_rank]")
-    check_dims("lora_b", lora_b, "[max_loras, out_features, max_rank]")
-    check_float_dtype("y", y)
-    check_same_dtype("lora_b", lora_b, "y", y)
-    check_dtype("h", h, (torch.float32,), " (lora_shrink's output)")
+    checks.check_dims("y", y, "[num_tokens, out_features]")
+    checks.check_dims("h", h, "[num_tokens, num_slices, max_rank]")
+    checks.check_dims("lora_b", lora_b, "[max_loras, out_features, max_rank]")
+    checks.check_float_dtype("y", y)
+    checks.check_same_dtype("lora_b", lora_b, "y", y)
+    checks.check_dtype("h", h, (torch.float32,), " (lora_shrink's output)")
     num_tokens, out_features = y.shape
     _, num_slices, max_rank = h.shape
     max_loras = lora_b.shape[0]
@@ -149,24 +137,24 @@ def _check(
         raise ValueError(f"h has {h.shape[0]} tokens, y has {num_tokens}")
     if num_slices < 1 or max_rank < 1:
         raise ValueError(f"h needs >= 1 slice and max_rank >= 1, got {tuple(h.shape)}")
-    check_shape("lora_b", lora_b, (max_loras, out_features, max_rank),
+    checks.check_shape("lora_b", lora_b, (max_loras, out_features, max_rank),
                 f"[max_loras, out_features={out_features}, max_rank={max_rank}]")
     _check_slice_offsets(slice_offsets, num_slices, out_features)
-    check_unit_stride("y", y, 1, "out_features")
-    check_contiguous("h", h)
-    check_contiguous("lora_b", lora_b)
+    checks.check_unit_stride("y", y, 1, "out_features")
+    checks.check_contiguous("h", h)
+    checks.check_contiguous("lora_b", lora_b)
     device = y.device
-    check_device("h", h, device, "y")
-    check_device("lora_b", lora_b, device, "y")
+    checks.check_device("h", h, device, "y")
+    checks.check_device("lora_b", lora_b, device, "y")
     per_slot_slice = (max_loras, num_slices)
     layout = f"[max_loras={max_loras}, num_slices={num_slices}]"
-    check_shape("ranks", ranks, per_slot_slice, layout)
-    check_device("ranks", ranks, device)
-    check_dtype("ranks", ranks, INDEX_DTYPES)
-    check_shape("scales", scales, per_slot_slice, layout)
-    check_device("scales", scales, device)
-    check_dtype("scales", scales, (torch.float32,))
-    check_meta(meta, num_tokens, device)
+    checks.check_shape("ranks", ranks, per_slot_slice, layout)
+    checks.check_device("ranks", ranks, device)
+    checks.check_dtype("ranks", ranks, checks.INDEX_DTYPES)
+    checks.check_shape("scales", scales, per_slot_slice, layout)
+    checks.check_device("scales", scales, device)
+    checks.check_dtype("scales", scales, (torch.float32,))
+    checks.check_meta(meta, num_tokens, device)
 
 
 def _check_slice_offsets(slice_offsets: list[int], num_slices: int, out_features: int) -> None:
@@ -238,7 +226,7 @@ def _lora_expand(
     if block_r is None:
         block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_r", block_r)):
-        check_block(name, value)
+        checks.check_block(name, value)
 
     offsets = _slice_offsets_tensor(slice_offsets, y.device)
     num_n_tiles = triton.cdiv(max_slice_out, block_n)

@@ -24,19 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.checks import (
-    INDEX_DTYPES,
-    check_block,
-    check_contiguous,
-    check_device,
-    check_dims,
-    check_dtype,
-    check_float_dtype,
-    check_meta,
-    check_same_dtype,
-    check_shape,
-    check_unit_stride,
-)
+from loraplex.kernels import checks
 from loraplex.kernels.lora_meta import LoRAKernelMeta
 
 
@@ -103,29 +91,29 @@ def _lora_shrink_kernel(
 def _check(
     x: torch.Tensor, lora_a: torch.Tensor, ranks: torch.Tensor, meta: LoRAKernelMeta, out: torch.Tensor | None
 ) -> None:
-    check_dims("x", x, "[num_tokens, in_features]")
-    check_dims("lora_a", lora_a, "[max_loras, num_slices, max_rank, in_features]")
-    check_float_dtype("x", x)
-    check_same_dtype("lora_a", lora_a, "x", x)
+    checks.check_dims("x", x, "[num_tokens, in_features]")
+    checks.check_dims("lora_a", lora_a, "[max_loras, num_slices, max_rank, in_features]")
+    checks.check_float_dtype("x", x)
+    checks.check_same_dtype("lora_a", lora_a, "x", x)
     max_loras, num_slices, max_rank, in_features = lora_a.shape
     if x.shape[1] != in_features:
         raise ValueError(f"x in_features {x.shape[1]} != lora_a in_features {in_features}")
     if num_slices < 1 or max_rank < 1:
         raise ValueError(f"lora_a needs >= 1 slice and max_rank >= 1, got {tuple(lora_a.shape)}")
-    check_unit_stride("x", x, 1, "in_features")
-    check_contiguous("lora_a", lora_a)
+    checks.check_unit_stride("x", x, 1, "in_features")
+    checks.check_contiguous("lora_a", lora_a)
     device = x.device
-    check_device("lora_a", lora_a, device, "x")
-    check_shape("ranks", ranks, (max_loras, num_slices), f"[max_loras={max_loras}, num_slices={num_slices}]")
-    check_device("ranks", ranks, device)
-    check_dtype("ranks", ranks, INDEX_DTYPES)
-    check_meta(meta, x.shape[0], device)
+    checks.check_device("lora_a", lora_a, device, "x")
+    checks.check_shape("ranks", ranks, (max_loras, num_slices), f"[max_loras={max_loras}, num_slices={num_slices}]")
+    checks.check_device("ranks", ranks, device)
+    checks.check_dtype("ranks", ranks, checks.INDEX_DTYPES)
+    checks.check_meta(meta, x.shape[0], device)
     if out is not None:
         shape = (x.shape[0], num_slices, max_rank)
-        check_shape("out", out, shape, f"[num_tokens, num_slices, max_rank] = {shape}")
-        check_dtype("out", out, (torch.float32,))
-        check_contiguous("out", out)
-        check_device("out", out, device)
+        checks.check_shape("out", out, shape, f"[num_tokens, num_slices, max_rank] = {shape}")
+        checks.check_dtype("out", out, (torch.float32,))
+        checks.check_contiguous("out", out)
+        checks.check_device("out", out, device)
 
 
 def lora_shrink(
@@ -181,7 +169,7 @@ def _lora_shrink(
     if block_k is None:
         block_k = min(64, max(16, triton.next_power_of_2(in_features)))
     for name, value in (("block_m", block_m), ("block_r", block_r), ("block_k", block_k)):
-        check_block(name, value)
+        checks.check_block(name, value)
 
     num_r_tiles = triton.cdiv(max_rank, block_r)
     grid = (triton.cdiv(meta.max_seg_len, block_m) * num_r_tiles, num_slices, meta.num_active)

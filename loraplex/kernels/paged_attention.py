@@ -24,18 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.kernels.checks import (
-    INDEX_DTYPES,
-    check_block,
-    check_contiguous,
-    check_device,
-    check_dims,
-    check_dtype,
-    check_float_dtype,
-    check_same_dtype,
-    check_shape,
-    check_unit_stride,
-)
+from loraplex.kernels import checks
 
 _LOG2E = 1.4426950408889634
 
@@ -126,13 +115,13 @@ def _check(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
 ) -> None:
-    check_dims("query", query, "[num_tokens, num_heads, head_dim]")
-    check_dims("k_cache", k_cache, "[num_blocks, block_size, num_kv_heads, head_dim]")
+    checks.check_dims("query", query, "[num_tokens, num_heads, head_dim]")
+    checks.check_dims("k_cache", k_cache, "[num_blocks, block_size, num_kv_heads, head_dim]")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
-    check_float_dtype("query", query)
-    check_same_dtype("k_cache", k_cache, "query", query)
-    check_same_dtype("v_cache", v_cache, "query", query)
+    checks.check_float_dtype("query", query)
+    checks.check_same_dtype("k_cache", k_cache, "query", query)
+    checks.check_same_dtype("v_cache", v_cache, "query", query)
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
@@ -143,23 +132,23 @@ def _check(
         raise ValueError(
             f"query num_heads {num_heads} is not a multiple of k_cache num_kv_heads {num_kv_heads}"
         )
-    check_unit_stride("query", query, 2, "head_dim")
-    check_contiguous("k_cache", k_cache)
-    check_contiguous("v_cache", v_cache)
-    check_dims("seq_lens", seq_lens, "[num_seqs]")
+    checks.check_unit_stride("query", query, 2, "head_dim")
+    checks.check_contiguous("k_cache", k_cache)
+    checks.check_contiguous("v_cache", v_cache)
+    checks.check_dims("seq_lens", seq_lens, "[num_seqs]")
     num_seqs = seq_lens.shape[0]
-    check_dims("block_tables", block_tables, "[num_seqs, max_blocks]")
+    checks.check_dims("block_tables", block_tables, "[num_seqs, max_blocks]")
     if block_tables.shape[0] != num_seqs:
         raise ValueError(
             f"block_tables must be [num_seqs={num_seqs}, max_blocks], got {tuple(block_tables.shape)}"
         )
-    check_shape("query_start_loc", query_start_loc, (num_seqs + 1,), f"[num_seqs + 1 = {num_seqs + 1}]")
+    checks.check_shape("query_start_loc", query_start_loc, (num_seqs + 1,), f"[num_seqs + 1 = {num_seqs + 1}]")
     device = query.device
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_device(name, t, device, "query")
+        checks.check_device(name, t, device, "query")
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
-        check_dtype(name, t, INDEX_DTYPES)
-        check_device(name, t, device, "query")
+        checks.check_dtype(name, t, checks.INDEX_DTYPES)
+        checks.check_device(name, t, device, "query")
 
 
 def paged_attention(
@@ -217,7 +206,7 @@ def _paged_attention(
     group = num_heads // num_kv_heads
     if block_n is None:
         block_n = 64 if head_dim <= 128 else 32  # keeps the K and V tiles within registers
-    check_block("block_n", block_n)
+    checks.check_block("block_n", block_n)
 
     grid = (num_tokens, num_kv_heads)
     _paged_attention_kernel[grid](
