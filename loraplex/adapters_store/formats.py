@@ -14,8 +14,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loraplex.adapters_store.checksums import file_sha256
+from loraplex.errors import LoraplexError, invalid
 from loraplex.models.model_config import ModelConfig
 
+CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Modules an adapter may target, as the checkpoint names them.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -78,49 +80,59 @@ def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
 
 
 def load_peft_lora(path: Path, name: str, base: ModelConfig, max_rank: int, sha256: str | None = None) -> LoRAAdapter:
-    """Read and validate a PEFT LoRA directory; raises ValueError naming the file and the problem.
-    `sha256`: the weights file's, when the caller has just checked it (else it is computed)."""
+    """Read and validate a PEFT LoRA directory. Refusals are LoraplexError (INVALID) whose field is the
+    file at fault (adapter_config.json, adapter_model.safetensors), or `files` when one is missing; the
+    message never holds the directory, which is the caller's to name. `sha256`: the weights file's,
+    when the caller has just checked it (else it is computed)."""
     path = Path(path)
     config = read_adapter_config(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.exists():
         if (path / "adapter_model.bin").exists():
-            raise ValueError(
-                f"{path}: adapter_model.bin is a pickle file, which loraplex never loads (it can run code); "
+            raise invalid(
+                "files", "adapter_model.bin is a pickle file, which loraplex never loads (it can run code); "
                 "convert it: python -c \"import torch; from safetensors.torch import save_file; "
                 "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\""
             )
-        raise ValueError(f"{path}: adapter_model.safetensors is missing")
+        raise invalid("files", f"{WEIGHTS_FILE} is missing")
     tensors = _read_safetensors(weights_file)
-    modules = _pair_modules(weights_file, tensors, config, base, max_rank)
+    modules = _pair_modules(tensors, config, base, max_rank)
     digest = sha256 or file_sha256(weights_file)[0]  # in chunks: uploads may be large
     return LoRAAdapter(name=name, modules=modules, config=config, sha256=digest)
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
-    file = path / "adapter_config.json"
+    file = path / CONFIG_FILE
     if not file.exists():
-        raise ValueError(f"{path}: adapter_config.json is missing; is this a PEFT adapter directory?")
+        raise invalid("files", f"{CONFIG_FILE} is missing; is this a PEFT adapter directory?")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+        raise _config_error(f"not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{file}: must hold a JSON object")
+        raise _config_error("must hold a JSON object")
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise ValueError(f"{file}: peft_type {peft_type!r} is not supported; loraplex serves LORA adapters")
+        raise _config_error(f"peft_type {peft_type!r} is not supported; loraplex serves LORA adapters")
     for flag, message in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
-            raise ValueError(f"{file}: {message}")
+            raise _config_error(message)
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{file}: bias {config.get('bias')!r} is not supported; only bias 'none' (no trained biases)")
+        raise _config_error(f"bias {config.get('bias')!r} is not supported; only bias 'none' (no trained biases)")
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{file}: {key} must be a positive number, got {value!r}")
-    _check_patterns(file, config)
+            raise _config_error(f"{key} must be a positive number, got {value!r}")
+    _check_patterns(config)
     return config
+
+
+def _config_error(message: str) -> LoraplexError:
+    return invalid(CONFIG_FILE, message)
+
+
+def _weights_error(message: str) -> LoraplexError:
+    return invalid(WEIGHTS_FILE, message)
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -128,85 +140,84 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        raise _weights_error(f"not a readable safetensors file ({e})") from None
 
 
-def _pair_modules(file: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], base: ModelConfig,
+def _pair_modules(tensors: dict[str, torch.Tensor], config: dict[str, Any], base: ModelConfig,
                   max_rank: int) -> dict[tuple[int, str], LoRAModule]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     full_names: dict[tuple[int, str], str] = {}
     for key, tensor in tensors.items():
-        layer, module, half, full_name = _parse_key(file, key, base)
+        layer, module, half, full_name = _parse_key(key, base)
         halves.setdefault((layer, module), {})[half] = tensor
         full_names[(layer, module)] = full_name
     if not halves:
-        raise ValueError(f"{file}: holds no LoRA weights (lora_A / lora_B tensors)")
-    _check_layers(file, config, {layer for layer, _ in halves})
+        raise _weights_error("holds no LoRA weights (lora_A / lora_B tensors)")
+    _check_layers(config, {layer for layer, _ in halves})
     modules = {}
     for (layer, module), pair in sorted(halves.items()):
-        where = f"{file.name}: {full_names[(layer, module)]}"
+        full_name = full_names[(layer, module)]
         if set(pair) != {"A", "B"}:
-            raise ValueError(f"{where}: has lora_{''.join(pair)} but not its other half")
-        modules[(layer, module)] = _module(where, pair["A"], pair["B"], config, base, module,
-                                           full_names[(layer, module)], max_rank)
+            raise _weights_error(f"{full_name}: has lora_{''.join(pair)} but not its other half")
+        modules[(layer, module)] = _module(pair["A"], pair["B"], config, base, module, full_name, max_rank)
     return modules
 
 
-def _parse_key(file: Path, key: str, base: ModelConfig) -> tuple[int, str, str, str]:
+def _parse_key(key: str, base: ModelConfig) -> tuple[int, str, str, str]:
     match = _KEY.match(key)
     if match is None:
         if "lora_embedding" in key or "embed_tokens" in key:
-            raise ValueError(f"{file.name}: {key}: LoRA on embeddings is not supported yet")
+            raise _weights_error(f"{key}: LoRA on embeddings is not supported yet")
         if "lora_magnitude_vector" in key:
-            raise ValueError(f"{file.name}: {key}: DoRA weights are not supported yet")
+            raise _weights_error(f"{key}: DoRA weights are not supported yet")
         if "lm_head" in key:
-            raise ValueError(f"{file.name}: {key}: LoRA on lm_head is not supported yet")
-        raise ValueError(f"{file.name}: unexpected tensor {key!r}; expected PEFT LoRA keys like "
-                         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (made for another "
-                         "architecture?)")
+            raise _weights_error(f"{key}: LoRA on lm_head is not supported yet")
+        raise _weights_error(f"unexpected tensor {key!r}; expected PEFT LoRA keys like "
+                             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (made for another "
+                             "architecture?)")
     full_name, layer, module, half = match.group(1), int(match.group(2)), match.group(3), match.group(4)
     if module not in LORA_MODULES:
-        raise ValueError(f"{file.name}: {key}: module {module!r} is not a projection of this base model "
-                         f"(expected one of {', '.join(LORA_MODULES)}); made for another base model?")
+        raise _weights_error(f"{key}: module {module!r} is not a projection of this base model "
+                             f"(expected one of {', '.join(LORA_MODULES)}); made for another base model?")
     if layer >= base.num_layers:
-        raise ValueError(f"{file.name}: {key}: layer {layer} does not exist; the base model has "
-                         f"{base.num_layers} layers (made for another base model?)")
+        raise _weights_error(f"{key}: layer {layer} does not exist; the base model has {base.num_layers} layers "
+                             "(made for another base model?)")
     return layer, module, half, full_name
 
 
-def _check_layers(file: Path, config: dict[str, Any], layers: set[int]) -> None:
+def _check_layers(config: dict[str, Any], layers: set[int]) -> None:
     allowed = config.get("layers_to_transform")
     if allowed is None or allowed == []:  # PEFT reads an empty list as every layer
         return
     allowed = {allowed} if isinstance(allowed, int) else set(allowed)
     extra = sorted(layers - allowed)
     if extra:
-        raise ValueError(f"{file.name}: has weights for layer {extra[0]}, outside layers_to_transform "
-                         f"{sorted(allowed)}")
+        raise _weights_error(f"has weights for layer {extra[0]}, outside layers_to_transform {sorted(allowed)}")
 
 
-def _module(where: str, a: torch.Tensor, b: torch.Tensor, config: dict[str, Any], base: ModelConfig,
-            module: str, full_name: str, max_rank: int) -> LoRAModule:
+def _module(a: torch.Tensor, b: torch.Tensor, config: dict[str, Any], base: ModelConfig, module: str,
+            full_name: str, max_rank: int) -> LoRAModule:
     out_features, in_features = module_shape(base, module)
     if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"{where}: lora_A and lora_B must be matrices, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise _weights_error(f"{full_name}: lora_A and lora_B must be matrices, got {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}")
     rank = a.shape[0]
     if tuple(a.shape) != (rank, in_features) or tuple(b.shape) != (out_features, rank):
-        raise ValueError(f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-                         f"model, which needs ({rank}, {in_features}) / ({out_features}, {rank}); made for another "
-                         "base model?")
+        raise _weights_error(f"{full_name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                             f"model, which needs ({rank}, {in_features}) / ({out_features}, {rank}); made for "
+                             "another base model?")
     expected_rank = _pattern_value(config.get("rank_pattern") or {}, full_name, config["r"])
     if rank != expected_rank:
-        raise ValueError(f"{where}: rank {rank} differs from the {expected_rank} that adapter_config.json "
-                         "(r / rank_pattern) gives")
+        raise _weights_error(f"{full_name}: rank {rank} differs from the {expected_rank} that {CONFIG_FILE} "
+                             "(r / rank_pattern) gives")
     if rank > max_rank:
-        raise ValueError(f"{where}: rank {rank} exceeds max_lora_rank {max_rank}; restart with "
-                         f"--max-lora-rank {rank} or more")
+        raise _weights_error(f"{full_name}: rank {rank} exceeds max_lora_rank {max_rank}; restart with "
+                             f"--max-lora-rank {rank} or more")
     for half, tensor in (("lora_A", a), ("lora_B", b)):
         if not tensor.is_floating_point():
-            raise ValueError(f"{where}: {half} has dtype {tensor.dtype}; expected a floating-point tensor")
+            raise _weights_error(f"{full_name}: {half} has dtype {tensor.dtype}; expected a floating-point tensor")
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"{where}: {half} holds NaN or infinite values")
+            raise _weights_error(f"{full_name}: {half} holds NaN or infinite values")
     alpha = _pattern_value(config.get("alpha_pattern") or {}, full_name, config["lora_alpha"])
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return LoRAModule(a=a.float().contiguous(), b=b.float().contiguous(), scale=float(scale))
@@ -220,15 +231,15 @@ def _pattern_value(patterns: dict[str, Any], full_name: str, default: Any) -> An
     return default
 
 
-def _check_patterns(file: Path, config: dict[str, Any]) -> None:
+def _check_patterns(config: dict[str, Any]) -> None:
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(field_name) or {}
         if not isinstance(patterns, dict):
-            raise ValueError(f"{file}: {field_name} must be an object of module-name pattern -> number")
+            raise _config_error(f"{field_name} must be an object of module-name pattern -> number")
         for key, value in patterns.items():
             try:
                 re.compile(key)
             except re.error as e:
-                raise ValueError(f"{file}: {field_name} key {key!r} is not a valid regular expression ({e})") from None
+                raise _config_error(f"{field_name} key {key!r} is not a valid regular expression ({e})") from None
             if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{file}: {field_name}[{key!r}] must be a positive number, got {value!r}")
+                raise _config_error(f"{field_name}[{key!r}] must be a positive number, got {value!r}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.adapters_store.checksums import file_sha256
+from loraplex.errors import ErrorKind, LoraplexError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -42,8 +43,9 @@ CREATE TABLE IF NOT EXISTS adapters (
 _COLUMNS = "name, digest, files, size_bytes, format, created, info"
 
 
-class StoreError(ValueError):
-    """Bad input to the store: a name taken or unknown, a staging directory that is not one."""
+class StoreError(LoraplexError):
+    """Bad input to the store: a name taken (CONFLICT) or unknown (NOT_FOUND), a staging directory
+    that is not one (INVALID)."""
 
 
 class CorruptAdapterError(RuntimeError):
@@ -117,8 +119,8 @@ class AdapterStore:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.close()
-            raise StoreError(f"the adapter store {path.parent} is in use by another loraplex server; stop it, or "
-                             "give this one another --data-dir") from None
+            raise StoreError("data_dir", f"the adapter store {path.parent} is in use by another loraplex server; "
+                             "stop it, or give this one another --data-dir", ErrorKind.CONFLICT) from None
         return lock_file
 
     @contextmanager
@@ -154,7 +156,7 @@ class AdapterStore:
     def _check_staged(self, staged: Path) -> Path:
         staged = Path(staged).resolve()
         if staged.parent != self.tmp:
-            raise StoreError(f"'{staged}' is not a staging directory of the store; write uploads into a "
+            raise StoreError("staged", f"'{staged}' is not a staging directory of the store; write uploads into a "
                              f"directory from staging_dir() (under {self.tmp})")
         return staged
 
@@ -164,11 +166,11 @@ class AdapterStore:
         directory is moved into the blobs (or removed, when the same content is stored already)."""
         staged = self._check_staged(staged)
         if not name:
-            raise StoreError("adapter name is empty; give the adapter a name")
+            raise StoreError("name", "adapter name is empty; give the adapter a name")
         try:
             info_json = json.dumps(info, sort_keys=True)
         except (TypeError, ValueError) as e:
-            raise StoreError(f"adapter '{name}': info is not JSON-serializable ({e}); pass plain values") from e
+            raise StoreError("info", f"adapter '{name}': not JSON-serializable ({e}); pass plain values") from e
         files, size = self._hash_staged(staged)
         digest = content_digest(files)
         record = StoredAdapter(name=name, digest=digest, path=self.blobs / digest, files=files, size_bytes=size,
@@ -176,7 +178,8 @@ class AdapterStore:
         with self._transaction() as conn:
             exists = conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
             if exists and not replace:
-                raise StoreError(f"adapter '{name}' already exists; delete it first or commit with replace=True")
+                raise StoreError("name", f"adapter '{name}' already exists; delete it first or commit with "
+                                 "replace=True", ErrorKind.CONFLICT, code="adapter_exists")
             self._place_blob(staged, record)
             row = (digest, json.dumps(files, sort_keys=True), size, format, record.created, info_json, name)
             if exists:
@@ -190,18 +193,20 @@ class AdapterStore:
     def _hash_staged(self, staged: Path) -> tuple[dict[str, str], int]:
         """{filename: sha256} and total size of the files of `staged`, each fsynced, and the directory too."""
         if not staged.is_dir():
-            raise StoreError(f"staging directory '{staged}' does not exist; write the upload into staging_dir()")
+            raise StoreError("staged", f"staging directory '{staged}' does not exist; write the upload into "
+                             "staging_dir()")
         files, total = {}, 0
         for path in sorted(staged.iterdir()):
             if path.is_symlink() or not path.is_file():
-                raise StoreError(f"'{path.name}' in the upload is not a regular file; an adapter is a flat "
-                                 "directory of plain files")
+                raise StoreError("files", f"'{path.name}' in the upload is not a regular file; an adapter is a "
+                                 "flat directory of plain files")
             if "\n" in path.name:
-                raise StoreError(f"file name {path.name!r} holds a line break; rename the file")
+                raise StoreError("files", f"file name {path.name!r} holds a line break; rename the file")
             files[path.name], size = file_sha256(path, sync=True)
             total += size
         if not files:
-            raise StoreError(f"staging directory '{staged}' is empty; write the adapter's files into it first")
+            raise StoreError("staged", f"staging directory '{staged}' is empty; write the adapter's files into "
+                             "it first")
         _fsync_dir(staged)
         return files, total
 
@@ -243,7 +248,8 @@ class AdapterStore:
         with self._transaction() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,)).fetchone()
             if row is None:
-                raise StoreError(f"adapter '{name}' is not in the store; check the name against the adapter list")
+                raise StoreError("name", f"adapter '{name}' is not in the store; check the name against the "
+                                 "adapter list", ErrorKind.NOT_FOUND)
             conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
         return self._record(row)
 

@@ -22,6 +22,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import BinaryIO
 
+from loraplex.errors import ErrorKind, LoraplexError
+
 ALLOWED_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -34,8 +36,12 @@ _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class UploadError(ValueError):
-    """An upload that cannot be staged; the message names the offending part or member and the fix."""
+class UploadError(LoraplexError):
+    """An upload that cannot be staged: its field is `files`, its message names the offending part or
+    member and the fix, its kind is INVALID, or TOO_LARGE past the size limit."""
+
+    def __init__(self, message: str, kind: ErrorKind = ErrorKind.INVALID) -> None:
+        super().__init__("files", message, kind)
 
 
 def stage_upload(parts: list[tuple[str, BinaryIO]], dest: Path, max_bytes: int) -> list[str]:
@@ -172,7 +178,8 @@ def _check_tar_type(member: tarfile.TarInfo) -> None:
 def _check_skipped(filename: str, skipped: int, max_bytes: int) -> None:
     if skipped > max_bytes:
         raise UploadError(f"'{filename}' holds more than the size limit of {max_bytes} bytes in files an adapter "
-                          "does not use; pack only adapter_config.json and adapter_model.safetensors")
+                          "does not use; pack only adapter_config.json and adapter_model.safetensors",
+                          ErrorKind.TOO_LARGE)
 
 
 def _unpack_zip(src: BinaryIO, stager: _Stager) -> None:
@@ -220,4 +227,4 @@ def _seekable(src: BinaryIO, max_bytes: int) -> Iterator[BinaryIO]:
 
 def _size_error(max_bytes: int) -> UploadError:
     return UploadError(f"upload exceeds the size limit of {max_bytes} bytes; upload a smaller adapter or start "
-                       "the server with a larger --max-adapter-size")
+                       "the server with a larger --max-adapter-size", ErrorKind.TOO_LARGE)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from loraplex.adapters_store.uploads import ALLOWED_FILES, UploadError, stage_upload
+from loraplex.adapters_store.uploads import ALLOWED_FILES, stage_upload
 from loraplex.api.errors import APIError
 from loraplex.api.protocol import LoadLoRARequest, UnloadLoRARequest
 from loraplex.api.state import ServerState, State
@@ -107,11 +107,7 @@ async def _store_parts(state: ServerState, name: str, parts: list, source: str, 
     staged = registry.store.staging_dir()
     try:
         await asyncio.to_thread(stage_upload, parts, staged, state.config.max_adapter_bytes)
-    except UploadError as e:
-        registry.store.discard(staged)
-        status = 413 if "size limit" in str(e) else 400
-        raise APIError(status, str(e), param="files") from None
-    except BaseException:
+    except BaseException:  # an UploadError among them: the app's handler answers it as its kind says
         registry.store.discard(staged)
         raise
     info = await registry.add_staged(name, staged, source, replace=replace)

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplex.errors import ErrorKind, LoraplexError
+
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -28,11 +30,15 @@ class APIError(Exception):
         self.headers = headers
 
 
-def bad_request(error: ValueError) -> APIError:
-    """A ValueError from inside ("field: what is wrong; how to fix it") as a 400 naming the field."""
-    message = str(error)
-    match = re.match(r"([a-z_][a-z0-9_.]*): ", message)
-    return APIError(400, message, param=match.group(1) if match else None)
+_STATUS = {ErrorKind.INVALID: 400, ErrorKind.NOT_FOUND: 404, ErrorKind.CONFLICT: 409, ErrorKind.TOO_LARGE: 413,
+           ErrorKind.OVERLOADED: 429}
+
+
+def from_error(error: LoraplexError) -> APIError:
+    """A typed error from inside as the HTTP error of its kind: `param` is its field, `code` its code,
+    and the message its own ("field: what is wrong; how to fix it")."""
+    headers = {"Retry-After": "1"} if error.kind is ErrorKind.OVERLOADED else None  # busy now, not for long
+    return APIError(_STATUS[error.kind], str(error), param=error.field, code=error.code, headers=headers)
 
 
 def model_not_found(name: str) -> APIError:
@@ -54,6 +60,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(LoraplexError)
+    async def _typed(request: Request, error: LoraplexError) -> JSONResponse:
+        return error_response(from_error(error))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -86,12 +96,10 @@ def validation_error(errors: list[dict]) -> APIError:
     first = errors[0]
     param = _param(first.get("loc", ()))
     message = str(first.get("msg", "invalid value"))
-    if message.startswith("Value error, "):  # our own validators: "field: what is wrong"
-        message = message.removeprefix("Value error, ")
-        field, sep, rest = message.partition(": ")
-        if sep and re.fullmatch(r"[a-z_]+", field):
-            param = f"{param}.{field}" if param else field
-            message = rest
+    ours = first.get("ctx", {}).get("error")  # what a validator of ours raised, as it raised it
+    if isinstance(ours, LoraplexError):
+        param = ".".join(p for p in (param, ours.field) if p)
+        message = ours.message
     else:
         leaf = re.sub(r"\[\d+\]$", "", param.rpartition(".")[2]) if param else ""
         if leaf in _SHAPES and len([e for e in errors if _param(e.get("loc", ())) == param]) > 1:

@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 import anyio
 from fastapi import Request
 
-from loraplex.api.errors import APIError, bad_request, model_not_found
+from loraplex.api.errors import APIError, from_error, model_not_found
 from loraplex.api.metrics import SequenceTracker
 from loraplex.api.state import ServerState
 from loraplex.engine.async_engine import EngineStepError, QueueFullError, RequestStream
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.sampling import SamplingParams
+from loraplex.errors import ErrorKind, LoraplexError
 
 request_log = logging.getLogger("loraplex.requests")
 
@@ -56,13 +57,11 @@ class Generation:
             self.streams = await state.engine.add_requests(items, self.adapter, ids, state.config.max_waiting)
         except QueueFullError as e:
             state.metrics.reject(self.adapter)
-            raise APIError(429, f"the server is busy: {e.waiting} sequences are waiting (--max-waiting "
-                           f"{e.max_waiting}); retry shortly", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except ValueError as e:
-            if self.adapter is not None and self.adapter not in state.registry:
-                raise model_not_found(self.model) from None  # deleted a moment ago
-            raise bad_request(e) from None
+            raise from_error(e) from None
+        except LoraplexError as e:
+            if e.kind is ErrorKind.NOT_FOUND and e.field == "adapter":  # deleted a moment ago
+                raise model_not_found(self.model) from None
+            raise from_error(e) from None
         self.trackers = [state.metrics.track(self.adapter) for _ in self.streams]
         self.final = [None] * len(self.streams)
 

@@ -11,13 +11,14 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from loraplex.api.errors import APIError, bad_request, error_body
+from loraplex.api.errors import APIError, error_body
 from loraplex.api.generation import Generation, GenerationError
 from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from loraplex.api.state import ServerState, State
 from loraplex.engine.llm_engine import RequestOutput
+from loraplex.engine.output import TokenLogprob
 from loraplex.engine.sampling import SamplingParams
-from loraplex.engine.sequence import TokenLogprob
+from loraplex.errors import LoraplexError
 from loraplex.models.tokenizer import Tokenizer
 
 router = APIRouter()
@@ -85,8 +86,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         prompt = await state.engine.encode_chat(messages, body.add_generation_prompt)
-    except ValueError as e:
-        raise bad_request(e) from None
+    except LoraplexError:
+        raise  # the app's handler maps it
+    except ValueError as e:  # the model has no chat template
+        raise APIError(400, str(e)) from None
     except Exception as e:  # the template's own raise_exception, or a template error
         raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -128,24 +131,22 @@ def _prompt_list(prompt: str | list) -> list[str | list[int]]:
 
 
 def _params(body: SamplingFields, choice: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """Raises LoraplexError naming the field (`top_k`) that the body's types allow but sampling does not."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else 16,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
-            min_p=body.min_p or 0.0,
-            seed=None if body.seed is None else body.seed + choice,  # n choices: n different samples
-            stop=stop,
-            stop_token_ids=list(body.stop_token_ids or []),
-            ignore_eos=body.ignore_eos,
-            include_stop_str_in_output=body.include_stop_str_in_output,
-            logprobs=logprobs,
-            skip_special_tokens=body.skip_special_tokens,
-        )
-    except ValueError as e:
-        raise APIError(400, str(e), param=str(e).split(":")[0]) from None
+    return SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else 16,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        seed=None if body.seed is None else body.seed + choice,  # n choices: n different samples
+        stop=stop,
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+        logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+    )
 
 
 async def _collect(generation: Generation, request: Request, endpoint: str) -> list[RequestOutput]:

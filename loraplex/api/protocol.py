@@ -1,11 +1,14 @@
 """Request bodies of the OpenAI-compatible endpoints. Unknown fields are ignored, as OpenAI does;
-known fields with a wrong type or range are refused."""
+known fields with a wrong type or range are refused. Validators here raise LoraplexError, whose field
+the error handler reads (below the model's own place in the body)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+from loraplex.errors import invalid
 
 Number = StrictFloat  # strict: ints are taken, strings and booleans are not
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
@@ -45,7 +48,7 @@ class SamplingFields(_Body):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed when stream is true")
+            raise invalid("stream_options", "only allowed when stream is true")
         return self
 
 
@@ -73,7 +76,7 @@ class ChatMessage(_Body):
     def _content_given(self) -> ChatMessage:
         # Only an assistant turn may come without content (OpenAI: when it made tool calls).
         if self.role != "assistant" and (self.content is None or self.content == []):
-            raise ValueError(f"content: a {self.role} message needs content (a string or text parts)")
+            raise invalid("content", f"a {self.role} message needs content (a string or text parts)")
         return self
 
     def text(self) -> str:

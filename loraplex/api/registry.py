@@ -11,7 +11,7 @@ from typing import Any
 
 from loraplex.adapters_store.formats import LoRAAdapter
 from loraplex.adapters_store.store import AdapterStore, StoredAdapter, StoreError
-from loraplex.api.errors import APIError, bad_request
+from loraplex.api.errors import APIError
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.llm_engine import validate_adapter_name
 
@@ -82,7 +82,11 @@ class AdapterRegistry:
         """Serve a directory as it is, for this run only (`--adapter`, the demo adapters)."""
         async with self._lock:
             self._check_name(name, replace=True)
-            adapter = await self.engine.inspect_adapter(path)
+            try:
+                adapter = await self.engine.inspect_adapter(path)
+            except ValueError:  # its message names the file at fault, not the directory
+                logger.error("adapter %s: %s is refused", name, path)
+                raise
             await self.engine.add_adapter(name, path, preloaded=adapter)
             files = [p for p in path.iterdir() if p.is_file()]
             info = AdapterInfo(name=name, format=FORMAT, size_bytes=sum(p.stat().st_size for p in files),
@@ -92,22 +96,17 @@ class AdapterRegistry:
             return info
 
     async def add_staged(self, name: str, staged: Path, source: str, replace: bool = False) -> AdapterInfo:
-        """Validate an upload staged in the store's tmp dir, store it durably, then serve it. On any
-        error the staged files are discarded and the catalog, the engine and the list stay as they were."""
+        """Validate an upload staged in the store's tmp dir, store it durably, then serve it. A refusal
+        raises LoraplexError (the app answers it as its kind says) or APIError. On any error the staged
+        files are discarded and the catalog, the engine and the list stay as they were."""
         try:
             async with self._lock:
                 self._check_name(name, replace)
-                try:
-                    adapter = await self.engine.inspect_adapter(staged)
-                except ValueError as e:
-                    raise bad_request(ValueError(str(e).replace(str(staged), "upload"))) from None
+                adapter = await self.engine.inspect_adapter(staged)
                 info = {**_describe(adapter), "source": source}
                 previous = await asyncio.to_thread(self.store.get, name)
-                try:
-                    record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info,
-                                                     replace or name in self.unavailable)
-                except StoreError as e:
-                    raise APIError(409, str(e), param="name", code="adapter_exists") from None
+                record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info,
+                                                 replace or name in self.unavailable)
                 try:
                     await self.engine.add_adapter(name, record.path, checksums=record.files, preloaded=adapter)
                 except BaseException:
@@ -149,10 +148,7 @@ class AdapterRegistry:
             return info
 
     def _check_name(self, name: str, replace: bool) -> None:
-        try:
-            validate_adapter_name(name)
-        except ValueError as e:
-            raise APIError(400, str(e), param="name", code="invalid_name") from None
+        validate_adapter_name(name)
         if name == self.base_name:
             raise APIError(409, f"'{name}' is the base model's name; choose another adapter name", param="name",
                            code="name_taken")

@@ -19,6 +19,7 @@ from pathlib import Path
 from loraplex.adapters_store.formats import LoRAAdapter
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sampling import SamplingParams
+from loraplex.errors import ErrorKind, LoraplexError, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +28,12 @@ class EngineStepError(RuntimeError):
     """A step failed: its requests are aborted; the engine goes on serving new ones."""
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(LoraplexError):
     """Admitting the requests would put more than `max_waiting` sequences in the waiting queue."""
 
     def __init__(self, waiting: int, max_waiting: int) -> None:
-        super().__init__(f"{waiting} sequences are waiting (limit {max_waiting})")
+        super().__init__(None, f"the server is busy: {waiting} sequences are waiting (--max-waiting {max_waiting}); "
+                         "retry shortly", ErrorKind.OVERLOADED, code="queue_full")
         self.waiting = waiting
         self.max_waiting = max_waiting
 
@@ -151,10 +153,11 @@ class AsyncEngine:
         self, requests: Sequence[tuple[str | list[int], SamplingParams]], adapter: str | None = None,
         request_ids: Sequence[str] | None = None, max_waiting: int | None = None,
     ) -> list[RequestStream]:
-        """Queue several requests at once, all or none: ValueError for one that could never run,
-        QueueFullError when more than `max_waiting` sequences would wait. Text is tokenized in a
-        worker thread first, so long prompts hold neither the event loop nor the engine. Each stream
-        must be read to its end or closed (`aclose`): closing early aborts the request, freeing its KV."""
+        """Queue several requests at once, all or none: LoraplexError for one that could never run,
+        QueueFullError (of kind OVERLOADED) when more than `max_waiting` sequences would wait. Text is
+        tokenized in a worker thread first, so long prompts hold neither the event loop nor the engine.
+        Each stream must be read to its end or closed (`aclose`): closing early aborts the request,
+        freeing its KV."""
         self.start()
         ids = list(request_ids) if request_ids is not None else [f"req-{next(self._ids)}" for _ in requests]
         if max_waiting is not None:  # before the costly part; checked again under the lock
@@ -209,17 +212,17 @@ class AsyncEngine:
             return await asyncio.to_thread(render)
 
     def check_text_length(self, text: str) -> None:
-        """ValueError for a text with more bytes than max_model_len of the longest tokens could hold."""
+        """LoraplexError for a text with more bytes than max_model_len of the longest tokens could hold."""
         limit = self._max_prompt_bytes
         if len(text) > limit or len(text.encode()) > limit:
-            raise ValueError(f"prompt: {len(text.encode())} bytes of text cannot fit in max_model_len "
-                             f"({self.engine.max_model_len} tokens); shorten the prompt")
+            raise invalid("prompt", f"{len(text.encode())} bytes of text cannot fit in max_model_len "
+                          f"({self.engine.max_model_len} tokens); shorten the prompt")
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
         adapter: str | None = None,
     ) -> RequestStream:
-        """Queue one request; raises ValueError at once for one that could never run."""
+        """Queue one request; raises LoraplexError at once for one that could never run."""
         (stream,) = await self.add_requests([(prompt, params)], adapter, None if request_id is None else [request_id])
         return stream
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.errors import invalid
+
 _EPS = 1e-5
 
 
@@ -60,7 +62,7 @@ def _is_number(value) -> bool:
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"{name}: {message}")
+        raise invalid(name, message)
 
 
 @dataclass

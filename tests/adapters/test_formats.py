@@ -1,5 +1,5 @@
-"""PEFT adapter directories: what loads (and as PEFT reads it), and what is refused, with a ValueError
-that names the problem.
+"""PEFT adapter directories: what loads (and as PEFT reads it), and what is refused, with a LoraplexError
+whose field names the file at fault and whose message names the problem.
 
 Adapters are made by PEFT itself where PEFT can make them (conftest.py), otherwise by editing a saved
 adapter the way a broken or foreign file would differ. Expected ranks, target modules and scales come
@@ -14,17 +14,17 @@ import re
 import shutil
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from loraplex import LLM
 from loraplex.adapters_store.formats import load_peft_lora
 from loraplex.engine.sampling import SamplingParams
+from loraplex.errors import ErrorKind, LoraplexError
 from loraplex.models.model_config import ModelConfig
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 MAX_RANK = 16
 DEMO_ADAPTER_NAMES = ("alpha", "beta", "gamma")
@@ -70,9 +70,12 @@ def edit_tensors(path: Path, edit) -> None:
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
 
 
-def refusal(load, path: Path, max_rank: int = MAX_RANK) -> str:
-    with pytest.raises(ValueError) as info:
+def refusal(load, path: Path, field: str, max_rank: int = MAX_RANK) -> str:
+    """The message that refuses the adapter, checked to come from a LoraplexError naming the file at
+    fault (`files` when one is missing) as its field."""
+    with pytest.raises(LoraplexError) as info:
         load(path, max_rank)
+    assert info.value.kind is ErrorKind.INVALID and info.value.field == field, info.value
     return str(info.value)
 
 
@@ -233,14 +236,14 @@ def test_half_precision_weights_load_as_fp32(load, copy_demo_adapter):
 )
 def test_unsupported_peft_features_are_refused(load, tmp_path, make_peft_adapter, lora_kwargs, pattern):
     path = make_peft_adapter(tmp_path / "adapter", dict(r=4, lora_alpha=8, target_modules=["q_proj"], **lora_kwargs))
-    message = refusal(load, path)
+    message = refusal(load, path, CONFIG)
     assert re.search(pattern, message), message
 
 
 def test_lora_bias_is_refused_naming_lora_bias(load, tmp_path, make_peft_adapter):
     path = make_peft_adapter(tmp_path / "lora-bias", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                           lora_bias=True))
-    message = refusal(load, path)
+    message = refusal(load, path, CONFIG)
     assert "lora_bias" in message, message
     # the adapter's bias is 'none', which is supported: the message must not call it the problem
     assert "bias 'none' /" not in message, f"self-contradictory message: {message}"
@@ -248,7 +251,7 @@ def test_lora_bias_is_refused_naming_lora_bias(load, tmp_path, make_peft_adapter
 
 def test_lora_on_embeddings_is_refused(load, tmp_path, make_peft_adapter):
     path = make_peft_adapter(tmp_path / "embed", dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     assert "embed" in message and "not supported" in message, message
 
 
@@ -257,13 +260,13 @@ def test_pickle_only_adapter_is_refused_with_how_to_convert(load, tmp_path, make
     # what save_pretrained(safe_serialization=False) writes
     torch.save(load_file(str(path / WEIGHTS)), path / "adapter_model.bin")
     (path / WEIGHTS).unlink()
-    message = refusal(load, path)
+    message = refusal(load, path, "files")
     assert "adapter_model.bin" in message and "adapter_model.safetensors" in message, message
     assert "save_file" in message and "convert" in message, message
 
 
 def test_rank_above_max_lora_rank_is_refused(load, peft_adapters):
-    message = refusal(load, peft_adapters["all32"], max_rank=16)
+    message = refusal(load, peft_adapters["all32"], WEIGHTS, max_rank=16)
     assert "32" in message and "--max-lora-rank" in message, message
 
 
@@ -277,7 +280,7 @@ def test_non_finite_weights_are_refused(load, copy_demo_adapter, half, value):
         tensors[key][1, 0] = value
 
     edit_tensors(path, poison)
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     assert f"lora_{half}" in message and "NaN or infinite" in message and "layers.2" in message, message
 
 
@@ -293,7 +296,7 @@ def test_non_finite_weights_are_refused(load, copy_demo_adapter, half, value):
 def test_adapter_for_another_base_model_is_refused(load, tmp_path, make_peft_adapter, overrides, pattern):
     path = make_peft_adapter(tmp_path / "other", dict(r=4, lora_alpha=8, target_modules="all-linear"),
                              base=tiny_llama(**overrides))
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     assert re.search(pattern, message), message
 
 
@@ -303,7 +306,7 @@ def test_adapter_for_another_architecture_is_refused(load, tmp_path, make_peft_a
     path = make_peft_adapter(tmp_path / "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"],
                                                      fan_in_fan_out=True),
                              base=transformers.GPT2LMHeadModel(config))
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     assert "unexpected tensor" in message or "another" in message, message
 
 
@@ -333,7 +336,7 @@ def _replace(key: str, make):
 def test_wrong_shapes_are_refused(load, copy_demo_adapter, edit, pattern):
     path = copy_demo_adapter("alpha")
     edit_tensors(path, edit)
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     assert re.search(pattern, message), message
 
 
@@ -342,7 +345,7 @@ def test_missing_half_is_refused(load, copy_demo_adapter, missing):
     path = copy_demo_adapter("alpha")
     key = KEY.format(layer=3, module="q_proj", half=missing)
     edit_tensors(path, lambda tensors: tensors.pop(key))
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     other = "A" if missing == "B" else "B"
     assert "layers.3.self_attn.q_proj" in message and f"lora_{other}" in message, message
     assert "other half" in message, message
@@ -351,7 +354,7 @@ def test_missing_half_is_refused(load, copy_demo_adapter, missing):
 def test_no_lora_tensors_is_refused(load, copy_demo_adapter):
     path = copy_demo_adapter("alpha")
     save_file({}, str(path / WEIGHTS))
-    assert "no LoRA weights" in refusal(load, path)
+    assert "no LoRA weights" in refusal(load, path, WEIGHTS)
 
 
 @pytest.mark.parametrize(
@@ -367,7 +370,7 @@ def test_other_peft_types_are_refused(demo_dir, load, tmp_path, peft_config, pef
     base = transformers.AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32)
     model = peft.get_peft_model(base, peft_config())
     model.save_pretrained(tmp_path / "other-type")
-    message = refusal(load, tmp_path / "other-type")
+    message = refusal(load, tmp_path / "other-type", CONFIG)
     assert "peft_type" in message and peft_type in message, message
 
 
@@ -392,21 +395,21 @@ def test_missing_peft_type_means_lora(load, copy_demo_adapter):
 def test_corrupt_safetensors_is_refused(load, copy_demo_adapter, corrupt):
     path = copy_demo_adapter("alpha")
     (path / WEIGHTS).write_bytes(corrupt((path / WEIGHTS).read_bytes()))
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     assert WEIGHTS in message and "safetensors" in message, message
 
 
 def test_missing_adapter_config_is_refused(load, copy_demo_adapter):
     path = copy_demo_adapter("alpha")
     (path / CONFIG).unlink()
-    message = refusal(load, path)
+    message = refusal(load, path, "files")
     assert CONFIG in message and "missing" in message, message
 
 
 def test_missing_weights_file_is_refused(load, copy_demo_adapter):
     path = copy_demo_adapter("alpha")
     (path / WEIGHTS).unlink()
-    message = refusal(load, path)
+    message = refusal(load, path, "files")
     assert WEIGHTS in message and "missing" in message, message
 
 
@@ -414,7 +417,7 @@ def test_missing_weights_file_is_refused(load, copy_demo_adapter):
 def test_invalid_adapter_config_is_refused(load, copy_demo_adapter, text):
     path = copy_demo_adapter("alpha")
     (path / CONFIG).write_text(text)
-    message = refusal(load, path)
+    message = refusal(load, path, CONFIG)
     assert CONFIG in message, message
 
 
@@ -422,14 +425,14 @@ def test_invalid_adapter_config_is_refused(load, copy_demo_adapter, text):
 def test_bad_rank_or_alpha_in_config_is_refused(load, copy_demo_adapter, key, value):
     path = copy_demo_adapter("alpha")
     edit_config(path, **{key: value})
-    message = refusal(load, path)
+    message = refusal(load, path, CONFIG)
     assert key in message, message
 
 
 def test_layers_to_transform_inconsistent_with_weights_is_refused(load, copy_demo_adapter):
     path = copy_demo_adapter("alpha")  # weights for all four layers
     edit_config(path, layers_to_transform=[1, 3])
-    message = refusal(load, path)
+    message = refusal(load, path, WEIGHTS)
     assert "layers_to_transform" in message and "layer 0" in message, message
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from loraplex.adapters_store import store as store_module
 from loraplex.adapters_store.store import AdapterStore, CorruptAdapterError, StoreError, content_digest
+from loraplex.errors import ErrorKind
 
 FILES_A = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"weights-a" * 100}
 FILES_B = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"weights-b" * 50}
@@ -65,8 +66,9 @@ def test_commit_get_list_delete_round_trip(store: AdapterStore) -> None:
     assert store.get("zeta") is None
     assert store.list() == [other]
     assert record.path.is_dir(), "delete leaves the blob for collect_garbage (running requests may read it)"
-    with pytest.raises(StoreError, match="'zeta' is not in the store"):
+    with pytest.raises(StoreError, match="^name: adapter 'zeta' is not in the store") as info:
         store.delete("zeta")
+    assert info.value.kind is ErrorKind.NOT_FOUND and info.value.field == "name"
 
 
 def test_adapters_survive_reopening(store: AdapterStore) -> None:
@@ -85,8 +87,9 @@ def test_adapters_survive_reopening(store: AdapterStore) -> None:
 def test_duplicate_name_is_refused_and_changes_nothing(store: AdapterStore) -> None:
     first = store.commit("a", stage(store, FILES_A), "peft-lora", INFO)
     staged = stage(store, FILES_B)
-    with pytest.raises(StoreError, match="adapter 'a' already exists; delete it first"):
+    with pytest.raises(StoreError, match="^name: adapter 'a' already exists; delete it first") as info:
         store.commit("a", staged, "peft-lora", {"rank": 4})
+    assert info.value.kind is ErrorKind.CONFLICT and info.value.code == "adapter_exists"
     assert store.list() == [first]
     assert blob_names(store) == {first.digest}, "the refused content is not placed in the blobs"
     assert staged.is_dir(), "the caller discards its staging dir"
@@ -203,8 +206,9 @@ def test_staged_dir_must_come_from_the_store(store: AdapterStore, tmp_path: Path
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "adapter_config.json").write_bytes(b"{}")
-    with pytest.raises(StoreError, match="not a staging directory"):
+    with pytest.raises(StoreError, match="^staged: .* is not a staging directory") as info:
         store.commit("a", outside, "peft-lora", INFO)
+    assert info.value.kind is ErrorKind.INVALID
     with pytest.raises(StoreError, match="not a staging directory"):
         store.discard(outside)
     with pytest.raises(StoreError, match="not a staging directory"):
@@ -215,11 +219,11 @@ def test_staged_dir_must_come_from_the_store(store: AdapterStore, tmp_path: Path
 def test_staged_dir_must_be_flat_and_not_empty(store: AdapterStore) -> None:
     staged = stage(store, FILES_A)
     (staged / "sub").mkdir()
-    with pytest.raises(StoreError, match="'sub' in the upload is not a regular file"):
+    with pytest.raises(StoreError, match="^files: 'sub' in the upload is not a regular file"):
         store.commit("a", staged, "peft-lora", INFO)
-    with pytest.raises(StoreError, match="is empty"):
+    with pytest.raises(StoreError, match="^staged: .* is empty"):
         store.commit("a", store.staging_dir(), "peft-lora", INFO)
-    with pytest.raises(StoreError, match="not JSON-serializable"):
+    with pytest.raises(StoreError, match="^info: adapter 'a': not JSON-serializable"):
         store.commit("a", stage(store, FILES_A), "peft-lora", {"rank": object()})
     assert store.list() == [] and blob_names(store) == set()
 
@@ -250,8 +254,9 @@ def test_an_exclusive_store_refuses_a_second_holder(tmp_path: Path) -> None:
     first = AdapterStore(tmp_path / "store", exclusive=True)
     staged = first.staging_dir()
     (staged / "adapter_config.json").write_text("{}")
-    with pytest.raises(StoreError, match="in use by another loraplex server"):
+    with pytest.raises(StoreError, match="^data_dir: .* is in use by another loraplex server") as info:
         AdapterStore(tmp_path / "store", exclusive=True)
+    assert info.value.kind is ErrorKind.CONFLICT
     assert staged.is_dir(), "the second opener cleared an upload in flight"
     first.close()  # the first server stops
     AdapterStore(tmp_path / "store", exclusive=True)

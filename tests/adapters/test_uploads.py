@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters_store.uploads import PICKLE_SUFFIXES, UploadError, stage_upload
+from loraplex.errors import ErrorKind
 
 CONFIG = b'{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}'
 WEIGHTS = os.urandom(200_000)  # incompressible, so damage to a compressed archive lands in its data
@@ -229,14 +230,17 @@ def flip(data: bytes) -> bytes:
     ("x.zip", flip(zip_bytes(ADAPTER))),  # caught by the member's CRC
 ])
 def test_damaged_archive_is_refused(dest: Path, name: str, data: bytes) -> None:
-    with pytest.raises(UploadError, match=f"'{name}' is not a valid .tar.gz/.zip archive: "):
+    with pytest.raises(UploadError, match=f"^files: '{name}' is not a valid .tar.gz/.zip archive: ") as info:
         stage_upload([(name, io.BytesIO(data))], dest, max_bytes=MiB)
+    assert info.value.kind is ErrorKind.INVALID and info.value.field == "files"
 
 
 def test_plain_files_over_the_size_limit(dest: Path) -> None:
     limit = len(CONFIG) + len(WEIGHTS) - 1
-    with pytest.raises(UploadError, match=f"exceeds the size limit of {limit} bytes.*--max-adapter-size"):
+    message = f"^files: upload exceeds the size limit of {limit} bytes.*--max-adapter-size"
+    with pytest.raises(UploadError, match=message) as info:
         stage_upload(plain(ADAPTER), dest, max_bytes=limit)
+    assert info.value.kind is ErrorKind.TOO_LARGE and info.value.field == "files"
     assert staged_bytes(dest) <= limit
 
 
@@ -251,12 +255,14 @@ BOMB = {"adapter_config.json": CONFIG, "adapter_model.safetensors": bytes(10_000
 @pytest.mark.parametrize(("name", "data"), [("bomb.zip", zip_bytes(BOMB)), ("bomb.tar.gz", tar_bytes(BOMB))])
 def test_inflating_archive_stops_at_the_size_limit(dest: Path, name: str, data: bytes) -> None:
     assert len(data) < 100_000
-    with pytest.raises(UploadError, match=f"exceeds the size limit of {MiB} bytes"):
+    with pytest.raises(UploadError, match=f"exceeds the size limit of {MiB} bytes") as info:
         stage_upload([(name, io.BytesIO(data))], dest, max_bytes=MiB)
+    assert info.value.kind is ErrorKind.TOO_LARGE
     assert staged_bytes(dest) < 2 * MiB
 
 
 def test_inflating_ignored_tar_member_is_refused(dest: Path) -> None:
     data = tar_bytes({**ADAPTER, "junk.txt": bytes(10_000_000)})
-    with pytest.raises(UploadError, match=f"holds more than the size limit of {MiB} bytes in files an adapter"):
+    with pytest.raises(UploadError, match=f"holds more than the size limit of {MiB} bytes in files an adapter") as info:
         stage_upload([("x.tar.gz", io.BytesIO(data))], dest, max_bytes=MiB)
+    assert info.value.kind is ErrorKind.TOO_LARGE

@@ -14,12 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pytest
+import openai
 
 from loraplex.config import ServerConfig
 from loraplex.models.demo import DEMO_ADAPTERS
-
-openai = pytest.importorskip("openai")
 
 API_KEY = "inference-key-1"
 ADMIN_KEY = "admin-key-123"

@@ -22,7 +22,9 @@ from loraplex.models.demo import DEMO_ADAPTERS
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 USER = {"Authorization": f"Bearer {API_KEY}"}
-FILES = ("adapter_config.json", "adapter_model.safetensors")
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+FILES = (CONFIG, WEIGHTS)
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -152,31 +154,40 @@ def _rank_too_high(tensors, config):
     config["r"] = rank
 
 
+# case: (files, status, param, words in the message). Over 8 MiB (--max-adapter-size) the store refuses an
+# upload with 413 for its kind; over 9 MiB (plus the multipart allowance) the body limit refuses it unread.
 BAD_UPLOADS = {
-    "not safetensors": (lambda d, t: {**adapter_files(d), "adapter_model.safetensors": b"\x00garbage" * 64},
-                        400, "safetensors"),
-    "pickle": (lambda d, t: {"adapter_config.json": adapter_files(d)["adapter_config.json"],
-                             "adapter_model.bin": b"\x80\x04pickle"}, 400, "pickle"),
-    "wrong shapes": (lambda d, t: _mutated(d, t, _wrong_shape), 400, "do not fit"),
-    "rank too high": (lambda d, t: _mutated(d, t, _rank_too_high), 400, "max_lora_rank"),
-    "NaN": (lambda d, t: _mutated(d, t, _nan), 400, "NaN"),
-    "oversized": (lambda d, t: {**adapter_files(d), "adapter_model.safetensors": b"\x00" * (9 << 20)}, 413, "size"),
-    "traversal file name": (lambda d, t: {"../adapter_config.json": adapter_files(d)["adapter_config.json"],
-                                          "adapter_model.safetensors": b"x"}, 400, ".."),
-    "traversal member": (lambda d, t: {"a.tar.gz": _tar_gz(adapter_files(d), prefix="../../")}, 400, "escapes"),
-    "corrupt archive": (lambda d, t: {"a.tar.gz": _tar_gz(adapter_files(d))[:200]}, 400, "archive"),
-    "config not JSON": (lambda d, t: {**adapter_files(d), "adapter_config.json": b"{nope"}, 400, "JSON"),
+    "not safetensors": (lambda d, t: {**adapter_files(d), WEIGHTS: b"\x00garbage" * 64}, 400, WEIGHTS, "safetensors"),
+    "pickle": (lambda d, t: {CONFIG: adapter_files(d)[CONFIG], "adapter_model.bin": b"\x80\x04pickle"}, 400, "files",
+               "pickle"),
+    "wrong shapes": (lambda d, t: _mutated(d, t, _wrong_shape), 400, WEIGHTS, "do not fit"),
+    "rank too high": (lambda d, t: _mutated(d, t, _rank_too_high), 400, WEIGHTS, "max_lora_rank"),
+    "NaN": (lambda d, t: _mutated(d, t, _nan), 400, WEIGHTS, "NaN"),
+    "over the adapter size": (lambda d, t: {**adapter_files(d), WEIGHTS: bytes(8 * MiB + MiB // 2)}, 413, "files",
+                              "--max-adapter-size"),
+    "junk over the adapter size": (lambda d, t: {"a.tar.gz": _tar_gz({**adapter_files(d), "junk": bytes(9 * MiB)})},
+                                   413, "files", "size limit"),
+    "over the body size": (lambda d, t: {**adapter_files(d), WEIGHTS: bytes(9 * MiB)}, 413, None, "--max-body-size"),
+    "traversal file name": (lambda d, t: {"../adapter_config.json": adapter_files(d)[CONFIG], WEIGHTS: b"x"}, 400,
+                            "files", ".."),
+    "traversal member": (lambda d, t: {"a.tar.gz": _tar_gz(adapter_files(d), prefix="../../")}, 400, "files",
+                         "escapes"),
+    "corrupt archive": (lambda d, t: {"a.tar.gz": _tar_gz(adapter_files(d))[:200]}, 400, "files", "archive"),
+    "config not JSON": (lambda d, t: {**adapter_files(d), CONFIG: b"{nope"}, 400, CONFIG, "JSON"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
 def test_bad_uploads_are_refused_and_change_nothing(live_server, demo_dir, tmp_path, case):
-    make, status, words = BAD_UPLOADS[case]
+    make, status, param, words = BAD_UPLOADS[case]
     before = store_snapshot(live_server)
     resp = upload(live_server, "bad-one", make(demo_dir, tmp_path))
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
+    assert error["param"] == param, error
     assert words.lower() in error["message"].lower(), error["message"]
+    if param is not None:  # the message is the field's, as every refusal from inside says it
+        assert error["message"].startswith(f"{param}: "), error["message"]
     assert store_snapshot(live_server) == before
     assert complete(live_server, "bad-one").status_code == 404
 

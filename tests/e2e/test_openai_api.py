@@ -7,13 +7,12 @@ import concurrent.futures
 import json
 
 import httpx
+import openai
 import pytest
 from server_harness import ADMIN_KEY, API_KEY
 
 from loraplex import LLM, SamplingParams
 from loraplex.models.demo import DEMO_ADAPTERS
-
-openai = pytest.importorskip("openai")
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In a hole in the ground there lived"]
 

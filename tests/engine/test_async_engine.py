@@ -7,6 +7,7 @@ import pytest
 
 from loraplex import SamplingParams
 from loraplex.engine.async_engine import AsyncEngine, CallerThreadExecutor, QueueFullError
+from loraplex.errors import ErrorKind, LoraplexError
 
 
 def test_concurrent_streams_match_offline_results(demo_llm):
@@ -58,9 +59,13 @@ def test_bad_request_raises_before_streaming(demo_llm):
     async def run():
         engine = AsyncEngine(demo_llm.engine)
         try:
-            with pytest.raises(ValueError, match="max_model_len"):
+            with pytest.raises(LoraplexError, match="max_model_len") as info:
                 async for _ in engine.generate([5] * 600, SamplingParams(max_tokens=5)):
                     pass
+            assert info.value.field == "max_tokens" and info.value.kind is ErrorKind.INVALID
+            with pytest.raises(LoraplexError, match="^prompt: .* bytes of text cannot fit in max_model_len") as info:
+                await engine.add_request("x" * 10**6, SamplingParams(max_tokens=5))
+            assert info.value.field == "prompt" and info.value.kind is ErrorKind.INVALID
         finally:
             await engine.shutdown()
 
@@ -101,6 +106,7 @@ def test_add_requests_is_all_or_nothing(demo_llm):
             with pytest.raises(QueueFullError) as info:
                 await engine.add_requests([("a", good)] * 3, max_waiting=2)
             assert info.value.max_waiting == 2 and not demo_llm.engine.has_unfinished_requests()
+            assert info.value.kind is ErrorKind.OVERLOADED and info.value.code == "queue_full"
             streams = await engine.add_requests([("a", good)] * 2, max_waiting=2)
             for stream in streams:
                 outputs = [out async for out in stream]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loraplex.engine.sampling import Sampler, SamplingParams, apply_filters
+from loraplex.errors import ErrorKind, LoraplexError
 
 CPU = torch.device("cpu")
 
@@ -49,8 +50,9 @@ P4 = [0.5, 0.3, 0.15, 0.05]
     ],
 )
 def test_invalid_sampling_params_name_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"^{field}: "):
+    with pytest.raises(LoraplexError, match=rf"^{field}: ") as info:
         SamplingParams(**{field: value})
+    assert info.value.field == field and info.value.kind is ErrorKind.INVALID
 
 
 def test_valid_sampling_params_edges():
