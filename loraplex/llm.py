@@ -13,6 +13,7 @@ from tqdm import tqdm
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sampling import SamplingParams
+from loraplex.errors import LoraplexError
 from loraplex.models.default_model import SERVED_NAME, default_model_dir
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,8 @@ class LLM:
             for index, (prompt, sp, name) in enumerate(zip(prompts, params, adapters, strict=True)):
                 try:
                     ids.append(self.engine.add_request(prompt, sp, adapter=name))
-                except ValueError as e:
-                    raise ValueError(f"prompt {index}: {e}") from None
+                except LoraplexError as e:
+                    raise LoraplexError(e.field, f"prompt {index}: {e.message}", e.kind, e.code) from None
             with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
                 while self.engine.has_unfinished_requests():
                     for out in self.engine.step(finished_only=True):

@@ -87,9 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     try:
         prompt = await state.engine.encode_chat(messages, body.add_generation_prompt)
     except LoraplexError:
-        raise  # the app's handler maps it
-    except ValueError as e:  # the model has no chat template
-        raise APIError(400, str(e)) from None
+        raise  # the app's handler maps it (no chat template: 400 on messages)
     except Exception as e:  # the template's own raise_exception, or a template error
         raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
     max_tokens = body.max_completion_tokens or body.max_tokens

@@ -22,6 +22,7 @@ import torch
 
 from loraplex.adapters_store.checksums import file_sha256
 from loraplex.adapters_store.formats import WEIGHTS_FILE, LoRAAdapter, load_peft_lora
+from loraplex.errors import LoraplexError, invalid
 from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -202,8 +203,8 @@ class AdapterManager:
         for file_name, expected in checksums.items():
             found, _ = file_sha256(path / file_name)
             if found != expected:
-                raise ValueError(f"{path / file_name}: sha256 {found} differs from the stored {expected}; the "
-                                 "file was changed on disk; upload the adapter again")
+                raise invalid(file_name, f"sha256 {found} differs from the stored {expected}; the file was "
+                              "changed on disk; upload the adapter again")
         return load_peft_lora(path, key, self.model_config, self.max_lora_rank,
                               sha256=checksums.get(WEIGHTS_FILE))  # checked just now: not hashed again
 
@@ -281,9 +282,7 @@ class AdapterManager:
             self._retry_at[key] = time.monotonic() + RETRY_SECONDS * failures
             return
         logger.error("adapter %s failed to load: %s", key, error)
-        # What requests see: no server paths, only the file names inside the adapter.
-        directory = str(self._key_paths[key])
-        self.errors[key] = str(error).replace(directory + "/", "").replace(directory, "the adapter directory")
+        self.errors[key] = _reason_for_requests(error)
 
     def drain_load_seconds(self) -> list[float]:
         """Load times recorded since the last call (for metrics, which observe each once)."""
@@ -303,3 +302,13 @@ class AdapterManager:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _reason_for_requests(error: Exception) -> str:
+    """Why a load failed, as requests may see it: never a server path (the log has the whole error)."""
+    if isinstance(error, LoraplexError):  # the adapter's files were refused: says which file, not where
+        return str(error)
+    if isinstance(error, OSError):
+        name = Path(error.filename).name if error.filename else "the adapter's files"
+        return f"{error.strerror or type(error).__name__} ({name})"
+    return f"the adapter could not be loaded ({type(error).__name__}); see the server log"

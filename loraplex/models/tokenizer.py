@@ -13,6 +13,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from loraplex.errors import invalid
+
 
 class Tokenizer:
     def __init__(
@@ -124,8 +126,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         if not self.chat_template:
-            raise ValueError("this model has no chat template (tokenizer_config.json `chat_template` or "
-                             "chat_template.jinja); send a plain prompt to the completions API instead")
+            raise invalid("messages", "this model has no chat template (tokenizer_config.json `chat_template` or "
+                          "chat_template.jinja); send a plain prompt to the completions API instead")
         if self._compiled_template is None:
             self._compiled_template = _compile(self.chat_template)
         return self._compiled_template.render(
