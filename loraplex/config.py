@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from loraplex.errors import invalid
+
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -42,25 +44,25 @@ class EngineConfig:
             optional = value is None and "None" in f.type
             is_int = isinstance(value, int) and not isinstance(value, bool)
             if f.type in ("int", "int | None") and not optional and not is_int:
-                raise ValueError(f"{f.name}: must be an integer, got {value!r}")
+                raise invalid(f.name, f"must be an integer, got {value!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+            raise invalid("dtype", f"{self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
         if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel_backend: {self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+            raise invalid("kernel_backend", f"{self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
+            raise invalid("device", f"{self.device!r} must be auto, cpu, cuda or cuda:N")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank", "max_cpu_adapters"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+                raise invalid(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_loras < 0:
-            raise ValueError(f"max_loras: must be 0 (no adapters) or more, got {self.max_loras}")
+            raise invalid("max_loras", f"must be 0 (no adapters) or more, got {self.max_loras}")
         if self.max_cpu_adapters < self.max_loras:
-            raise ValueError(f"max_cpu_adapters: must be at least max_loras ({self.max_loras}), "
-                             f"got {self.max_cpu_adapters}")
+            raise invalid("max_cpu_adapters", f"must be at least max_loras ({self.max_loras}), "
+                          f"got {self.max_cpu_adapters}")
         if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size: must be a power of two, got {self.block_size}")
+            raise invalid("block_size", f"must be a power of two, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len: must be at least 2, got {self.max_model_len}")
+            raise invalid("max_model_len", f"must be at least 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None:
             parse_memory(self.kv_cache_memory)
 
@@ -77,7 +79,7 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: cuda was asked for but torch sees no CUDA device; use --device cpu")
+            raise invalid("device", "cuda was asked for but torch sees no CUDA device; use --device cpu")
         return device
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
@@ -96,8 +98,8 @@ class EngineConfig:
         amount = parse_memory(value)
         if isinstance(amount, float):
             if device.type != "cuda":
-                raise ValueError("kv_cache_memory: a fraction applies to GPU memory only; on the CPU give "
-                                 "bytes, e.g. 2GiB")
+                raise invalid("kv_cache_memory", "a fraction applies to GPU memory only; on the CPU give "
+                              "bytes, e.g. 2GiB")
             free, _ = torch.cuda.mem_get_info(device)
             return int(free * amount)
         return amount
@@ -121,21 +123,21 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or isinstance(self.port, bool):
-            raise ValueError(f"port: must be in 0..65535, got {self.port!r}")
+            raise invalid("port", f"must be in 0..65535, got {self.port!r}")
         for name in ("max_waiting", "max_choices"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+                raise invalid(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < self.max_choices:
-            raise ValueError(f"max_waiting: {self.max_waiting} is below max_choices ({self.max_choices}), so a "
-                             "request of max_choices sequences could never be queued; raise it or lower max_choices")
+            raise invalid("max_waiting", f"{self.max_waiting} is below max_choices ({self.max_choices}), so a "
+                          "request of max_choices sequences could never be queued; raise it or lower max_choices")
         if self.metrics_max_adapters < 0:
-            raise ValueError(f"metrics_max_adapters: must be 0 or more, got {self.metrics_max_adapters}")
+            raise invalid("metrics_max_adapters", f"must be 0 or more, got {self.metrics_max_adapters}")
         if self.shutdown_grace < 0:
-            raise ValueError(f"shutdown_grace: must be 0 or more seconds, got {self.shutdown_grace}")
+            raise invalid("shutdown_grace", f"must be 0 or more seconds, got {self.shutdown_grace}")
         for name in ("api_key", "admin_key"):
             key = getattr(self, name)
             if key is not None and (len(key) < 8 or not key.isprintable() or " " in key):
-                raise ValueError(f"{name}: use at least 8 printable characters without spaces")
+                raise invalid(name, "use at least 8 printable characters without spaces")
         for name in ("max_adapter_size", "max_body_size"):
             parse_size(getattr(self, name), name)
 
@@ -152,7 +154,7 @@ def parse_size(value: str | int, field: str) -> int:
     """'512MiB' / '2GB' / 1048576 -> bytes."""
     amount = parse_memory(value, field)
     if isinstance(amount, float):
-        raise ValueError(f"{field}: {value!r} is a fraction; give a size in bytes, e.g. 512MiB")
+        raise invalid(field, f"{value!r} is a fraction; give a size in bytes, e.g. 512MiB")
     return amount
 
 
@@ -164,21 +166,21 @@ def parse_memory(value: str | int | float, field: str = "kv_cache_memory") -> in
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _SIZE_UNITS:
-            raise ValueError(f"{field}: {value!r} is not a size; write e.g. 2GiB, 512MB, or 0.9")
+            raise invalid(field, f"{value!r} is not a size; write e.g. 2GiB, 512MB, or 0.9")
         number = float(match.group(1)) * _SIZE_UNITS[unit]
         if unit == "" and number <= 1:
             return _fraction(number, field)
         if number < 1:
-            raise ValueError(f"{field}: {value!r} comes to less than one byte")
+            raise invalid(field, f"{value!r} comes to less than one byte")
         return int(number)
     if isinstance(number, float) and number <= 1:
         return _fraction(number, field)
     if number < 1:
-        raise ValueError(f"{field}: must be positive, got {value!r}")
+        raise invalid(field, f"must be positive, got {value!r}")
     return int(number)
 
 
 def _fraction(number: float, field: str) -> float:
     if not 0 < number <= 1:
-        raise ValueError(f"{field}: a fraction must be in (0, 1], got {number}")
+        raise invalid(field, f"a fraction must be in (0, 1], got {number}")
     return float(number)

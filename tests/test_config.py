@@ -147,3 +147,15 @@ def test_kv_cache_fraction_on_cpu_is_rejected(fraction):
     config = EngineConfig(kv_cache_memory=fraction)  # valid in itself: it may run on a GPU
     with pytest.raises(ValueError, match="^kv_cache_memory: .*GPU"):
         config.kv_cache_bytes(CPU)
+
+
+def test_config_errors_are_typed_with_their_field():
+    from loraplex.errors import ErrorKind, LoraplexError
+
+    for make, field in ((lambda: EngineConfig(block_size=3), "block_size"),
+                        (lambda: EngineConfig(kv_cache_memory="lots"), "kv_cache_memory"),
+                        (lambda: ServerConfig(max_waiting=2, max_choices=4), "max_waiting")):
+        with pytest.raises(LoraplexError) as info:
+            make()
+        assert info.value.field == field and info.value.kind is ErrorKind.INVALID
+        assert str(info.value).startswith(f"{field}: ")
