@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, parse_memory
+from loraplex.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, ServerConfig, parse_memory
 
 CPU = torch.device("cpu")
 
