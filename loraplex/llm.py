@@ -13,7 +13,7 @@ from tqdm import tqdm
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sampling import SamplingParams
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, invalid
 from loraplex.models.default_model import SERVED_NAME, default_model_dir
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class LLM:
             for name, path in {**resolved.adapters, **(adapters or {})}.items():
                 self.engine.add_adapter(name, path)
         elif adapters:
-            raise ValueError("adapters: given, but max_loras is 0; allow at least one adapter slot")
+            raise invalid("adapters", "given, but max_loras is 0; allow at least one adapter slot")
 
     def chat(
         self,
@@ -116,10 +116,10 @@ class LLM:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+            raise invalid("sampling_params", f"{len(params)} given for {len(prompts)} prompts")
         adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
         if len(adapters) != len(prompts):
-            raise ValueError(f"adapter: {len(adapters)} given for {len(prompts)} prompts")
+            raise invalid("adapter", f"{len(adapters)} given for {len(prompts)} prompts")
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
@@ -127,7 +127,7 @@ class LLM:
                 try:
                     ids.append(self.engine.add_request(prompt, sp, adapter=name))
                 except LoraplexError as e:
-                    raise LoraplexError(e.field, f"prompt {index}: {e.message}", e.kind, e.code) from None
+                    raise LoraplexError(e.field, f"{e.message} (prompt {index})", e.kind, e.code) from None
             with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
                 while self.engine.has_unfinished_requests():
                     for out in self.engine.step(finished_only=True):

@@ -14,6 +14,7 @@ from loraplex.adapters_store.store import AdapterStore, StoredAdapter, StoreErro
 from loraplex.api.errors import APIError
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.llm_engine import validate_adapter_name
+from loraplex.errors import ErrorKind
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,9 @@ class AdapterRegistry:
             if info is None or info.stored:  # the catalog first: if it fails, nothing else has changed
                 try:
                     await asyncio.to_thread(self.store.delete, name)
-                except StoreError:
+                except StoreError as e:
+                    if e.kind is not ErrorKind.NOT_FOUND:
+                        raise
                     logger.warning("adapter %s had no catalog row left (an earlier delete was cut short)", name)
             self.unavailable.discard(name)
             if info is not None:

@@ -192,7 +192,7 @@ class AdapterManager:
         if name in self.keys:
             self.unregister(name)
         if adapter is not None:
-            self.host.put(adapter)
+            self.host.put(adapter, keep=self._wanted.keys())
         self.paths[name], self.keys[name], self._key_paths[key] = path, key, path
         if checksums:
             self._checksums[key] = dict(checksums)

@@ -225,8 +225,6 @@ class TritonBackend(TorchBackend):
         self._expand(y, h, weights.b, weights.ranks, weights.scales, batch.meta, weights.slice_offsets)
 
 
-
-
 def select_backend(kind: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> TorchBackend:
     """`kind`: auto, torch or triton (config.KERNEL_BACKENDS). auto: Triton on CUDA where its kernels
     apply, torch elsewhere. triton: the Triton kernels on any device (interpreted on the CPU), or a refusal."""
@@ -249,8 +247,6 @@ def _triton_problem(device: torch.device, head_dim: int, dtype: torch.dtype) -> 
         return f"the paged attention kernel needs a head_dim that is a power of two up to 256, not {head_dim}"
     if device.type == "cpu" and dtype == torch.bfloat16:
         return "the CPU interpreter computes bf16 tl.dot wrongly (float32 and float16 are right)"
-    if device.type not in ("cpu", "cuda"):
-        return f"device {device.type} has no Triton support"
     return None
 
 

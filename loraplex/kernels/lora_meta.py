@@ -57,10 +57,12 @@ class LoRAMetaBuffers:
     """The step's `LoRAKernelMeta`, laid out on the host from each run of tokens (a sequence's new
     tokens share one adapter slot) and copied into buffers allocated once.
 
-    Nothing is read back from the device (no `.tolist()`, no `int(tensor)`), and the device tensors
-    keep their addresses from step to step, as a captured CUDA graph needs. On CUDA the host side is
-    pinned and one asynchronous copy moves it; the next step writes the host side only after the
-    engine has read the previous step's sampled tokens, which waits for that copy.
+    Nothing is read back from the device (no `.tolist()`, no `int(tensor)`), and the device buffers
+    keep their addresses from step to step (the views into them change length with the step). On
+    CUDA the host side is pinned and one asynchronous copy moves it; before the next step writes the
+    host side again it waits for that copy's event, which has almost always passed already (a step
+    that samples reads its tokens back), but not after a step that sampled nothing, such as a chunk
+    of a long prompt.
     """
 
     def __init__(self, max_tokens: int, max_loras: int, device: torch.device) -> None:
@@ -71,6 +73,7 @@ class LoRAMetaBuffers:
         pin = device.type == "cuda"
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self._device = torch.zeros(size, dtype=torch.int32, device=device) if pin else self._host
+        self._copied = torch.cuda.Event() if pin else None
 
     def layout(self, run_slots: list[int],
                run_lengths: list[int]) -> tuple[LoRAKernelMeta, list[int], list[int]] | None:
@@ -100,6 +103,8 @@ class LoRAMetaBuffers:
 
     def _fill(self, token_slots: array, sorted_ids: array, active: list[int], seg_starts: list[int],
               max_seg_len: int) -> LoRAKernelMeta:
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the host side
         n, m, a = len(token_slots), self.max_tokens, len(active)
         seg_offset = 2 * m + self.max_loras
         spans = ((0, token_slots), (m, sorted_ids), (2 * m, array("i", active)), (seg_offset, array("i", seg_starts)))
@@ -107,6 +112,7 @@ class LoRAMetaBuffers:
             self._host[offset:offset + len(values)] = torch.frombuffer(values, dtype=torch.int32)
         if self._device is not self._host:
             self._device.copy_(self._host, non_blocking=True)
+            self._copied.record()
         d = self._device
         return LoRAKernelMeta(
             token_slots=d[:n],

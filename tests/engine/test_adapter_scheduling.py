@@ -246,9 +246,9 @@ def test_removing_an_adapter_lets_its_running_request_finish(make_llm, reference
 
 
 @pytest.mark.parametrize("waiting_for", ["admission", "slot"])
-def test_a_queued_request_whose_adapter_is_removed_still_finishes(make_llm, waiting_for):
-    """A request queued (not yet running) on an adapter that is then removed still finishes: it runs on
-    the removed registration's weights, or ends with a finish reason; it is never left waiting."""
+def test_a_queued_request_whose_adapter_is_removed_still_finishes(make_llm, reference, waiting_for):
+    """A request queued (not yet running) on an adapter that is then removed still runs, on the weights
+    of the registration it was accepted on; it is never left waiting."""
     llm = make_llm(max_loras=1)
     engine = llm.engine
     if waiting_for == "slot":
@@ -257,7 +257,9 @@ def test_a_queued_request_whose_adapter_is_removed_still_finishes(make_llm, wait
     queued_id = engine.add_request(PROMPTS[0], greedy(4), adapter="alpha")
     engine.remove_adapter("alpha")
     finished = run_to_completion(llm, max_steps=100)
-    assert finished[queued_id].finished  # served, or refused with a finish reason; never left waiting
+    out = finished[queued_id]
+    assert out.finished and out.finish_reason == "length", out.finish_reason
+    assert out.token_ids == reference(PROMPTS[0], "alpha", 4)
     assert_drained(llm)
 
 

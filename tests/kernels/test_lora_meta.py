@@ -55,3 +55,19 @@ def test_no_adapter_in_the_step_is_none_and_too_many_tokens_is_refused():
     assert buffers.layout([-1, -1], [4, 4]) is None
     with pytest.raises(ValueError, match="9 tokens"):
         buffers.layout([0], [9])
+
+
+@pytest.mark.gpu
+def test_a_step_that_samples_nothing_does_not_overwrite_the_previous_layout_in_flight():
+    """On CUDA the host side is pinned and copied asynchronously: a second layout written while the
+    GPU is still busy (no sampled token read back in between) must not change what the first one
+    copies."""
+    cuda = torch.device("cuda")
+    buffers = LoRAMetaBuffers(64, 4, cuda)
+    torch.cuda._sleep(200_000_000)  # keep the stream busy, so the first copy is still queued
+    first, _, _ = buffers.layout([1, 0], [40, 3])
+    first = {name: getattr(first, name).clone() for name in ("token_slots", "sorted_token_ids", "seg_starts")}
+    buffers.layout([2], [5])
+    expected = LoRAKernelMeta.make(_tokens([1, 0], [40, 3]).to(cuda))
+    for name, value in first.items():
+        assert torch.equal(value, getattr(expected, name)), name

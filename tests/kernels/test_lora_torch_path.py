@@ -68,3 +68,23 @@ def test_cleared_slice_contributes_nothing():
     lo, hi = w.slice_offsets[1], w.slice_offsets[2]
     assert torch.all(y[:, lo:hi] == 0)
     assert torch.any(y[:, :lo] != 0) and torch.any(y[:, hi:] != 0)
+
+
+def test_runs_of_several_tokens_and_a_slot_in_runs_apart_match_reference():
+    """As the engine builds batches: each sequence's new tokens are one run; slot 1 has two runs apart."""
+    ranks = [[16, 4, 0], [8, 8, 8], [2, 0, 2]]
+    w = _slot_weights(3, ranks)
+    run_slots, run_lengths = [1, 0, 1, -1, 2, 1], [5, 3, 20, 4, 1, 1]
+    token_slots = torch.tensor([s for s, n in zip(run_slots, run_lengths, strict=True) for _ in range(n)],
+                               dtype=torch.int32)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(len(token_slots), IN_FEATURES, generator=g)
+    expected = torch.randn(len(token_slots), sum(OUTPUT_SIZES), generator=g)
+    actual = expected.clone()
+    h = reference.lora_shrink(x, w.a, w.ranks, token_slots)
+    reference.lora_expand(expected, h, w.b, w.ranks, w.scales, token_slots, w.slice_offsets)
+    backend = TorchBackend()
+    batch = LoRABatch.make(LoRAMetaBuffers(64, 3, torch.device("cpu")), run_slots, run_lengths)
+    backend.prepare_lora(batch)
+    backend.add_lora(actual, x, w, batch)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5)
