@@ -120,6 +120,7 @@ def test_a_full_queue_is_a_429_with_retry_after(tight_server):
     resp = complete(tight_server, "demo")
     assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
     assert resp.json()["error"]["type"] == "rate_limit_error" and "--max-waiting" in resp.json()["error"]["message"]
+    assert resp.json()["error"]["code"] == "queue_full"  # the engine's typed OVERLOADED error, mapped by kind
     assert value(scrape(tight_server), "loraplex_requests_total", adapter="base", outcome="rejected") == 1
     for thread in busy:
         thread.join(60)
