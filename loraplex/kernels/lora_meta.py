@@ -112,7 +112,7 @@ class LoRAMetaBuffers:
             self._host[offset:offset + len(values)] = torch.frombuffer(values, dtype=torch.int32)
         if self._device is not self._host:
             self._device.copy_(self._host, non_blocking=True)
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self._device.device))
         d = self._device
         return LoRAKernelMeta(
             token_slots=d[:n],
