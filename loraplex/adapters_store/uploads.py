@@ -4,7 +4,9 @@ An upload is either plain files or one .tar.gz / .tgz / .tar / .zip archive of t
 adapter is made of are written; archive members that would escape the archive (absolute paths, '..',
 links, devices) are refused; pickle files are never written, and refused when they would be the
 weights; the bytes written are counted while copying, so an archive that inflates beyond the size
-limit (a zip bomb) stops at the limit.
+limit (a zip bomb) stops at the limit. An archive's members are counted too, and its headers are read
+within a byte budget, so one of millions of empty members stops at the member limit instead of being
+listed whole.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import gzip
 import lzma
 import re
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -30,6 +33,20 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 GZIP_TAR_SUFFIXES = (".tar.gz", ".tgz")
 ARCHIVE_SUFFIXES = (*GZIP_TAR_SUFFIXES, ".tar", ".zip")
 CHUNK = 1 << 20
+# An adapter is two or three files (plus the directories and stray files a trainer leaves beside them);
+# a thousand members is far beyond any real one, and reading that many headers costs milliseconds.
+MAX_ARCHIVE_MEMBERS = 1000
+# What a tar may add to its files' bytes: a 512-byte header and up to 511 bytes of padding per member,
+# and the end-of-archive record. Inflated tar bytes beyond the size limit plus this are refused.
+TAR_FRAMING_BYTES = MAX_ARCHIVE_MEMBERS * 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE
+# A zip's central directory is read whole by zipfile before any member: it may hold at most this many
+# bytes (46 fixed bytes per entry, then its name and extra fields: 512 is generous for an adapter's).
+ZIP_DIRECTORY_MAX_BYTES = MAX_ARCHIVE_MEMBERS * 512
+# The end-of-central-directory record: signature, disk numbers, entries on this disk and in all, the
+# directory's size and offset, the comment's length (which is at most 65535 bytes, after the record).
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_EOCD_SEARCH_BYTES = _EOCD.size + 0xFFFF
 # What a damaged, truncated or foreign file raises while it is read as an archive.
 _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, lzma.LZMAError, EOFError,
                    NotImplementedError, RuntimeError)
@@ -124,7 +141,7 @@ class _Stager:
 def _unpack(filename: str, src: BinaryIO, stager: _Stager) -> None:
     try:
         if filename.lower().endswith(".zip"):
-            _unpack_zip(src, stager)
+            _unpack_zip(filename, src, stager)
         else:
             _unpack_tar(filename, src, stager)
     except UploadError:
@@ -144,25 +161,52 @@ def _member_file_name(member: str) -> str:
 
 
 def _unpack_tar(filename: str, src: BinaryIO, stager: _Stager) -> None:
-    # Read as a stream, member after member. The gzip layer is opened here rather than by tarfile, which
-    # does not check the gzip checksum; reading it to the end (after the tar's end marker) does.
+    # Read as a stream, member after member (tarfile lists each one it has read: the member limit bounds
+    # that list). The gzip layer is opened here rather than by tarfile, which does not check the gzip
+    # checksum; reading it to the end (after the tar's end marker) does. Every inflated byte (headers,
+    # ignored members, trailing data) is read through the budget.
     gzipped = filename.lower().endswith(GZIP_TAR_SUFFIXES)
-    skipped = 0  # bytes of ignored members and trailing data, which the stream must still inflate
-    with (gzip.GzipFile(fileobj=src, mode="rb") if gzipped else nullcontext(src)) as stream:
+    with (gzip.GzipFile(fileobj=src, mode="rb") if gzipped else nullcontext(src)) as inflated:
+        stream = _TarBudget(inflated, filename, stager.max_bytes)
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
+            for count, member in enumerate(tar, 1):
+                _check_member_count(filename, count)
                 file_name = _member_file_name(member.name)
                 _check_tar_type(member)
                 if member.isdir():
                     continue
                 if stager.wants(f"archive member '{member.name}'", member.name, file_name):
                     stager.write(file_name, tar.extractfile(member))
-                else:
-                    skipped += member.size
-                    _check_skipped(filename, skipped, stager.max_bytes)
-        for chunk in iter(lambda: stream.read(CHUNK), b""):
-            skipped += len(chunk)
-            _check_skipped(filename, skipped, stager.max_bytes)
+        for _ in iter(lambda: stream.read(CHUNK), b""):
+            pass
+
+
+class _TarBudget:
+    """The inflated tar stream, refused once more than the size limit plus TAR_FRAMING_BYTES of it has
+    been read: files, ignored files, headers (long names and pax records included) and trailing data."""
+
+    def __init__(self, stream: BinaryIO, filename: str, max_bytes: int) -> None:
+        self.stream = stream
+        self.filename = filename
+        self.max_bytes = max_bytes
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.read_bytes += len(data)
+        if self.read_bytes > self.max_bytes + TAR_FRAMING_BYTES:
+            raise UploadError(f"'{self.filename}' holds more than the size limit of {self.max_bytes} bytes in "
+                              f"files an adapter does not use and tar headers (beyond {TAR_FRAMING_BYTES} bytes "
+                              "of headers); pack only adapter_config.json and adapter_model.safetensors",
+                              ErrorKind.TOO_LARGE)
+        return data
+
+
+def _check_member_count(filename: str, count: int) -> None:
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise UploadError(f"'{filename}' holds more than {MAX_ARCHIVE_MEMBERS} members; an adapter is a few "
+                          "files: pack only adapter_config.json and adapter_model.safetensors (and "
+                          "trainer_state.json)", ErrorKind.TOO_LARGE)
 
 
 def _check_tar_type(member: tarfile.TarInfo) -> None:
@@ -175,23 +219,42 @@ def _check_tar_type(member: tarfile.TarInfo) -> None:
                           "the adapter's regular files")
 
 
-def _check_skipped(filename: str, skipped: int, max_bytes: int) -> None:
-    if skipped > max_bytes:
-        raise UploadError(f"'{filename}' holds more than the size limit of {max_bytes} bytes in files an adapter "
-                          "does not use; pack only adapter_config.json and adapter_model.safetensors",
-                          ErrorKind.TOO_LARGE)
+def _unpack_zip(filename: str, src: BinaryIO, stager: _Stager) -> None:
+    with _seekable(src, stager.max_bytes) as seekable:
+        _check_zip_directory(filename, seekable)
+        with zipfile.ZipFile(seekable) as archive:
+            _unpack_zip_members(filename, archive, stager)
 
 
-def _unpack_zip(src: BinaryIO, stager: _Stager) -> None:
-    with _seekable(src, stager.max_bytes) as seekable, zipfile.ZipFile(seekable) as archive:
-        for info in archive.infolist():
-            file_name = _member_file_name(info.filename)
-            _check_zip_type(info)
-            if info.is_dir():
-                continue
-            if stager.wants(f"archive member '{info.filename}'", info.filename, file_name):
-                with archive.open(info) as member:
-                    stager.write(file_name, member)
+def _check_zip_directory(filename: str, seekable: BinaryIO) -> None:
+    """Refuses a zip whose central directory (which zipfile reads whole, into one ZipInfo per entry)
+    is over the limits, from its end record: one read of at most 64 KiB at the end of the file."""
+    end = seekable.seek(0, 2)
+    seekable.seek(max(0, end - _EOCD_SEARCH_BYTES))
+    tail = seekable.read()
+    seekable.seek(0)
+    at = tail.rfind(_EOCD_SIGNATURE)
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise zipfile.BadZipFile("no end-of-central-directory record")
+    _, _, _, _, entries, directory_bytes, _, _ = _EOCD.unpack_from(tail, at)
+    _check_member_count(filename, entries)  # Zip64 (0xFFFF entries) is refused here too
+    if directory_bytes > ZIP_DIRECTORY_MAX_BYTES:
+        raise UploadError(f"'{filename}' has a central directory of {directory_bytes} bytes, over the "
+                          f"{ZIP_DIRECTORY_MAX_BYTES} an adapter's few files could need; pack only "
+                          "adapter_config.json and adapter_model.safetensors", ErrorKind.TOO_LARGE)
+
+
+def _unpack_zip_members(filename: str, archive: zipfile.ZipFile, stager: _Stager) -> None:
+    # The end record's count may lie: count the entries that zipfile found in the (bounded) directory.
+    _check_member_count(filename, len(archive.infolist()))
+    for info in archive.infolist():
+        file_name = _member_file_name(info.filename)
+        _check_zip_type(info)
+        if info.is_dir():
+            continue
+        if stager.wants(f"archive member '{info.filename}'", info.filename, file_name):
+            with archive.open(info) as member:
+                stager.write(file_name, member)
 
 
 def _check_zip_type(info: zipfile.ZipInfo) -> None:

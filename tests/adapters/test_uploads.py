@@ -1,20 +1,30 @@
 """Staging uploads: plain files and .tar.gz / .tgz / .tar / .zip archives become a flat directory of the
 adapter's files; traversal, links, special files, pickles, damaged archives and oversized (or
-inflating) uploads are refused with an UploadError that names the culprit."""
+inflating) uploads, and archives of too many members or too many header bytes, are refused with an
+UploadError that names the culprit."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
 import stat
+import struct
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from loraplex.adapters_store.uploads import PICKLE_SUFFIXES, UploadError, stage_upload
+from loraplex.adapters_store.uploads import (
+    MAX_ARCHIVE_MEMBERS,
+    PICKLE_SUFFIXES,
+    ZIP_DIRECTORY_MAX_BYTES,
+    UploadError,
+    stage_upload,
+)
 from loraplex.errors import ErrorKind
 
 CONFIG = b'{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}'
@@ -266,3 +276,88 @@ def test_inflating_ignored_tar_member_is_refused(dest: Path) -> None:
     with pytest.raises(UploadError, match=f"holds more than the size limit of {MiB} bytes in files an adapter") as info:
         stage_upload([("x.tar.gz", io.BytesIO(data))], dest, max_bytes=MiB)
     assert info.value.kind is ErrorKind.TOO_LARGE
+
+
+class Reader(io.BytesIO):
+    """An upload that remembers how far it was read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.furthest = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.furthest = max(self.furthest, self.tell())
+        return data
+
+
+def empty_members(count: int) -> bytes:
+    """A tar of `count` empty members (one header each, 512 bytes), as the issue's 2-million-member bomb."""
+    header = tarfile.TarInfo("junk/x").tobuf(format=tarfile.GNU_FORMAT)
+    return header * count + bytes(2 * tarfile.BLOCKSIZE)
+
+
+@pytest.mark.parametrize(("name", "pack"), [("many.tar", bytes), ("many.tar.gz", gzip.compress)])
+def test_an_archive_of_many_empty_members_stops_at_the_member_limit(dest: Path, name: str, pack) -> None:
+    data = pack(empty_members(100 * MAX_ARCHIVE_MEMBERS))  # 51 MB of headers, unbounded ~3 s and a list of all
+    upload = Reader(data)
+    start = time.perf_counter()
+    with pytest.raises(UploadError, match=f"'{name}' holds more than {MAX_ARCHIVE_MEMBERS} members") as info:
+        stage_upload([(name, upload)], dest, max_bytes=1 << 30)
+    assert time.perf_counter() - start < 1
+    assert info.value.kind is ErrorKind.TOO_LARGE and info.value.field == "files"
+    if name.endswith(".tar"):  # read up to the member past the limit (and one tar record beyond), no further
+        assert upload.furthest <= (MAX_ARCHIVE_MEMBERS + 1) * tarfile.BLOCKSIZE + tarfile.RECORDSIZE
+
+
+def test_tar_headers_count_toward_the_size_limit(dest: Path) -> None:
+    huge = tarfile.TarInfo("out/notes.txt")
+    huge.pax_headers = {"comment": "x" * (4 * MiB)}  # one pax record, read whole by tarfile
+    data = tar_bytes(under("out/", ADAPTER), mode="w:gz", extra=(huge,))
+    with pytest.raises(UploadError, match=f"more than the size limit of {MiB} bytes in files an adapter does not "
+                       "use and tar headers") as info:
+        stage_upload([("x.tar.gz", io.BytesIO(data))], dest, max_bytes=MiB)
+    assert info.value.kind is ErrorKind.TOO_LARGE
+
+
+def many_entries_zip(count: int, name_length: int = 8) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for i in range(count):
+            archive.writestr(f"{i:0{name_length}d}", b"")
+    return buf.getvalue()
+
+
+def with_entry_count(data: bytes, count: int) -> bytes:
+    """`data` with its end record claiming `count` entries (a lie zipfile does not check)."""
+    at = data.rfind(b"PK\x05\x06")
+    return data[:at + 8] + struct.pack("<HH", count, count) + data[at + 12:]
+
+
+def test_a_zip_of_too_many_entries_is_refused_from_its_end_record(dest: Path, monkeypatch) -> None:
+    data = many_entries_zip(MAX_ARCHIVE_MEMBERS + 1)
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # refused before zipfile reads the directory
+    with pytest.raises(UploadError, match=f"'many.zip' holds more than {MAX_ARCHIVE_MEMBERS} members") as info:
+        stage_upload([("many.zip", io.BytesIO(data))], dest, max_bytes=MiB)
+    assert info.value.kind is ErrorKind.TOO_LARGE
+
+
+def test_a_zip_whose_end_record_lies_about_its_entries_is_refused(dest: Path) -> None:
+    data = with_entry_count(many_entries_zip(MAX_ARCHIVE_MEMBERS + 1), 2)
+    with pytest.raises(UploadError, match=f"holds more than {MAX_ARCHIVE_MEMBERS} members"):
+        stage_upload([("many.zip", io.BytesIO(data))], dest, max_bytes=MiB)
+
+
+def test_a_zip_with_an_oversized_central_directory_is_refused(dest: Path) -> None:
+    data = with_entry_count(many_entries_zip(MAX_ARCHIVE_MEMBERS, name_length=1000), 2)
+    with pytest.raises(UploadError, match=f"central directory of \\d+ bytes, over the {ZIP_DIRECTORY_MAX_BYTES}"):
+        stage_upload([("long.zip", io.BytesIO(data))], dest, max_bytes=16 * MiB)
+
+
+def test_an_archive_at_the_member_limit_is_accepted(dest: Path) -> None:
+    junk = {f"out/junk-{i}.txt": b"" for i in range(MAX_ARCHIVE_MEMBERS - len(ADAPTER))}
+    for name, data in [("x.tar.gz", tar_bytes({**junk, **ADAPTER})), ("x.zip", zip_bytes({**junk, **ADAPTER}))]:
+        for path in dest.iterdir():
+            path.unlink()
+        stage_upload([(name, io.BytesIO(data))], dest, max_bytes=MiB)
+        assert staged_files(dest) == ADAPTER
