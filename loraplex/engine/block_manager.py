@@ -28,6 +28,15 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[bytes, int] = {}  # content hash -> block id
         self._seq_hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its committed blocks
+        # Blocks handed out fresh (not through the prefix cache) since the last `take_fresh`: their
+        # old contents must be cleared before a step reads them (see `take_fresh`).
+        self._fresh: list[int] = []
+
+    @property
+    def padding_block(self) -> int:
+        """The block id that pads block tables: one past the managed blocks, never given out, so the
+        model runner keeps it zero and no padded read sees another sequence's keys or values."""
+        return len(self.blocks)
 
     @property
     def num_blocks(self) -> int:
@@ -78,6 +87,24 @@ class BlockManager:
                 block.content_hash = None
             self._take(block_id)
             seq.block_table.append(block_id)
+            self._fresh.append(block_id)
+
+    def take_fresh(self) -> list[int]:
+        """The blocks handed out fresh since the last call. Their positions past a sequence's length
+        still enter attention with weight zero, and 0 x NaN is NaN: whatever an earlier owner left
+        there (a poisoned adapter's NaN, say) must be cleared before they are read."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
+
+    def uncache(self, seq: Sequence) -> None:
+        """Forget the prefix-cache entries of the blocks only `seq` holds (its KV is not to be reused,
+        e.g. it turned non-finite)."""
+        for block_id in seq.block_table:
+            block = self.blocks[block_id]
+            if block.ref_count == 1 and block.content_hash is not None:
+                del self.cached[block.content_hash]
+                block.content_hash = None
+        self._seq_hashes.pop(seq.request_id, None)
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks `seq` has filled and computed, so later sequences can reuse them."""

@@ -89,13 +89,14 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         block_bytes = kv_cache_block_bytes(self.model, self.config.block_size, self.dtype)
-        num_blocks = self.config.kv_cache_bytes(self.device) // block_bytes
+        num_blocks = self.config.kv_cache_bytes(self.device) // block_bytes - 1  # one pads block tables
         needed = -(-self.max_model_len // self.config.block_size)
         if num_blocks < needed:
             raise invalid(
                 "kv_cache_memory", f"{num_blocks * block_bytes} bytes hold {num_blocks} blocks of "
                 f"{self.config.block_size} tokens, but one sequence of max_model_len {self.max_model_len} "
-                f"needs {needed} ({needed * block_bytes} bytes); raise kv_cache_memory or lower max_model_len"
+                f"needs {needed} ({(needed + 1) * block_bytes} bytes with the block that pads block tables); "
+                "raise kv_cache_memory or lower max_model_len"
             )
         return num_blocks
 
@@ -244,13 +245,17 @@ class LLMEngine:
             if self.has_unfinished_requests():
                 time.sleep(0.001)  # only adapter loads are pending: let them progress
             return outputs
-        sampled_seqs, result = self.runner.execute(batch)
+        step = self.runner.execute(batch)
+        result = step.sample
         commit = self.block_manager.commit if self.block_manager.enable_prefix_caching else None
         for seq, num_new in batch.scheduled:
             seq.num_computed_tokens += num_new
             if commit is not None:
                 commit(seq)
-        for row, seq in enumerate(sampled_seqs):
+        for row, seq in enumerate(step.sampled_seqs):
+            if row in step.nonfinite_rows:
+                outputs.append(self._fail_nonfinite(seq))
+                continue
             token = result.token_ids[row]
             seq.token_ids.append(token)
             logprob = None
@@ -266,6 +271,21 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 del self._requests[seq.request_id]
         return outputs
+
+
+    def _fail_nonfinite(self, seq: Sequence) -> RequestOutput:
+        """End a sequence whose logits turned NaN or infinite: its output so far stands, its KV is not
+        kept for reuse, and the rest of the batch goes on untouched."""
+        where = f"adapter {seq.adapter!r}" if seq.adapter else "the base model"
+        logger.warning("request %s: non-finite logits on %s; finished with an error", seq.request_id, where)
+        seq.finish("error", error=invalid(
+            "model", f"{where} produced non-finite values (NaN or infinity) for this request; its weights "
+            "or scale overflow: check the adapter, or use another model", code="non_finite_output"))
+        self.block_manager.uncache(seq)
+        state = self._requests.pop(seq.request_id)
+        state.flush()
+        self.scheduler.finish(seq)
+        return state.make_output()
 
 
 def validate_adapter_name(name: str) -> None:

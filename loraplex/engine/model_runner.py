@@ -32,6 +32,13 @@ class StepInputs:
     sampled_seqs: list[Sequence]
 
 
+@dataclass
+class StepResult:
+    sampled_seqs: list[Sequence]  # the sequences that sampled a token this step
+    sample: SampleResult | None
+    nonfinite_rows: set[int]  # rows of sampled_seqs whose logits held a NaN or an infinity
+
+
 def kv_cache_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
     c = model.config
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
@@ -46,9 +53,10 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(device, seed)
         c = model.config
-        # [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: one allocation for all layers.
+        # [2, num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim]: one allocation for all
+        # layers; the last block is the zero padding block of the block tables.
         self.kv_cache = torch.zeros(
-            2, c.num_layers, block_manager.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+            2, c.num_layers, block_manager.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim,
             dtype=dtype, device=device,
         )
         for i, attn in enumerate(model.attention_layers()):
@@ -56,18 +64,26 @@ class ModelRunner:
         self.lora_buffers = LoRAMetaBuffers(max_num_batched_tokens, max_loras, device) if max_loras else None
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> tuple[list[Sequence], SampleResult | None]:
-        """Run one step; returns the sequences that sampled a token and what they sampled."""
+    def execute(self, batch: SchedulerOutput) -> StepResult:
+        """Run one step: the sequences that sampled a token, what they sampled, and which of them had
+        non-finite logits (their samples mean nothing)."""
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)  # [num_tokens, hidden]
         if not inputs.sampled_seqs:
-            return [], None
+            return StepResult([], None, set())
         if inputs.sample_indices is not None:
             hidden = hidden[inputs.sample_indices]
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
+        # A NaN or infinity in a row (an adapter that overflows, say) stays in that row: rows are
+        # independent in every layer, and padded attention reads only zeroed memory. The row is
+        # sampled from zeros so the sampler sees numbers; the engine ends its sequence.
+        nonfinite = ~torch.isfinite(logits).all(dim=-1)  # [num_sampled]
+        logits.masked_fill_(nonfinite.unsqueeze(1), 0.0)
         params = [seq.params for seq in inputs.sampled_seqs]
         generators = [seq.generator for seq in inputs.sampled_seqs]
-        return inputs.sampled_seqs, self.sampler(logits, params, generators)
+        sampled = self.sampler(logits, params, generators)  # reads its tokens back: the step is done
+        bad_rows = set(nonfinite.nonzero().flatten().tolist()) if nonfinite.any() else set()
+        return StepResult(inputs.sampled_seqs, sampled, bad_rows)
 
     def prepare(self, batch: SchedulerOutput) -> StepInputs:
         input_ids: list[int] = []
@@ -97,9 +113,13 @@ class ModelRunner:
                 sampled.append(seq)
         max_blocks = max(len(seq.block_table) for seq, _ in batch.scheduled)
         block_tables: list[int] = []  # [num_seqs, max_blocks], flat
+        padding = self.block_manager.padding_block
         for seq, _ in batch.scheduled:
             block_tables += seq.block_table
-            block_tables += [0] * (max_blocks - len(seq.block_table))
+            block_tables += [padding] * (max_blocks - len(seq.block_table))
+        fresh = self.block_manager.take_fresh()
+        if fresh:  # what earlier owners left in them must not reach this step's padded reads
+            self.kv_cache.index_fill_(2, self._tensor(fresh, torch.int64), 0)
         as_tensor = self._tensor
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots, torch.int64),

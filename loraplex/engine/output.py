@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.list_prefix import ListPrefix
 from loraplex.engine.sequence import Sequence
+from loraplex.errors import LoraplexError
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     adapter: str | None = None  # None = the base model
+    error: LoraplexError | None = None  # finish_reason "error" through the request's fault: what to tell it
 
 
 class OutputState:
@@ -122,4 +124,5 @@ class OutputState:
             stop_reason=seq.stop_reason,
             num_cached_tokens=seq.num_cached_tokens,
             adapter=seq.adapter,
+            error=seq.error,
         )

@@ -7,6 +7,7 @@ import enum
 import torch
 
 from loraplex.engine.sampling import SamplingParams
+from loraplex.errors import LoraplexError
 
 
 class SequenceStatus(enum.Enum):
@@ -43,6 +44,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None  # the stop token id or string that ended it
+        self.error: LoraplexError | None = None  # why it ended in error, typed, when it is the request's fault
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache on first admission
         self.adapter: str | None = None  # adapter name; None = the base model
@@ -72,10 +74,12 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+    def finish(self, reason: str, stop_reason: int | str | None = None, error: LoraplexError | None = None) -> None:
+        """`error`: with reason "error", what went wrong as the caller should be told (typed)."""
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
-        self.stop_reason = stop_reason
+        self.stop_reason = stop_reason if error is None else str(error)
+        self.error = error
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "

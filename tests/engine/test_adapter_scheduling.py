@@ -352,8 +352,9 @@ def test_abort_releases_the_adapter_slot(make_llm, reference):
 
 
 def test_preempted_adapter_requests_release_and_reacquire_their_slots(make_llm, reference):
-    # 16 blocks of 16 tokens: the four alpha/beta sequences need 23 blocks by their end; gamma waits for a slot
-    llm = make_llm(max_loras=2, max_cpu_adapters=3, kv_cache_memory="1MiB")
+    # 16 blocks of 16 tokens (and the padding block): the four alpha/beta sequences need 23 blocks by
+    # their end; gamma waits for a slot
+    llm = make_llm(max_loras=2, max_cpu_adapters=3, kv_cache_memory=17 * 65536)
     assert llm.engine.block_manager.num_blocks == 16
     steps = record_steps(llm)
     cases = [(LONG_PROMPT, "alpha"), (LONG_PROMPT, "beta"), (PROMPTS[0], "alpha"), (PROMPTS[1], "beta"),
