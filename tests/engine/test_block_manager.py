@@ -420,3 +420,32 @@ def test_random_workload_with_aborts_and_preemption_leaks_nothing(seed):
     assert all(seq.status is SequenceStatus.FINISHED for seq in seqs)
     assert bm.num_free_blocks == bm.num_blocks
     check_invariants(bm, [])
+
+
+def test_fresh_blocks_are_reported_once_and_cached_ones_never():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.padding_block == 8  # one past the managed blocks: never given out
+    first = make_seq("a", list(range(1, 10)))
+    compute(bm, first)
+    assert sorted(bm.take_fresh()) == sorted(first.block_table) and bm.take_fresh() == []
+    bm.free(first)
+    again = make_seq("b", list(range(1, 10)))  # same prompt: its two full blocks come from the cache
+    bm.reuse_cached_prefix(again)
+    compute(bm, again)
+    assert bm.take_fresh() == again.block_table[2:]
+    assert all(block_id < bm.padding_block for block_id in again.block_table)
+
+
+def test_uncache_forgets_only_the_blocks_no_one_else_holds():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    shared = make_seq("a", list(range(1, 10)))
+    compute(bm, shared)
+    other = make_seq("b", list(range(1, 9)) + [99, 98, 97, 96, 95])
+    bm.reuse_cached_prefix(other)  # shares blocks 0 and 1 (tokens 1-8) with `shared`
+    compute(bm, other)
+    assert other.block_table[:2] == shared.block_table[:2]
+    own_full = other.block_table[2]  # tokens 99..96: full, committed, held by `other` alone
+    assert bm.blocks[own_full].content_hash is not None
+    bm.uncache(other)
+    assert all(bm.blocks[b].content_hash is not None for b in other.block_table[:2])  # `shared` holds them
+    assert bm.blocks[own_full].content_hash is None and own_full not in bm.cached.values()
