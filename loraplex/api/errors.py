@@ -30,6 +30,8 @@ class APIError(Exception):
         self.headers = headers
 
 
+_SURROGATES = "surrogates not allowed"  # UnicodeEncodeError's reason for a lone surrogate in UTF-8
+
 _STATUS = {ErrorKind.INVALID: 400, ErrorKind.NOT_FOUND: 404, ErrorKind.CONFLICT: 409, ErrorKind.TOO_LARGE: 413,
            ErrorKind.OVERLOADED: 429}
 
@@ -47,8 +49,15 @@ def model_not_found(name: str) -> APIError:
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The body of every error answer. Its text may echo the client's input, which JSON lets hold lone
+    surrogates ("\\ud800") that UTF-8 cannot encode: those are written as their escapes instead."""
     error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return {"error": {"message": _encodable(message), "type": error_type, "param": _encodable(param),
+                      "code": _encodable(code)}}
+
+
+def _encodable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -71,12 +80,23 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(APIError(error.status_code, str(error.detail)))
+        return error_response(APIError(error.status_code, str(error.detail), headers=error.headers))
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _unencodable(request: Request, error: UnicodeEncodeError) -> JSONResponse:
+        if error.reason != _SURROGATES:
+            return await _unexpected(request, error)
+        # Only a client's text holds lone surrogates: a route passed one to an encoder (a tokenizer, a path).
+        return error_response(APIError(400, "the request holds a lone surrogate (e.g. \\ud800), which is not "
+                                       "text; send well-formed UTF-16 surrogate pairs or UTF-8",
+                                       code="invalid_unicode"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        # The connection is closed after it: whatever failed may have left its state (a half-read body) behind.
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal error: {type(error).__name__}; see the server log"))
+        return error_response(APIError(500, f"internal error: {type(error).__name__}; see the server log",
+                                       headers={"Connection": "close"}))
 
 
 # Fields that take one of several shapes: pydantic reports each alternative's failure, so say once

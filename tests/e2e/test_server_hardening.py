@@ -96,7 +96,9 @@ def test_a_failure_after_the_commit_leaves_the_store_as_it_was(live_server, demo
 
     before = sorted(r.name for r in live_server.state.registry.store.list())
     monkeypatch.setattr(engine, "add_adapter", broken)
-    assert upload(live_server, "half-way", demo_dir / "adapters" / "alpha").status_code == 500
+    failed = upload(live_server, "half-way", demo_dir / "adapters" / "alpha")
+    assert failed.status_code == 500 and failed.headers["connection"] == "close"
+    assert failed.json()["error"]["type"] == "server_error"
     assert sorted(r.name for r in live_server.state.registry.store.list()) == before
     monkeypatch.setattr(engine, "add_adapter", real)
     assert upload(live_server, "half-way", demo_dir / "adapters" / "alpha").status_code == 201
@@ -179,3 +181,49 @@ def test_delete_succeeds_when_an_earlier_delete_was_cut_short(live_server, demo_
     live_server.state.registry.store.delete("cut-short")  # the row went; the rest did not happen
     assert httpx.delete(f"{live_server.url}/v1/adapters/cut-short", headers=ADMIN).status_code == 200
     assert complete(live_server, "cut-short").status_code == 404
+
+
+LONE_SURROGATE = "\ud800"  # valid in JSON ("\ud800" escaped), not encodable as UTF-8
+
+
+def post_raw(server, path: str, body: dict, headers: dict) -> httpx.Response:
+    """`body` as JSON with escapes (json.dumps' default): how a client sends a lone surrogate; httpx's
+    json= (and so the openai client) cannot encode one."""
+    return httpx.post(f"{server.url}{path}", content=json.dumps(body).encode(), timeout=60,
+                      headers={**headers, "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"model": LONE_SURROGATE, "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ("/v1/completions", {"model": LONE_SURROGATE, "prompt": "hi"}, "model"),
+    ("/v1/completions", {"model": f"alpha*0.5+{LONE_SURROGATE}", "prompt": "hi"}, "model"),
+])
+def test_a_lone_surrogate_in_model_is_a_4xx_that_names_it(live_server, path, body, param):
+    resp = post_raw(live_server, path, body, USER)
+    assert 400 <= resp.status_code < 500, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and "\\ud800" in error["message"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/load_lora_adapter", {"lora_name": LONE_SURROGATE, "lora_path": "{adapters}/alpha"}),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": LONE_SURROGATE}),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": f"{{adapters}}/{LONE_SURROGATE}"}),
+    ("/v1/unload_lora_adapter", {"lora_name": LONE_SURROGATE}),
+])
+def test_a_lone_surrogate_in_lora_name_or_lora_path_is_a_4xx(live_server, demo_dir, path, body):
+    body = {key: value.replace("{adapters}", str(demo_dir / "adapters")) for key, value in body.items()}
+    resp = post_raw(live_server, path, body, ADMIN)
+    assert 400 <= resp.status_code < 500, resp.text
+    assert resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"model": "demo", "prompt": f"Once upon {LONE_SURROGATE}"}),
+    ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": LONE_SURROGATE}]}),
+])
+def test_a_lone_surrogate_in_text_is_a_400(live_server, path, body):
+    resp = post_raw(live_server, path, body, USER)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert complete(live_server, "demo").status_code == 200
