@@ -75,6 +75,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-max-adapters", type=int, default=d.metrics_max_adapters, help="adapters with "
                    "their own metrics label: the most requested (up to twice this many labels in all); the "
                    "rest share the label 'other'")
+    g.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive, help="seconds an idle "
+                   "keep-alive connection is kept open")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout, help="seconds a request's headers "
+                   "may take to arrive (from the connection or the request's first byte); slower clients are "
+                   "dropped")
+    g.add_argument("--max-connections", type=int, default=d.max_connections, help="open connections; a new one "
+                   "beyond them is answered 503 and closed (kept below the open-file limit, which is raised to "
+                   "its hard limit when needed)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -83,6 +91,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_adapter_size=args.max_adapter_size, max_body_size=args.max_body_size, max_waiting=args.max_waiting,
         max_choices=args.max_choices, allowed_local_adapter_dir=args.allowed_local_adapter_dir,
         shutdown_grace=args.shutdown_grace, metrics_max_adapters=args.metrics_max_adapters,
+        timeout_keep_alive=args.timeout_keep_alive, header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
     )
 
 

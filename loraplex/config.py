@@ -120,11 +120,25 @@ class ServerConfig:
     allowed_local_adapter_dir: str | None = None  # what /v1/load_lora_adapter may read
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     metrics_max_adapters: int = 32  # the most requested adapters get their own metrics label; others `other`
+    # Connections. An idle keep-alive connection is closed after timeout_keep_alive seconds (uvicorn's
+    # default); a request's headers (a few hundred bytes, one packet for any real client) must all arrive
+    # within header_timeout seconds of the connection opening or of their first byte, so a client that
+    # trickles them (slowloris) or sends nothing is dropped; beyond max_connections open connections a new
+    # one is answered 503 and closed at once, so idle connections cannot use up the file descriptors.
+    timeout_keep_alive: float = 5.0
+    header_timeout: float = 10.0
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or isinstance(self.port, bool):
             raise invalid("port", f"must be in 0..65535, got {self.port!r}")
-        for name in ("max_waiting", "max_choices"):
+        for name in ("timeout_keep_alive", "header_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise invalid(name, f"must be a positive number of seconds, got {value!r}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int):
+            raise invalid("max_connections", f"must be an integer, got {self.max_connections!r}")
+        for name in ("max_waiting", "max_choices", "max_connections"):
             if getattr(self, name) < 1:
                 raise invalid(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < self.max_choices:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from loraplex import LLM, SamplingParams
-from loraplex.cli import main
+from loraplex.cli import build_parser, main, server_config
 
 ENGINE = ["--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory", "32MiB"]
 
@@ -131,8 +131,20 @@ def test_base_model_answers_to_its_served_name(demo_dir, tmp_path):
                                               (["--api-key", "short"], "api_key"),
                                               (["--max-waiting", "0"], "max_waiting"),
                                               (["--max-waiting", "10"], "max_waiting"),
-                                              (["--port", "70000"], "port")])
+                                              (["--port", "70000"], "port"),
+                                              (["--max-connections", "0"], "max_connections"),
+                                              (["--header-timeout", "0"], "header_timeout"),
+                                              (["--timeout-keep-alive", "-1"], "timeout_keep_alive")])
 def test_bad_serve_options_are_clear_errors_before_the_model_loads(demo_dir, capsys, flags, field):
     assert main(["serve", "--model", str(demo_dir), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loraplex serve: error: ") and field in err
+
+
+def test_connection_flags_reach_the_server_config():
+    args = build_parser().parse_args(["serve", "--timeout-keep-alive", "2", "--header-timeout", "3.5",
+                                      "--max-connections", "9"])
+    config = server_config(args)
+    assert (config.timeout_keep_alive, config.header_timeout, config.max_connections) == (2.0, 3.5, 9)
+    defaults = server_config(build_parser().parse_args(["serve"]))
+    assert (defaults.timeout_keep_alive, defaults.header_timeout, defaults.max_connections) == (5.0, 10.0, 1024)

