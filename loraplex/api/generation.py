@@ -28,11 +28,22 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 
 class GenerationError(RuntimeError):
-    """A sequence ended in error (its adapter failed to load, or a step failed)."""
+    """A sequence ended in error (its adapter failed to load, or a step failed), or the server stopped it."""
 
-    def __init__(self, message: str, status: int = 500) -> None:
+    def __init__(self, message: str, status: int = 500, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
+
+
+def stopped_by_server() -> GenerationError:
+    """The error of a request whose task the server cancelled: its shutdown grace ran out (a client
+    that leaves never cancels the task). Takes the cancellation back, so that the task may still answer."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+ counts a task's cancellations
+        task.uncancel()
+    return GenerationError("the server is shutting down and stopped this request before it finished; retry it",
+                           503, code="server_shutting_down")
 
 
 class Generation:
@@ -132,6 +143,8 @@ class Generation:
                     task.cancel()
                     raise APIError(499, "client disconnected")
             task.result()
+        except asyncio.CancelledError:
+            raise stopped_by_server() from None
         finally:
             if not task.done():
                 task.cancel()

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from starlette.types import Message, Receive, Scope, Send
 
-from loraplex.api.errors import APIError, error_body
-from loraplex.api.generation import Generation, GenerationError
-from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from loraplex.api.errors import APIError, error_body, validation_error
+from loraplex.api.generation import Generation, GenerationError, stopped_by_server
+from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_json_containers
 from loraplex.api.state import ServerState, State
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.output import TokenLogprob
@@ -22,6 +25,7 @@ from loraplex.errors import LoraplexError
 from loraplex.models.tokenizer import Tokenizer
 
 router = APIRouter()
+Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
 
 
 @router.get("/v1/models")
@@ -43,8 +47,28 @@ def _model_card(state: ServerState, adapter: str | None) -> dict[str, Any]:
             "owned_by": "loraplex", "root": adapter, "parent": state.base_name}
 
 
+async def _parse(request: Request, model: type[Body]) -> Body:
+    """The body, parsed and validated in a worker thread: the event loop is held only while it arrives
+    (at most --max-body-size, which the middleware checks first)."""
+    raw = await request.body()
+    try:
+        return await asyncio.to_thread(_validate, model, raw)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+
+
+def _validate(model: type[Body], raw: bytes) -> Body:
+    check_json_containers(raw)
+    # json.loads, not pydantic's parser: it keeps a lone surrogate ("\\ud800"), which JSON allows, for the
+    # field's own error to name.
+    return model.model_validate(json.loads(raw))
+
+
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, state: State):
+async def completions(request: Request, state: State):
+    body = await _parse(request, CompletionRequest)
     adapter = state.resolve(body.model)
     _refuse_unsupported(body)
     if body.echo:
@@ -55,12 +79,13 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         raise APIError(400, "best_of: only best_of == n is supported; use n", param="best_of")
     prompts = _prompt_list(body.prompt)
     _check_choices(state, len(prompts) * body.n)
-    items = [(prompt, _params(body, j, body.max_tokens, body.logprobs)) for prompt in prompts for j in range(body.n)]
+    params = _params(body, body.max_tokens, body.logprobs)
+    items = [(prompt, params.for_choice(j)) for prompt in prompts for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "cmpl", request.state.request_id)
     await generation.submit(items)
     tokenizer = state.engine.engine.tokenizer
     if body.stream:
-        return _sse(generation, "/v1/completions", _completion_chunks(generation, body, tokenizer))
+        return ClosingStreamingResponse(generation, "/v1/completions", _completion_chunks(generation, body, tokenizer))
     outputs = await _collect(generation, request, "/v1/completions")
     choices = [{"index": i, "text": out.text, "finish_reason": out.finish_reason,
                 "logprobs": _completion_logprobs(out.logprobs, tokenizer, TextOffsets())
@@ -71,7 +96,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
+async def chat_completions(request: Request, state: State):
+    body = await _parse(request, ChatCompletionRequest)
     adapter = state.resolve(body.model)
     _refuse_unsupported(body)
     if body.tools:
@@ -94,11 +120,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if max_tokens is None:
         max_tokens = max(state.engine.engine.max_model_len - len(prompt), 1)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    items = [(prompt, _params(body, j, max_tokens, logprobs)) for j in range(body.n)]
+    params = _params(body, max_tokens, logprobs)
+    items = [(prompt, params.for_choice(j)) for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "chatcmpl", request.state.request_id)
     await generation.submit(items)
     if body.stream:
-        return _sse(generation, "/v1/chat/completions", _chat_chunks(generation, body, tokenizer))
+        return ClosingStreamingResponse(generation, "/v1/chat/completions", _chat_chunks(generation, body, tokenizer))
     outputs = await _collect(generation, request, "/v1/chat/completions")
     choices = [{"index": i, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
                 "logprobs": {"content": _chat_logprobs(out.logprobs, tokenizer)} if body.logprobs else None}
@@ -128,8 +155,9 @@ def _prompt_list(prompt: str | list) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _params(body: SamplingFields, choice: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """Raises LoraplexError naming the field (`top_k`) that the body's types allow but sampling does not."""
+def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The request's params, once: choice j runs on `params.for_choice(j)`, which shares them. Raises
+    LoraplexError naming the field (`top_k`) that the body's types allow but sampling does not."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 16,
@@ -137,9 +165,9 @@ def _params(body: SamplingFields, choice: int, max_tokens: int | None, logprobs:
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         min_p=body.min_p or 0.0,
-        seed=None if body.seed is None else body.seed + choice,  # n choices: n different samples
+        seed=body.seed,
         stop=stop,
-        stop_token_ids=list(body.stop_token_ids or []),
+        stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
         logprobs=logprobs,
@@ -152,7 +180,7 @@ async def _collect(generation: Generation, request: Request, endpoint: str) -> l
         outputs = await generation.collect(request)
     except GenerationError as e:
         generation.log(endpoint, e.status)
-        raise APIError(e.status, str(e)) from None
+        raise APIError(e.status, str(e), code=e.code) from None
     except APIError as e:
         generation.log(endpoint, e.status)
         raise
@@ -160,37 +188,60 @@ async def _collect(generation: Generation, request: Request, endpoint: str) -> l
     return outputs
 
 
-def _sse(generation: Generation, endpoint: str, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
-        status = 200
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except GenerationError as e:
-            status = e.status
-            yield f"data: {json.dumps(error_body(e.status, str(e)))}\n\n"
-        except BaseException:
-            status = 499  # the client went away: the request is aborted below
-            raise
-        finally:
-            await generation.close()
-            generation.log(endpoint, status)
-        yield "data: [DONE]\n\n"
+def _event(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
-    return ClosingStreamingResponse(events(), media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+_DONE = _event("[DONE]")
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends. Starlette leaves a generator whose client
-    disconnected to the garbage collector; closing it here aborts the request's sequences at once."""
+    """A generation's server-sent events. Closes its body generator however the response ends: Starlette
+    leaves a generator whose client disconnected to the garbage collector; closing it here aborts the
+    request's sequences at once. A stream the server stops (its shutdown grace ran out) ends with an
+    error event and [DONE]."""
 
-    async def __call__(self, scope, receive, send) -> None:
+    def __init__(self, generation: Generation, endpoint: str, chunks: AsyncIterator[dict[str, Any]]) -> None:
+        super().__init__(self._events(chunks), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
+        self.endpoint = endpoint
+        self.status = 499  # until the stream ends otherwise: a client that went away
+
+    async def _events(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
         try:
-            await super().__call__(scope, receive, send)
+            async for chunk in chunks:
+                yield _event(chunk)
+            self.status = 200
+        except GenerationError as e:
+            self.status = e.status
+            yield _event(error_body(e.status, str(e)))
+        finally:
+            await self.generation.close()
+        yield _DONE
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            await send(message)
+            started = started or message["type"] == "http.response.start"
+
+        try:
+            await super().__call__(scope, receive, send_started)
+        except asyncio.CancelledError:
+            error = stopped_by_server()
+            self.status = error.status
+            with anyio.CancelScope(shield=True):
+                if not started:
+                    await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                body = _event(error_body(error.status, str(error), code=error.code)) + _DONE
+                await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+            self.generation.log(self.endpoint, self.status)
 
 
 async def _completion_chunks(generation: Generation, body: CompletionRequest,

@@ -200,23 +200,26 @@ class AsyncEngine:
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The conversation through the model's chat template, tokenized, off the event loop. Raises
-        what the template raises (it may refuse a conversation)."""
+        what the template raises (it may refuse a conversation). A conversation whose text alone could
+        never fit is refused before the template runs."""
         tokenizer = self.engine.tokenizer
 
         def render() -> list[int]:
+            self.check_text_length("".join(m.get("content") or "" for m in messages), "messages")
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-            self.check_text_length(text)
+            self.check_text_length(text, "messages")
             return tokenizer.encode_many([text], add_special_tokens=False)[0]  # the template has the specials
 
         async with self._tokenizing:
             return await asyncio.to_thread(render)
 
-    def check_text_length(self, text: str) -> None:
-        """LoraplexError for a text with more bytes than max_model_len of the longest tokens could hold."""
+    def check_text_length(self, text: str, field: str = "prompt") -> None:
+        """LoraplexError on `field` for a text with more bytes than max_model_len of the longest tokens
+        could hold."""
         limit = self._max_prompt_bytes
         if len(text) > limit or len(text.encode()) > limit:
-            raise invalid("prompt", f"{len(text.encode())} bytes of text cannot fit in max_model_len "
-                          f"({self.engine.max_model_len} tokens); shorten the prompt")
+            raise invalid(field, f"{len(text.encode())} bytes of text cannot fit in max_model_len "
+                          f"({self.engine.max_model_len} tokens); shorten the {field}")
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,

@@ -161,11 +161,10 @@ class LLMEngine:
             self._check_fits(len(prompt), params)  # before looking at every id of a huge list
         text, token_ids = self._tokenize(prompt)
         self._check_fits(len(token_ids), params)
-        eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, token_ids, params, frozenset(eos | set(params.stop_token_ids)), generator,
+        seq = Sequence(request_id, token_ids, params, params.stop_token_set(self.tokenizer.eos_token_ids), generator,
                        serial=next(self._serials))
         if adapter is not None:
             seq.adapter = adapter

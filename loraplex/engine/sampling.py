@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = none; 0 = the chosen token's; k = plus the k most likely
     skip_special_tokens: bool = True
+    # {EOS ids: every id that ends a sequence}, built at first use; shared with the copies of `for_choice`.
+    _stop_sets: dict[tuple[int, ...], frozenset[int]] = field(default_factory=dict, init=False, repr=False,
+                                                                compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +54,24 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _EPS
+
+    def for_choice(self, choice: int) -> SamplingParams:
+        """The params of choice `choice` of a request's n: with a seed, seed + choice (n choices differ but
+        repeat). Everything else is shared with this object, not copied: however large n, a request's
+        stop strings and ids are held (and turned into a set) once."""
+        if self.seed is None or choice == 0:
+            return self
+        params = copy.copy(self)
+        params.seed = self.seed + choice
+        return params
+
+    def stop_token_set(self, eos_token_ids: tuple[int, ...]) -> frozenset[int]:
+        """Every token id that ends a sequence: the stop ids, and `eos_token_ids` unless ignore_eos."""
+        stop = self._stop_sets.get(eos_token_ids)
+        if stop is None:
+            stop = frozenset(self.stop_token_ids).union(() if self.ignore_eos else eos_token_ids)
+            self._stop_sets[eos_token_ids] = stop
+        return stop
 
 
 def _is_int(value) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 
 import httpx
 import openai
@@ -12,6 +13,7 @@ import pytest
 from server_harness import ADMIN_KEY, API_KEY
 
 from loraplex import LLM, SamplingParams
+from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.models.demo import DEMO_ADAPTERS
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In a hole in the ground there lived"]
@@ -189,6 +191,26 @@ def test_malformed_json_is_a_400_in_openai_shape(live_server):
                       "Content-Type": "application/json"}, content=b"{not json")
     assert resp.status_code == 400
     assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(("path", "model", "body"), [
+    ("/v1/completions", CompletionRequest, {"prompt": "x"}),
+    ("/v1/chat/completions", ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]})])
+def test_bodies_are_parsed_and_validated_off_the_event_loop(live_server, monkeypatch, path, model, body):
+    """A large body must not hold the event loop (and /health) while it is parsed and validated."""
+    threads = []
+    validate = model.model_validate
+
+    def recording(obj, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return validate(obj, *args, **kwargs)
+
+    monkeypatch.setattr(model, "model_validate", recording)
+    resp = httpx.post(f"{live_server.url}{path}", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "demo", "max_tokens": 1, **body})
+    assert resp.status_code == 200, resp.text
+    # One validation (after json.loads, in the same call), not on the thread of uvicorn's event loop.
+    assert len(threads) == 1 and threads[0].name != "test-server", threads
 
 
 def test_auth(live_server):

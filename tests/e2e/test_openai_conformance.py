@@ -542,6 +542,53 @@ def test_completion_bad_request(client, param, kwargs):
     assert error["param"] and param in error["param"], error
 
 
+# Every list a body may carry is bounded (loraplex/api/protocol.py): just over each bound is a 400 on the field.
+OVER_THE_LIMITS = [
+    ("stop_token_ids", "/v1/completions", {"stop_token_ids": list(range(1025))}),
+    ("stop", "/v1/completions", {"stop": [str(i) for i in range(17)]}),
+    ("stop", "/v1/completions", {"stop": "x" * 1025}),
+    ("stop", "/v1/chat/completions", {"stop": ["ok", "x" * 1025]}),
+    ("logit_bias", "/v1/chat/completions", {"logit_bias": {str(i): 1 for i in range(301)}}),
+    ("tools", "/v1/chat/completions", {"tools": [{}] * 129}),
+    ("messages", "/v1/chat/completions", {"messages": USER * 2049}),
+    ("messages[0].content", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 1025}]}),
+    ("prompt", "/v1/completions", {"prompt": ["a"] * 2049}),
+    ("prompt", "/v1/completions", {"prompt": [[1]] * 2049}),
+]
+
+
+@pytest.mark.parametrize("param,path,fields", OVER_THE_LIMITS,
+                         ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(OVER_THE_LIMITS)])
+def test_lists_over_their_limit_are_400(live_server, param, path, fields):
+    base = {"model": "demo", "max_tokens": 2, **({"prompt": "x"} if path == "/v1/completions" else {"messages": USER})}
+    r = httpx.post(f"{live_server.url}{path}", json={**base, **fields}, headers=headers(), timeout=30)
+    error = assert_error_shape(r, 400)
+    assert error["param"] == param and error["message"].startswith(f"{param}: "), error
+
+
+def test_lists_at_their_limit_are_taken(client):
+    out = client.completions.create(model="demo", prompt="x", max_tokens=2, stop=["x" * 1024] * 16,
+                                    extra_body={"stop_token_ids": list(range(1024))})
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_body_of_too_many_json_lists_is_400(live_server):
+    body = {"model": "demo", "prompt": "x", "max_tokens": 2, "ignored": [[]] * 70_000}
+    r = httpx.post(f"{live_server.url}/v1/completions", json=body, headers=headers(), timeout=30)
+    assert "JSON lists and objects" in assert_error_shape(r, 400)["message"]
+    brackets_in_text = {"model": "demo", "prompt": "[{" * 40_000, "max_tokens": 2}
+    r = httpx.post(f"{live_server.url}/v1/completions", json=brackets_in_text, headers=headers(), timeout=30)
+    assert "max_model_len" in assert_error_shape(r, 400)["message"], "brackets inside strings are not counted"
+
+
+def test_chat_text_too_long_to_fit_is_refused_before_the_template(live_server):
+    body = {"model": "demo", "max_tokens": 2, "messages": [{"role": "user", "content": "x" * 400_000}]}
+    r = httpx.post(f"{live_server.url}/v1/chat/completions", json=body, headers=headers(), timeout=30)
+    error = assert_error_shape(r, 400)
+    assert error["param"] == "messages" and "max_model_len" in error["message"], error
+
+
 @pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
                                      {"role": "user", "content": []}], ids=["missing", "null", "empty-list"])
 def test_user_message_content_is_required(live_server, message):

@@ -117,6 +117,24 @@ def test_add_requests_is_all_or_nothing(demo_llm):
     asyncio.run(run())
 
 
+def test_the_sequences_of_one_request_share_its_stop_ids(demo_llm):
+    params = SamplingParams(max_tokens=2, seed=1, stop_token_ids=list(range(1000)))
+
+    async def run():
+        engine = AsyncEngine(demo_llm.engine)
+        try:
+            streams = await engine.add_requests([("a", params.for_choice(j)) for j in range(8)])
+            sequences = [demo_llm.engine._requests[s.request_id].seq for s in streams]
+            assert all(seq.stop_token_ids is sequences[0].stop_token_ids for seq in sequences)
+            assert sequences[0].stop_token_ids >= set(range(1000))
+            for stream in streams:
+                await stream.aclose()
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
 def test_caller_thread_executor_runs_calls_on_the_thread_that_drains_it():
     executor = CallerThreadExecutor()
     ran_on: list[str] = []

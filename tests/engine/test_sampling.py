@@ -63,6 +63,24 @@ def test_valid_sampling_params_edges():
     assert not SamplingParams(temperature=0.5).greedy
 
 
+def test_the_choices_of_a_request_share_its_params():
+    params = SamplingParams(seed=7, stop=["###"], stop_token_ids=list(range(1000)))
+    choices = [params.for_choice(j) for j in range(64)]
+    assert [c.seed for c in choices] == list(range(7, 71)), "n choices differ but repeat"
+    assert all(c.stop_token_ids is params.stop_token_ids and c.stop is params.stop for c in choices)
+    eos = (2, 5000)
+    stop = params.stop_token_set(eos)
+    assert stop == frozenset(range(1000)) | {5000}
+    assert all(c.stop_token_set(eos) is stop for c in choices), "one set for the request, not one per choice"
+    unseeded = SamplingParams()
+    assert unseeded.for_choice(3) is unseeded
+
+
+def test_stop_token_set_leaves_out_eos_when_ignored():
+    assert SamplingParams(stop_token_ids=[4], ignore_eos=True).stop_token_set((2,)) == {4}
+    assert SamplingParams(stop_token_ids=[4]).stop_token_set((2,)) == {2, 4}
+
+
 # -- apply_filters ---------------------------------------------------------------------------
 
 
