@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re2
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -36,6 +37,23 @@ _UNSUPPORTED_FLAGS = {
     "monteclora_config": "MonteCLoRA (monteclora_config) is not supported; only plain LoRA",
     "trainable_token_indices": "trainable tokens (trainable_token_indices, new embed_tokens rows) are not supported",
 }
+# Bounds on adapter_config.json's numbers, orders of magnitude above real adapters (r 1..512, lora_alpha 1..1024,
+# usually r or 2r); what lies beyond is a typo or an attack, and would reach the weights as inf, NaN or overflow.
+MAX_CONFIG_RANK = 1 << 16  # wider than any projection served; also keeps alpha / r a float (a huge int overflows)
+MAX_LORA_ALPHA = 1e4  # the scale, alpha / r or alpha / sqrt(r), is at most alpha since r >= 1
+# Bound on the spectral norms of lora_A, scale * lora_B and the update scale * lora_B @ lora_A. The demo adapters
+# and the PEFT-made ones of the tests measure at most 1.4 (lora_A), 4.9 (scale * lora_B) and 4.8 (the update);
+# 1e4 is three orders above, and refuses weights scaled absurdly (by 1e30), which overflow half-precision slots
+# (fp16 max 65504) and put inf / NaN into the KV cache.
+MAX_LORA_NORM = 1e4
+# rank_pattern / alpha_pattern keys are regexes matched against every module name: one entry per module of
+# the largest models (126 layers x 7 projections) fits, and a module name is under 100 characters.
+MAX_PATTERN_ENTRIES = 1024
+MAX_PATTERN_KEY_CHARS = 256
+# Weights are held in fp32; these convert exactly (float64 within fp32's range, checked after conversion).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_SHOWN_CHARS = 60  # of a bad value or key, in a message
+Regex = Any  # a pattern compiled by re2 (whose class is private)
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,26 @@ class LoRAAdapter:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
 
 
+@dataclass(frozen=True)
+class AdapterConfig:
+    """adapter_config.json, checked: what decides each module's rank and scale, and the layers it may adapt."""
+
+    raw: dict[str, Any]
+    rank: int  # r
+    alpha: float  # lora_alpha
+    rslora: bool  # use_rslora: scale alpha / sqrt(rank) instead of alpha / rank
+    rank_pattern: tuple[tuple[Regex, int], ...]  # (PEFT's match of the key, value), in the file's order
+    alpha_pattern: tuple[tuple[Regex, float], ...]
+    layers: frozenset[int] | None  # layers_to_transform; None: every layer
+
+    def rank_of(self, full_name: str) -> int:
+        return _pattern_value(self.rank_pattern, full_name, self.rank)
+
+    def scale_of(self, full_name: str, rank: int) -> float:
+        alpha = _pattern_value(self.alpha_pattern, full_name, self.alpha)
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
 def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
     """(out_features, in_features) of a base-model projection."""
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
@@ -98,17 +136,14 @@ def load_peft_lora(path: Path, name: str, base: ModelConfig, max_rank: int, sha2
     tensors = _read_safetensors(weights_file)
     modules = _pair_modules(tensors, config, base, max_rank)
     digest = sha256 or file_sha256(weights_file)[0]  # in chunks: uploads may be large
-    return LoRAAdapter(name=name, modules=modules, config=config, sha256=digest)
+    return LoRAAdapter(name=name, modules=modules, config=config.raw, sha256=digest)
 
 
-def read_adapter_config(path: Path) -> dict[str, Any]:
+def read_adapter_config(path: Path) -> AdapterConfig:
     file = path / CONFIG_FILE
     if not file.exists():
         raise invalid("files", f"{CONFIG_FILE} is missing; is this a PEFT adapter directory?")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _config_error(f"not valid JSON ({e})") from None
+    config = _parse_json(file)
     if not isinstance(config, dict):
         raise _config_error("must hold a JSON object")
     peft_type = config.get("peft_type", "LORA")
@@ -119,12 +154,101 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
             raise _config_error(message)
     if config.get("bias", "none") != "none":
         raise _config_error(f"bias {config.get('bias')!r} is not supported; only bias 'none' (no trained biases)")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise _config_error(f"{key} must be a positive number, got {value!r}")
-    _check_patterns(config)
-    return config
+    return AdapterConfig(
+        raw=config, rank=_rank("r", config.get("r")), alpha=_alpha("lora_alpha", config.get("lora_alpha")),
+        rslora=_flag("use_rslora", config.get("use_rslora", False)),
+        rank_pattern=_patterns(config, "rank_pattern", _rank), alpha_pattern=_patterns(config, "alpha_pattern", _alpha),
+        layers=_layers(config.get("layers_to_transform")),
+    )
+
+
+def _parse_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _config_error(f"not valid JSON ({e})") from None
+    except ValueError:  # an integer of more than 4300 digits (Python's int_max_str_digits)
+        raise _config_error("not valid JSON that can be read: it holds a number too long to convert") from None
+    except RecursionError:
+        raise _config_error("not valid JSON that can be read: it is nested too deeply; "
+                            "an adapter config is a flat object") from None
+
+
+def _show(value: Any) -> str:
+    """A bad value for a message: its repr, cut short (a client's value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not the number 1
+
+
+def _rank(label: str, value: Any) -> int:
+    if not _is_int(value) or not 1 <= value <= MAX_CONFIG_RANK:
+        raise _config_error(f"{label} must be an integer from 1 to {MAX_CONFIG_RANK} (a LoRA rank), got "
+                            f"{_show(value)}; set it to the rank the adapter was trained with")
+    return value
+
+
+def _alpha(label: str, value: Any) -> float:
+    # NaN and inf fail the range test, and Python compares a huge int with a float exactly
+    if not (_is_int(value) or isinstance(value, float)) or not 0 < value <= MAX_LORA_ALPHA:
+        raise _config_error(f"{label} must be a number above 0 and at most {MAX_LORA_ALPHA:g} (a LoRA alpha, "
+                            f"usually the rank or twice it), got {_show(value)}; set it to the alpha the adapter "
+                            "was trained with")
+    return float(value)
+
+
+def _flag(label: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _config_error(f"{label} must be true or false, got {_show(value)}")
+    return value
+
+
+def _layers(value: Any) -> frozenset[int] | None:
+    if value is None or value == []:  # PEFT reads an empty list as every layer
+        return None
+    values = [value] if _is_int(value) else value
+    if not isinstance(values, list) or not all(_is_int(layer) and layer >= 0 for layer in values):
+        raise _config_error(f"layers_to_transform must be a layer index or a list of them (integers from 0), got "
+                            f"{_show(value)}")
+    return frozenset(values)
+
+
+def _patterns(config: dict[str, Any], field_name: str, parse_value) -> tuple[tuple[Regex, Any], ...]:
+    """rank_pattern / alpha_pattern: each key compiled once, as PEFT matches it, by RE2 (linear time: a key such
+    as `(.|.)*z` cannot stall the server as it would in Python's backtracking re)."""
+    patterns = config.get(field_name)
+    if patterns is None:
+        return ()
+    if not isinstance(patterns, dict):
+        raise _config_error(f"{field_name} must be an object of module-name pattern -> number, got {_show(patterns)}")
+    if len(patterns) > MAX_PATTERN_ENTRIES:
+        raise _config_error(f"{field_name} has {len(patterns)} entries, more than the {MAX_PATTERN_ENTRIES} allowed; "
+                            "join patterns with | or rely on the default for most modules")
+    return tuple((_compile_pattern(field_name, key), parse_value(_pattern_label(field_name, key), value))
+                 for key, value in patterns.items())
+
+
+def _pattern_label(field_name: str, key: str) -> str:
+    shown = json.dumps(key[:_SHOWN_CHARS]) + ("..." if len(key) > _SHOWN_CHARS else "")
+    return f"{field_name}[{shown}]"
+
+
+def _compile_pattern(field_name: str, key: str) -> Regex:
+    label = _pattern_label(field_name, key)
+    if len(key) > MAX_PATTERN_KEY_CHARS:
+        raise _config_error(f"{label}: the key is longer than {MAX_PATTERN_KEY_CHARS} characters; a module-name "
+                            "pattern needs far fewer")
+    options = re2.Options()
+    options.log_errors = False  # the refusal goes to the client, not to the server's stderr
+    try:
+        return re2.compile(rf"(.*\.)?({key})$", options)  # PEFT's rule: the end of the name, on a dot boundary
+    except (re2.error, UnicodeEncodeError) as e:
+        reason = e.args[0].decode(errors="replace") if isinstance(e.args[0], bytes) else str(e)
+        raise _config_error(f"{label}: the key is not a regular expression RE2 accepts ({reason}); write it without "
+                            "backreferences or lookaround (patterns are matched in linear time)") from None
 
 
 def _config_error(message: str) -> LoraplexError:
@@ -143,7 +267,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise _weights_error(f"not a readable safetensors file ({e})") from None
 
 
-def _pair_modules(tensors: dict[str, torch.Tensor], config: dict[str, Any], base: ModelConfig,
+def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base: ModelConfig,
                   max_rank: int) -> dict[tuple[int, str], LoRAModule]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     full_names: dict[tuple[int, str], str] = {}
@@ -153,7 +277,7 @@ def _pair_modules(tensors: dict[str, torch.Tensor], config: dict[str, Any], base
         full_names[(layer, module)] = full_name
     if not halves:
         raise _weights_error("holds no LoRA weights (lora_A / lora_B tensors)")
-    _check_layers(config, {layer for layer, _ in halves})
+    _check_layers(config.layers, {layer for layer, _ in halves}, base.num_layers)
     modules = {}
     for (layer, module), pair in sorted(halves.items()):
         full_name = full_names[(layer, module)]
@@ -185,17 +309,18 @@ def _parse_key(key: str, base: ModelConfig) -> tuple[int, str, str, str]:
     return layer, module, half, full_name
 
 
-def _check_layers(config: dict[str, Any], layers: set[int]) -> None:
-    allowed = config.get("layers_to_transform")
-    if allowed is None or allowed == []:  # PEFT reads an empty list as every layer
+def _check_layers(allowed: frozenset[int] | None, layers: set[int], num_layers: int) -> None:
+    if allowed is None:
         return
-    allowed = {allowed} if isinstance(allowed, int) else set(allowed)
+    if max(allowed) >= num_layers:
+        raise _config_error(f"layers_to_transform names layer {max(allowed)}, but the base model has {num_layers} "
+                            "layers (made for another base model?)")
     extra = sorted(layers - allowed)
     if extra:
         raise _weights_error(f"has weights for layer {extra[0]}, outside layers_to_transform {sorted(allowed)}")
 
 
-def _module(a: torch.Tensor, b: torch.Tensor, config: dict[str, Any], base: ModelConfig, module: str,
+def _module(a: torch.Tensor, b: torch.Tensor, config: AdapterConfig, base: ModelConfig, module: str,
             full_name: str, max_rank: int) -> LoRAModule:
     out_features, in_features = module_shape(base, module)
     if a.ndim != 2 or b.ndim != 2:
@@ -206,40 +331,51 @@ def _module(a: torch.Tensor, b: torch.Tensor, config: dict[str, Any], base: Mode
         raise _weights_error(f"{full_name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                              f"model, which needs ({rank}, {in_features}) / ({out_features}, {rank}); made for "
                              "another base model?")
-    expected_rank = _pattern_value(config.get("rank_pattern") or {}, full_name, config["r"])
+    expected_rank = config.rank_of(full_name)
     if rank != expected_rank:
         raise _weights_error(f"{full_name}: rank {rank} differs from the {expected_rank} that {CONFIG_FILE} "
                              "(r / rank_pattern) gives")
     if rank > max_rank:
         raise _weights_error(f"{full_name}: rank {rank} exceeds max_lora_rank {max_rank}; restart with "
                              f"--max-lora-rank {rank} or more")
-    for half, tensor in (("lora_A", a), ("lora_B", b)):
-        if not tensor.is_floating_point():
-            raise _weights_error(f"{full_name}: {half} has dtype {tensor.dtype}; expected a floating-point tensor")
-        if not torch.isfinite(tensor).all():
-            raise _weights_error(f"{full_name}: {half} holds NaN or infinite values")
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, full_name, config["lora_alpha"])
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return LoRAModule(a=a.float().contiguous(), b=b.float().contiguous(), scale=float(scale))
+    a, b = _fp32("lora_A", a, full_name), _fp32("lora_B", b, full_name)
+    scale = config.scale_of(full_name, rank)
+    _check_norms(a, b, scale, full_name)
+    return LoRAModule(a=a.contiguous(), b=b.contiguous(), scale=scale)
 
 
-def _pattern_value(patterns: dict[str, Any], full_name: str, default: Any) -> Any:
-    # PEFT's rule: the first key that matches the end of the module's name, on a dot boundary.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", full_name):
+def _fp32(half: str, tensor: torch.Tensor, full_name: str) -> torch.Tensor:
+    if tensor.dtype not in WEIGHT_DTYPES:
+        raise _weights_error(f"{full_name}: {half} has dtype {str(tensor.dtype).removeprefix('torch.')}; expected a "
+                             "floating-point tensor of float32, bfloat16, float16 or float64 (fp8 and integer "
+                             "weights are not supported): save the adapter in one of those")
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():  # after the conversion: float64 beyond fp32's range turns infinite
+        raise _weights_error(f"{full_name}: {half} holds NaN or infinite values (or values beyond float32's range)")
+    return tensor
+
+
+def _check_norms(a: torch.Tensor, b: torch.Tensor, scale: float, full_name: str) -> None:
+    """Spectral norms of lora_A, scale * lora_B and their product, from QR's small triangular factors
+    (B = Qb Rb, A^T = Qa Ra, so ||B A|| = ||Rb Ra^T||): never a dense [out, in] product."""
+    r_a = torch.linalg.qr(a.double().T, mode="r").R  # [min(in, rank), rank]
+    r_b = torch.linalg.qr(b.double(), mode="r").R  # [min(out, rank), rank]
+    norms = {"lora_A": _spectral_norm(r_a), "scale * lora_B": scale * _spectral_norm(r_b),
+             "the update scale * lora_B @ lora_A": scale * _spectral_norm(r_b @ r_a.T)}
+    for what, norm in norms.items():
+        if not norm <= MAX_LORA_NORM:
+            raise _weights_error(f"{full_name}: {what} has spectral norm {norm:.3g}, above the {MAX_LORA_NORM:g} that "
+                                 "trained adapters stay orders of magnitude below; its weights (or lora_alpha / "
+                                 "alpha_pattern) are scaled wrong: export the adapter again")
+
+
+def _spectral_norm(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(matrix, ord=2))
+
+
+def _pattern_value(patterns: tuple[tuple[Regex, Any], ...], full_name: str, default: Any) -> Any:
+    # PEFT's rule: the first key that matches (in the file's order) gives the value
+    for regex, value in patterns:
+        if regex.match(full_name):
             return value
     return default
-
-
-def _check_patterns(config: dict[str, Any]) -> None:
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(field_name) or {}
-        if not isinstance(patterns, dict):
-            raise _config_error(f"{field_name} must be an object of module-name pattern -> number")
-        for key, value in patterns.items():
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise _config_error(f"{field_name} key {key!r} is not a valid regular expression ({e})") from None
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise _config_error(f"{field_name}[{key!r}] must be a positive number, got {value!r}")

@@ -12,6 +12,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import peft
@@ -467,3 +469,136 @@ def test_unknown_adapter_in_generate_names_the_registered_adapters(demo_dir):
     assert not llm.engine.has_unfinished_requests()
     [out] = llm.generate([[10, 11, 12]], params, adapter="gamma")
     assert len(out.token_ids) == 2
+
+
+# -- hostile or clumsy adapters: refused with a LoraplexError, never accepted, raised or hung ---------
+
+
+@pytest.mark.parametrize(
+    ("changes", "label"),
+    [
+        (dict(lora_alpha=float("inf")), "lora_alpha"),
+        (dict(lora_alpha=float("nan")), "lora_alpha"),
+        (dict(lora_alpha=1e30), "lora_alpha"),
+        (dict(lora_alpha=True), "lora_alpha"),
+        (dict(r=True), "r"),
+        (dict(r=4.5), "r"),
+        (dict(r=10**30), "r"),
+        (dict(alpha_pattern={"o_proj": float("inf")}), 'alpha_pattern["o_proj"]'),
+        (dict(alpha_pattern={"o_proj": float("nan")}), 'alpha_pattern["o_proj"]'),
+        (dict(alpha_pattern={"o_proj": -1e30}), 'alpha_pattern["o_proj"]'),
+        (dict(alpha_pattern={"o_proj": True}), 'alpha_pattern["o_proj"]'),
+        (dict(rank_pattern={"v_proj": float("inf")}), 'rank_pattern["v_proj"]'),
+        (dict(rank_pattern={"v_proj": True}), 'rank_pattern["v_proj"]'),
+        (dict(use_rslora="false"), "use_rslora"),
+    ],
+    ids=["alpha_inf", "alpha_nan", "alpha_huge", "alpha_bool", "r_bool", "r_fraction", "r_huge", "alpha_pattern_inf",
+         "alpha_pattern_nan", "alpha_pattern_huge_negative", "alpha_pattern_bool", "rank_pattern_inf",
+         "rank_pattern_bool", "rslora_string"],
+)
+def test_bad_numbers_in_config_are_refused_naming_the_key(load, copy_demo_adapter, changes, label):
+    """JSON's Infinity / NaN parse in Python, a bool is an int there, and a huge alpha is finite: each would
+    reach the weights (one NaN-producing adapter poisons the KV cache other requests read)."""
+    path = copy_demo_adapter("alpha")
+    edit_config(path, **changes)
+    message = refusal(load, path, CONFIG)
+    assert f"{label} must be" in message, message
+
+
+@pytest.mark.parametrize(
+    ("factors", "tensor"),
+    [
+        ((1.0, 1e30), "lora_B"),  # finite weights, absurd update
+        ((1e3, 1e3), "lora_B @ lora_A"),  # each half within bounds, their product not
+        ((1e20, 1e-20), "lora_A"),  # the update is as trained, but lora_A overflows fp16 slots
+        ((1e-20, 1e20), "lora_B"),
+    ],
+    ids=["b_1e30", "both_1e3", "a_huge_b_tiny", "a_tiny_b_huge"],
+)
+def test_absurd_weight_magnitudes_are_refused(load, copy_demo_adapter, factors, tensor):
+    path = copy_demo_adapter("alpha")
+    key_a, key_b = (KEY.format(layer=1, module="q_proj", half=half) for half in "AB")
+
+    def scale(tensors):
+        tensors[key_a] = tensors[key_a] * factors[0]
+        tensors[key_b] = tensors[key_b] * factors[1]
+
+    edit_tensors(path, scale)
+    message = refusal(load, path, WEIGHTS)
+    assert "layers.1.self_attn.q_proj" in message and tensor in message and "norm" in message, message
+
+
+def test_catastrophic_pattern_loads_in_bounded_time(demo_dir, copy_demo_adapter):
+    """`(.|.)*z` backtracks 2^len(name) steps in Python's re on a name without a z (it froze the server);
+    RE2 matches in linear time. The load runs in a child process, since a regex match holds the GIL: its
+    60 s limit only catches the hang (the child takes seconds, mostly importing torch)."""
+    path = copy_demo_adapter("alpha")
+    edit_config(path, alpha_pattern={"(.|.)*z": 64}, rank_pattern={"(.|.)*z": 2})
+    code = ("import sys; from pathlib import Path; from loraplex.adapters_store.formats import load_peft_lora; "
+            "from loraplex.models.model_config import ModelConfig; "
+            "base = ModelConfig.from_file(Path(sys.argv[1]) / 'config.json'); "
+            "print(sorted({m.scale for m in load_peft_lora(Path(sys.argv[2]), 't', base, 16).modules.values()}))")
+    child = subprocess.run([sys.executable, "-c", code, str(demo_dir), str(path)], capture_output=True, text=True,
+                           timeout=60)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["[2.0]"]  # nothing matched: alpha 8 / r 4 everywhere
+
+
+@pytest.mark.parametrize(
+    ("patterns", "expected"),
+    [
+        ({r"(o)\1_proj": 32}, r"RE2"),  # a backreference
+        ({r"(?<!self_attn\.)o_proj": 32}, r"RE2"),  # lookbehind
+        ({"a" * 300 + "|o_proj": 32}, r"longer than"),
+        ({f"layers\\.{i}\\.self_attn\\.o_proj": 32 for i in range(2000)}, r"entries"),
+    ],
+    ids=["backreference", "lookbehind", "long_key", "too_many_entries"],
+)
+def test_unsupported_or_oversized_patterns_are_refused(load, copy_demo_adapter, patterns, expected):
+    path = copy_demo_adapter("alpha")
+    edit_config(path, alpha_pattern=patterns)
+    message = refusal(load, path, CONFIG)
+    assert "alpha_pattern" in message and re.search(expected, message), message
+
+
+@pytest.mark.parametrize("value", ["1", ["1"], [True], True, [1.0], {"1": 1}, [-1], [0, 1, 2, 3, 99], -1])
+def test_malformed_layers_to_transform_is_refused(load, copy_demo_adapter, value):
+    path = copy_demo_adapter("alpha")  # weights for all four layers
+    edit_config(path, layers_to_transform=value)
+    message = refusal(load, path, CONFIG)
+    assert "layers_to_transform" in message, message
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"peft_type": "LORA", "extra": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     '{"r": ' + "9" * 5000 + "}"],
+    ids=["deep_array", "deep_inside_object", "int_of_5000_digits"],
+)
+def test_config_json_python_cannot_parse_is_refused(load, copy_demo_adapter, text):
+    path = copy_demo_adapter("alpha")
+    (path / CONFIG).write_text(text)
+    message = refusal(load, path, CONFIG)
+    assert "JSON" in message, message
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.bool])
+def test_unsupported_weight_dtypes_are_refused(load, copy_demo_adapter, dtype):
+    path = copy_demo_adapter("alpha")
+    edit_tensors(path, _replace(KEY.format(layer=2, module="v_proj", half="A"), lambda t: t.to(dtype)))
+    message = refusal(load, path, WEIGHTS)
+    assert "layers.2.self_attn.v_proj" in message and str(dtype).removeprefix("torch.") in message, message
+    assert "float32" in message, message
+
+
+@pytest.mark.parametrize(
+    ("changes", "label"),
+    [(dict(rank_pattern=["v_proj"]), "rank_pattern"), (dict(alpha_pattern="o_proj"), "alpha_pattern"),
+     (dict(r=None), "r"), (dict(lora_alpha=[8]), "lora_alpha"), (dict(use_rslora=1), "use_rslora")],
+    ids=["rank_pattern_list", "alpha_pattern_string", "r_null", "alpha_list", "rslora_int"],
+)
+def test_config_values_of_the_wrong_type_are_refused(load, copy_demo_adapter, changes, label):
+    path = copy_demo_adapter("alpha")
+    edit_config(path, **changes)
+    message = refusal(load, path, CONFIG)
+    assert label in message, message
