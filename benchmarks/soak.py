@@ -167,7 +167,8 @@ async def saturation(soak: Soak, client: httpx.AsyncClient, seconds: float, conc
 async def run(url: str, base: str, adapter_dir: Path, pid: int, args) -> dict:
     rng = random.Random(args.seed)
     soak = Soak(url, base, adapter_dir, rng)
-    words = ("the a lighthouse keeper walked along rocky shore every morning while gulls cried above").split(" ")
+    words = ["the", "a", "lighthouse", "keeper", "walked", "along", "rocky", "shore", "every", "morning",
+             "while", "gulls", "cried", "above"]
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 40))) for _ in range(args.pool)]
     pool = [(p, m) for p in prompts for m in soak.models][: args.pool * 2]
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=64)
