@@ -34,22 +34,29 @@ MIXES = {
 }
 
 
-@pytest.mark.parametrize("mix", MIXES.values(), ids=MIXES.keys())
-def test_matches_reference(mix):
-    ranks = [[16, 4, 0], [1, 1, 1], [8, 0, 8], [0, 0, 0], [16, 16, 16], [2, 0, 0]]
-    w = _slot_weights(6, ranks)
-    g = torch.Generator().manual_seed(1)
-    token_slots = torch.tensor(mix, dtype=torch.int32)
-    x = torch.randn(len(mix), IN_FEATURES, generator=g)
-    expected = torch.randn(len(mix), sum(OUTPUT_SIZES), generator=g)
+def assert_matches_reference(w: LoRASlotWeights, run_slots: list[int], run_lengths: list[int], seed: int) -> None:
+    """TorchBackend.add_lora over these runs of tokens (a sequence's new tokens share one slot) equals
+    the reference shrink then expand."""
+    token_slots = torch.tensor([s for s, n in zip(run_slots, run_lengths, strict=True) for _ in range(n)],
+                               dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(token_slots), IN_FEATURES, generator=g)
+    expected = torch.randn(len(token_slots), sum(OUTPUT_SIZES), generator=g)
     actual = expected.clone()
     h = reference.lora_shrink(x, w.a, w.ranks, token_slots)
     reference.lora_expand(expected, h, w.b, w.ranks, w.scales, token_slots, w.slice_offsets)
     backend = TorchBackend()
-    batch = LoRABatch.make(LoRAMetaBuffers(len(mix), 6, torch.device("cpu")), mix, [1] * len(mix))
+    batch = LoRABatch.make(LoRAMetaBuffers(len(token_slots), w.a.shape[0], torch.device("cpu")), run_slots,
+                           run_lengths)
     backend.prepare_lora(batch)
     backend.add_lora(actual, x, w, batch)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mix", MIXES.values(), ids=MIXES.keys())
+def test_matches_reference(mix):
+    ranks = [[16, 4, 0], [1, 1, 1], [8, 0, 8], [0, 0, 0], [16, 16, 16], [2, 0, 0]]
+    assert_matches_reference(_slot_weights(6, ranks), mix, [1] * len(mix), seed=1)
 
 
 def test_batch_without_adapters_is_none():
@@ -73,18 +80,4 @@ def test_cleared_slice_contributes_nothing():
 def test_runs_of_several_tokens_and_a_slot_in_runs_apart_match_reference():
     """As the engine builds batches: each sequence's new tokens are one run; slot 1 has two runs apart."""
     ranks = [[16, 4, 0], [8, 8, 8], [2, 0, 2]]
-    w = _slot_weights(3, ranks)
-    run_slots, run_lengths = [1, 0, 1, -1, 2, 1], [5, 3, 20, 4, 1, 1]
-    token_slots = torch.tensor([s for s, n in zip(run_slots, run_lengths, strict=True) for _ in range(n)],
-                               dtype=torch.int32)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(len(token_slots), IN_FEATURES, generator=g)
-    expected = torch.randn(len(token_slots), sum(OUTPUT_SIZES), generator=g)
-    actual = expected.clone()
-    h = reference.lora_shrink(x, w.a, w.ranks, token_slots)
-    reference.lora_expand(expected, h, w.b, w.ranks, w.scales, token_slots, w.slice_offsets)
-    backend = TorchBackend()
-    batch = LoRABatch.make(LoRAMetaBuffers(64, 3, torch.device("cpu")), run_slots, run_lengths)
-    backend.prepare_lora(batch)
-    backend.add_lora(actual, x, w, batch)
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5)
+    assert_matches_reference(_slot_weights(3, ranks), [1, 0, 1, -1, 2, 1], [5, 3, 20, 4, 1, 1], seed=2)
