@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from live_server import free_port, wait_until_serving
 
 
 def make_prompts(vocab_size: int, num: int, length: int, seed: int) -> list[list[int]]:
@@ -70,11 +70,6 @@ async def run_client(url: str, base: str, jobs, args) -> tuple[float, list[float
     return len(jobs) * args.output_len / elapsed, [ttft for _, ttft in results]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run_server(model_dir: Path, adapters: dict[str, str], jobs, args, home: Path) -> tuple[float, list[float]]:
     port = free_port()
@@ -88,13 +83,7 @@ def run_server(model_dir: Path, adapters: dict[str, str], jobs, args, home: Path
     proc = subprocess.Popen([*wrapper, *command], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        base = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        base = wait_until_serving(url)
         return asyncio.run(run_client(url, base, jobs, args))
     finally:
         proc.send_signal(signal.SIGINT)  # a graceful stop (and a profiler wrapping it writes its report)

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,15 +35,11 @@ import time
 from pathlib import Path
 
 import httpx
+from live_server import free_port, wait_until_serving
 
 ADMIN_KEY = "soak-admin-key"
 MAX_TOKENS = 16
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -234,13 +229,7 @@ def main() -> int:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
             url = f"http://127.0.0.1:{port}"
             try:
-                for _ in range(600):
-                    try:
-                        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        time.sleep(0.1)
-                base = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+                base = wait_until_serving(url)
                 result = asyncio.run(run(url, base, model_dir / "adapters", proc.pid, args))
             finally:
                 proc.send_signal(signal.SIGTERM)
