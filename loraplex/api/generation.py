@@ -120,6 +120,9 @@ class Generation:
         if out.finished:
             self.final[index] = out
         if out.finish_reason == "error":
+            if out.error is not None:  # the request's fault (an adapter that overflows): a 4xx by its kind
+                mapped = from_error(out.error)
+                raise GenerationError(mapped.message, mapped.status, mapped.code)
             raise GenerationError(f"generation failed: {out.stop_reason}")
         return out
 

@@ -57,3 +57,17 @@ def test_a_full_queue_is_a_429_counted_as_rejected():
     error, metrics = submit(QueueFullError(waiting=10, max_waiting=10))
     assert (error.status, error.code, error.headers) == (429, "queue_full", {"Retry-After": "1"})
     assert metrics.rejected == ["support-v3"]
+
+
+def test_a_sequence_ended_by_its_adapters_overflow_is_a_400_not_a_500():
+    from loraplex.api.generation import GenerationError
+    from loraplex.engine.output import RequestOutput
+
+    generation = Generation(SimpleNamespace(), model="poison", adapter="poison", prefix="cmpl", http_request_id="r1")
+    generation.trackers, generation.final = [SimpleNamespace(observe=lambda out: None)], [None]
+    error = invalid("model", "adapter 'poison' produced non-finite values", code="non_finite_output")
+    out = RequestOutput("r", None, [1], "", [], "", [], None, True, "error", str(error), error=error)
+    with pytest.raises(GenerationError) as info:
+        generation._accept(0, out)
+    assert (info.value.status, info.value.code) == (400, "non_finite_output")
+    assert str(info.value).startswith("model: ")
