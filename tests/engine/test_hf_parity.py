@@ -148,7 +148,7 @@ def test_greedy_with_preemption_matches_hf(parity_model, target):
     max_model_len = -(-(max(sizes.lengths) + sizes.max_new) // block_size) * block_size
     blocks_per_seq = max_model_len // block_size
     # room for ~1.5 longest sequences, while the batch needs far more: recompute preemption must kick in
-    kv_bytes = (blocks_per_seq * 3 // 2) * parity_model.kv_block_bytes(block_size)
+    kv_bytes = (blocks_per_seq * 3 // 2 + 1) * parity_model.kv_block_bytes(block_size)  # + the padding block
     prompts = make_prompts(1, sizes.lengths, parity_model.vocab_size)
     total_blocks = sum(-(-(len(p) + sizes.max_new) // block_size) for p in prompts)
     assert total_blocks > 2 * blocks_per_seq
