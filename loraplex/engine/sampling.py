@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,8 @@ class SamplingParams:
             _check(value is None and name in ("seed", "logprobs") or _is_int(value), name,
                    f"must be an integer, got {value!r}")
         for name in ("temperature", "top_p", "min_p"):
-            _check(_is_number(getattr(self, name)), name, f"must be a number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            _check(_is_number(value) and math.isfinite(value), name, f"must be a finite number, got {value!r}")
         _check(isinstance(self.stop, list), "stop", "must be a string or a list of strings")
         _check(isinstance(self.stop_token_ids, list) and all(_is_int(t) for t in self.stop_token_ids),
                "stop_token_ids", "must be a list of integer token ids")
@@ -113,6 +115,8 @@ def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [n, vocab]
     # top_p = 1 keeps everything: the float cumsum may reach 1 before the tail of a large vocabulary.
     keep_sorted = (mass_before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1)
+    # The top token always stays, also for a top_p so small that it is 0 in fp32 (nothing would be kept).
+    keep_sorted[:, 0] = True
     # The smallest kept logit is the threshold: everything at or above it stays.
     threshold = sorted_logits.masked_fill(~keep_sorted, float("inf")).min(dim=-1, keepdim=True).values
     logits = logits.masked_fill(logits < threshold, float("-inf"))

@@ -37,6 +37,7 @@ P4 = [0.5, 0.3, 0.15, 0.05]
         ("max_tokens", -3),
         ("temperature", -0.1),
         ("temperature", float("nan")),
+        ("temperature", float("inf")),
         ("top_p", 0.0),
         ("top_p", 1.01),
         ("top_p", float("nan")),
@@ -123,6 +124,15 @@ def test_top_p_does_not_depend_on_token_order():
 def test_top_p_always_keeps_the_top_token():
     assert kept(P4, top_p=1e-9) == [0]
     assert kept([0.05, 0.15, 0.3, 0.5], top_p=1e-6) == [3]
+    # 1e-50 is a valid top_p in Python but 0.0 in fp32: the top token must still stay
+    assert kept([0.05, 0.15, 0.3, 0.5], top_p=1e-50) == [3]
+
+
+def test_a_top_p_that_is_zero_in_fp32_samples_the_top_token():
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0]] * 8)
+    params = [SamplingParams(top_p=1e-50, seed=s) for s in range(8)]
+    out = Sampler(CPU, seed=0)(logits, params, [torch.Generator().manual_seed(s) for s in range(8)])
+    assert out.token_ids == [2] * 8
 
 
 def test_top_p_keeps_tokens_tied_at_the_boundary():
