@@ -1,0 +1,41 @@
+"""`merge`: one entry for every method, in fp32 on the device asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from loraplex.adapters_store.formats import LoRAAdapter
+from loraplex.arithmetic.checkpoints import copa, mwa
+from loraplex.arithmetic.compose import cat, svd
+from loraplex.arithmetic.params import MergeParams, check_weights
+from loraplex.arithmetic.task_vectors import delta_space, parameter_space
+from loraplex.errors import invalid
+
+
+def merge(adapters: Sequence[LoRAAdapter], weights: Sequence[float] | None, params: MergeParams, name: str,
+          device: torch.device | str | None = None, metrics: Sequence[float] | None = None) -> LoRAAdapter:
+    """Merge `adapters` by `params.method`. weights: one per adapter (None: all 1); mwa and copa take none.
+    metrics: mwa's losses or steps when params.metric_values does not give them. The result's tensors are
+    fp32 on `device` (default: where the inputs are)."""
+    weights = check_weights([1.0] * len(adapters) if weights is None else weights, len(adapters))
+    device = torch.device(device) if device is not None else None
+    method = params.method
+    if method in ("mwa", "copa") and any(w != 1.0 for w in weights):
+        raise invalid("weight", f"{method} takes no weights ({'the metrics weigh the checkpoints' if method == 'mwa' else 'it weighs by magnitude'}); drop them")
+    if method == "cat":
+        return cat(adapters, weights, name, device)
+    if method == "svd":
+        return svd(adapters, weights, params.rank or max(a.rank for a in adapters), name, device)
+    if method == "mwa":
+        values = params.metric_values or metrics
+        if values is None or len(values) != len(adapters):
+            raise invalid("metric_values", f"mwa needs one {params.metric} per adapter ({len(adapters)}): give "
+                          "metric_values, or checkpoints that hold a trainer_state.json")
+        return mwa(adapters, values, params, name, device)
+    if method == "copa":
+        return copa(adapters, params, name, device)
+    if params.space == "delta":
+        return delta_space(adapters, weights, params, name, device)
+    return parameter_space(adapters, weights, params, name, device)
