@@ -1,4 +1,4 @@
-"""`loraplex serve | generate | convert | demo-model`: a thin layer over the Python API and the server."""
+"""`loraplex serve | generate | merge | convert | demo-model`: a thin layer over the Python API and the server."""
 
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--header-timeout", type=float, default=d.header_timeout, help="seconds a request's headers "
                    "may take to arrive (from the connection or the request's first byte); slower clients are "
                    "dropped")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds a request body may "
+                   "pause between two chunks; a body that stalls longer is answered 408")
     g.add_argument("--max-connections", type=int, default=d.max_connections, help="open connections; a new one "
                    "beyond them is answered 503 and closed (kept below the open-file limit, which is raised to "
                    "its hard limit when needed)")
@@ -92,6 +94,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_choices=args.max_choices, allowed_local_adapter_dir=args.allowed_local_adapter_dir,
         shutdown_grace=args.shutdown_grace, metrics_max_adapters=args.metrics_max_adapters,
         timeout_keep_alive=args.timeout_keep_alive, header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
         max_connections=args.max_connections,
     )
 
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tiny", action="store_true", help="write the tiny random-weight Llama (and its three "
                       "adapters) instead: made locally, no download")
 
+    add_merge_args(sub.add_parser("merge", help="merge adapters into a new PEFT adapter directory (offline)"))
+
     convert = sub.add_parser("convert", help="convert a GGUF file to a Hugging Face checkpoint directory")
     convert.add_argument("source", type=Path, help="a .gguf file (or a directory holding one)")
     convert.add_argument("-o", "--output", type=Path, required=True, help="the directory to write")
@@ -173,10 +178,78 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "merge":
+            return _merge(args)
         return _demo_model(args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"loraplex {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def add_merge_args(parser: argparse.ArgumentParser) -> None:
+    from loraplex.arithmetic import METHODS
+
+    parser.add_argument("--method", required=True, choices=METHODS, help="cat, svd: the exact weighted sum of "
+                        "the updates (svd at --rank); linear, ties, dare_linear, dare_ties, magnitude_prune: as "
+                        "PEFT's add_weighted_adapter; mwa: checkpoints of one run weighted by loss or step; copa: "
+                        "CoPA-Merging. Formulas: docs/merging.md")
+    parser.add_argument("--adapter", action="append", required=True, metavar="PATH[:WEIGHT]",
+                        help="a PEFT LoRA directory and its weight (default 1; negative subtracts); repeatable")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the adapter directory to write")
+    parser.add_argument("--space", default="parameter", choices=["parameter", "delta"], help="linear / ties / "
+                        "dare_* / magnitude_prune: on A and B as PEFT (parameter), or on the updates B·A (delta)")
+    parser.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune: fraction kept (0, 1]")
+    parser.add_argument("--rank", type=int, help="svd and delta space: the result's rank (default: the largest "
+                        "input rank)")
+    parser.add_argument("--majority-sign", default="total", choices=["total", "frequency"])
+    parser.add_argument("--seed", type=int, default=0, help="dare_*: the drop masks' seed")
+    parser.add_argument("--metric", default="loss", choices=["loss", "step"], help="mwa: weigh by 1/loss or step")
+    parser.add_argument("--metric-values", help="mwa: V1,V2,... one per --adapter (default: each checkpoint's "
+                        "trainer_state.json)")
+    parser.add_argument("--penalty", type=float, default=1.0, help="mwa: p in w_i = m_i^p / sum m_j^p (0: mean)")
+    parser.add_argument("--keep-ratio", type=float, default=0.2, help="copa: fraction kept by magnitude")
+    parser.add_argument("--clamp-ratio", type=float, default=0.2, help="copa: row scales floored at their "
+                        "(1 - clamp ratio) quantile")
+    parser.add_argument("--fuse-weight", type=float, default=2.0, help="copa: the merged tensors' factor")
+    parser.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:N")
+
+
+def parse_weighted_path(value: str) -> tuple[Path, float]:
+    """PATH or PATH:WEIGHT (a path that itself ends in ':<number>' needs an explicit weight)."""
+    path, sep, weight = value.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from loraplex.arithmetic import MergeParams
+    from loraplex.merging import Source, merge_directories
+
+    values = None
+    if args.metric_values:
+        try:
+            values = tuple(float(v) for v in args.metric_values.split(","))
+        except ValueError:
+            raise ValueError(f"--metric-values: expected numbers separated by commas, got {args.metric_values!r}") \
+                from None
+    params = MergeParams(method=args.method, space=args.space, density=args.density, rank=args.rank,
+                         majority_sign=args.majority_sign, seed=args.seed, metric=args.metric, metric_values=values,
+                         penalty=args.penalty, keep_ratio=args.keep_ratio, clamp_ratio=args.clamp_ratio,
+                         fuse_weight=args.fuse_weight)
+    sources = []
+    for value in args.adapter:
+        path, weight = parse_weighted_path(value)
+        if not path.is_dir():
+            raise ValueError(f"--adapter: {path} is not a directory")
+        sources.append(Source(name=str(path), path=path, weight=weight))
+    merge_directories(sources, params, args.output, device=args.device,
+                      progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"wrote the merged adapter to {args.output}")
+    return 0
 
 
 def _demo_model(args: argparse.Namespace) -> int:

@@ -125,14 +125,17 @@ class ServerConfig:
     # within header_timeout seconds of the connection opening or of their first byte, so a client that
     # trickles them (slowloris) or sends nothing is dropped; beyond max_connections open connections a new
     # one is answered 503 and closed at once, so idle connections cannot use up the file descriptors.
+    # A request body must keep arriving: at most body_timeout seconds between its chunks (a request whose
+    # body stalls is answered 408 and its connection closed).
     timeout_keep_alive: float = 5.0
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     max_connections: int = 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or isinstance(self.port, bool):
             raise invalid("port", f"must be in 0..65535, got {self.port!r}")
-        for name in ("timeout_keep_alive", "header_timeout"):
+        for name in ("timeout_keep_alive", "header_timeout", "body_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise invalid(name, f"must be a positive number of seconds, got {value!r}")

@@ -134,6 +134,7 @@ def test_base_model_answers_to_its_served_name(demo_dir, tmp_path):
                                               (["--port", "70000"], "port"),
                                               (["--max-connections", "0"], "max_connections"),
                                               (["--header-timeout", "0"], "header_timeout"),
+                                              (["--body-timeout", "0"], "body_timeout"),
                                               (["--timeout-keep-alive", "-1"], "timeout_keep_alive")])
 def test_bad_serve_options_are_clear_errors_before_the_model_loads(demo_dir, capsys, flags, field):
     assert main(["serve", "--model", str(demo_dir), *flags]) == 2
@@ -143,8 +144,10 @@ def test_bad_serve_options_are_clear_errors_before_the_model_loads(demo_dir, cap
 
 def test_connection_flags_reach_the_server_config():
     args = build_parser().parse_args(["serve", "--timeout-keep-alive", "2", "--header-timeout", "3.5",
-                                      "--max-connections", "9"])
+                                      "--body-timeout", "7", "--max-connections", "9"])
     config = server_config(args)
-    assert (config.timeout_keep_alive, config.header_timeout, config.max_connections) == (2.0, 3.5, 9)
+    assert (config.timeout_keep_alive, config.header_timeout, config.body_timeout, config.max_connections) == (
+        2.0, 3.5, 7.0, 9)
     defaults = server_config(build_parser().parse_args(["serve"]))
-    assert (defaults.timeout_keep_alive, defaults.header_timeout, defaults.max_connections) == (5.0, 10.0, 1024)
+    assert (defaults.timeout_keep_alive, defaults.header_timeout, defaults.body_timeout,
+            defaults.max_connections) == (5.0, 10.0, 30.0, 1024)

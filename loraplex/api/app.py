@@ -63,7 +63,8 @@ def create_app(state: ServerState, startup_adapters: dict[str, tuple[Path, str]]
 
     max_body, max_upload = state.config.max_body_bytes, state.config.max_adapter_bytes + MULTIPART_OVERHEAD
     # Outermost last: request id and log, then keys, then the body limit, then the routes.
-    app.add_middleware(BodyLimit, limit_for=lambda path: max_upload if path in UPLOAD_PATHS else max_body)
+    app.add_middleware(BodyLimit, limit_for=lambda path: max_upload if path in UPLOAD_PATHS else max_body,
+                       timeout=state.config.body_timeout)
     app.add_middleware(AuthGate, auth=state.auth)
     app.add_middleware(RequestContext)
     return app

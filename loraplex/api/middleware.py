@@ -1,8 +1,10 @@
-"""ASGI middleware: a request id on every request and response, an access log line, and the body
-size limit (checked on the declared length and again on the bytes that actually arrive)."""
+"""ASGI middleware: a request id on every request and response, an access log line, and the body's
+limits: its size (checked on the declared length and again on the bytes that actually arrive) and
+the time it may stall."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -53,11 +55,15 @@ class RequestContext:
 
 
 class BodyLimit:
-    """Refuses bodies over the limit for their path with 413, without reading them."""
+    """Refuses a body over the size limit for its path (413, without reading it when its declared length
+    is too large) and a body that stalls: more than `timeout` seconds between two of its chunks (408).
+    Either way the answer closes the connection. Once the whole body is in, `receive` passes through
+    untimed (a streamed response waits on it for the client's disconnect)."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], timeout: float) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,27 +72,39 @@ class BodyLimit:
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_413(send, limit)
+            await _send_refusal(send, _too_large(limit))
             return
         received = 0
-        started = refused = False
+        body_done = started = refused = False
+
+        async def refuse(error: APIError) -> APIError:
+            nonlocal refused
+            if not started:  # answer here: a JSON route would turn the error into a 400
+                await _send_refusal(send, error)
+                refused = True
+            return error
 
         async def limited_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise await refuse(_stalled(self.timeout)) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
-                    if not started:  # answer 413 here: a JSON route would turn the error into a 400
-                        await _send_413(send, limit)
-                        refused = True
-                    raise _too_large(limit)
+                    raise await refuse(_too_large(limit))
+            else:
+                body_done = True
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
-                return  # the 413 went out already
+                return  # the refusal went out already
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -98,10 +116,14 @@ def _too_large(limit: int) -> APIError:
                     "--max-adapter-size for adapter uploads", code="body_too_large")
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    error = _too_large(limit)
-    body = json.dumps(error_body(413, error.message, code=error.code)).encode()
-    await send({"type": "http.response.start", "status": 413,
+def _stalled(timeout: float) -> APIError:
+    return APIError(408, f"the request body stalled: no data for {timeout:g} s (--body-timeout)",
+                    code="body_timeout")
+
+
+async def _send_refusal(send: Send, error: APIError) -> None:
+    body = json.dumps(error_body(error.status, error.message, code=error.code)).encode()
+    await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

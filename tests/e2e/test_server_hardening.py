@@ -253,6 +253,25 @@ def test_idle_connections_are_capped_and_dropped_and_health_still_answers(demo_d
             sock.close()
 
 
+def test_a_stalled_body_is_a_408_that_closes_the_connection(demo_dir, tmp_path):
+    """Slow body: a client that sends its headers and part of its body, then nothing, is answered 408 after
+    --body-timeout and the connection is closed; other requests go on."""
+    config = ServerConfig(body_timeout=1.0)
+    with run_server(engine_options(demo_dir, tmp_path / "home", adapters={}), config) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+        start = time.monotonic()
+        sock.settimeout(5)
+        answer = read_until_closed(sock)
+        assert 0.9 < time.monotonic() - start < 4
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"body_timeout"' in answer
+        assert b"connection: close" in answer.lower()
+        sock.close()
+        assert complete(server, "demo").status_code == 200
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     data = b""
     while chunk := sock.recv(65536):
