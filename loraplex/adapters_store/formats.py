@@ -117,11 +117,13 @@ def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
     }[module]
 
 
-def load_peft_lora(path: Path, name: str, base: ModelConfig, max_rank: int, sha256: str | None = None) -> LoRAAdapter:
+def load_peft_lora(path: Path, name: str, base: ModelConfig | None, max_rank: int,
+                   sha256: str | None = None) -> LoRAAdapter:
     """Read and validate a PEFT LoRA directory. Refusals are LoraplexError (INVALID) whose field is the
     file at fault (adapter_config.json, adapter_model.safetensors), or `files` when one is missing; the
     message never holds the directory, which is the caller's to name. `sha256`: the weights file's,
-    when the caller has just checked it (else it is computed)."""
+    when the caller has just checked it (else it is computed). `base` None (offline merges, no model at
+    hand): every check but those against the base model's layers and shapes."""
     path = Path(path)
     config = read_adapter_config(path)
     weights_file = path / WEIGHTS_FILE
@@ -267,7 +269,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise _weights_error(f"not a readable safetensors file ({e})") from None
 
 
-def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base: ModelConfig,
+def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base: ModelConfig | None,
                   max_rank: int) -> dict[tuple[int, str], LoRAModule]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     full_names: dict[tuple[int, str], str] = {}
@@ -277,7 +279,7 @@ def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base:
         full_names[(layer, module)] = full_name
     if not halves:
         raise _weights_error("holds no LoRA weights (lora_A / lora_B tensors)")
-    _check_layers(config.layers, {layer for layer, _ in halves}, base.num_layers)
+    _check_layers(config.layers, {layer for layer, _ in halves}, base)
     modules = {}
     for (layer, module), pair in sorted(halves.items()):
         full_name = full_names[(layer, module)]
@@ -287,7 +289,7 @@ def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base:
     return modules
 
 
-def _parse_key(key: str, base: ModelConfig) -> tuple[int, str, str, str]:
+def _parse_key(key: str, base: ModelConfig | None) -> tuple[int, str, str, str]:
     match = _KEY.match(key)
     if match is None:
         if "lora_embedding" in key or "embed_tokens" in key:
@@ -303,30 +305,30 @@ def _parse_key(key: str, base: ModelConfig) -> tuple[int, str, str, str]:
     if module not in LORA_MODULES:
         raise _weights_error(f"{key}: module {module!r} is not a projection of this base model "
                              f"(expected one of {', '.join(LORA_MODULES)}); made for another base model?")
-    if layer >= base.num_layers:
+    if base is not None and layer >= base.num_layers:
         raise _weights_error(f"{key}: layer {layer} does not exist; the base model has {base.num_layers} layers "
                              "(made for another base model?)")
     return layer, module, half, full_name
 
 
-def _check_layers(allowed: frozenset[int] | None, layers: set[int], num_layers: int) -> None:
+def _check_layers(allowed: frozenset[int] | None, layers: set[int], base: ModelConfig | None) -> None:
     if allowed is None:
         return
-    if max(allowed) >= num_layers:
-        raise _config_error(f"layers_to_transform names layer {max(allowed)}, but the base model has {num_layers} "
+    if base is not None and max(allowed) >= base.num_layers:
+        raise _config_error(f"layers_to_transform names layer {max(allowed)}, but the base model has {base.num_layers} "
                             "layers (made for another base model?)")
     extra = sorted(layers - allowed)
     if extra:
         raise _weights_error(f"has weights for layer {extra[0]}, outside layers_to_transform {sorted(allowed)}")
 
 
-def _module(a: torch.Tensor, b: torch.Tensor, config: AdapterConfig, base: ModelConfig, module: str,
+def _module(a: torch.Tensor, b: torch.Tensor, config: AdapterConfig, base: ModelConfig | None, module: str,
             full_name: str, max_rank: int) -> LoRAModule:
-    out_features, in_features = module_shape(base, module)
     if a.ndim != 2 or b.ndim != 2:
         raise _weights_error(f"{full_name}: lora_A and lora_B must be matrices, got {tuple(a.shape)} and "
                              f"{tuple(b.shape)}")
     rank = a.shape[0]
+    out_features, in_features = module_shape(base, module) if base is not None else (b.shape[0], a.shape[1])
     if tuple(a.shape) != (rank, in_features) or tuple(b.shape) != (out_features, rank):
         raise _weights_error(f"{full_name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
                              f"model, which needs ({rank}, {in_features}) / ({out_features}, {rank}); made for "

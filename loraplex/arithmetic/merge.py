@@ -23,7 +23,8 @@ def merge(adapters: Sequence[LoRAAdapter], weights: Sequence[float] | None, para
     device = torch.device(device) if device is not None else None
     method = params.method
     if method in ("mwa", "copa") and any(w != 1.0 for w in weights):
-        raise invalid("weight", f"{method} takes no weights ({'the metrics weigh the checkpoints' if method == 'mwa' else 'it weighs by magnitude'}); drop them")
+        why = "the metrics weigh the checkpoints" if method == "mwa" else "it weighs entries by magnitude"
+        raise invalid("weight", f"{method} takes no weights ({why}); drop them")
     if method == "cat":
         return cat(adapters, weights, name, device)
     if method == "svd":

@@ -43,7 +43,8 @@ class MergeParams:
             _check(_integer(self.rank) and self.rank >= 1, "rank", f"must be a positive integer, got {self.rank!r}")
         _check(self.majority_sign in MAJORITY_SIGNS, "majority_sign",
                f"must be 'total' or 'frequency', got {self.majority_sign!r}")
-        _check(_integer(self.seed) and 0 <= self.seed < 2**63, "seed", f"must be a non-negative integer, got {self.seed!r}")
+        _check(_integer(self.seed) and 0 <= self.seed < 2**63, "seed",
+               f"must be a non-negative integer, got {self.seed!r}")
         _check(self.metric in METRICS, "metric", f"must be 'loss' or 'step', got {self.metric!r}")
         if self.metric_values is not None:
             _check(all(_number(v) and v > 0 for v in self.metric_values), "metric_values",
