@@ -51,6 +51,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
     a.add_argument("--max-cpu-adapters", type=int, default=defaults.max_cpu_adapters,
                    help="parsed adapters kept in host memory (LRU)")
+    a.add_argument("--max-compositions", type=int, default=defaults.max_compositions,
+                   help="per-request compositions (\"model\": \"a*0.7+b*0.3\") kept built (LRU)")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ class EngineConfig:
     max_loras: int = 8  # adapter slots on the device = distinct adapters in one batch; 0 = no adapters
     max_lora_rank: int = 16
     max_cpu_adapters: int = 64  # parsed adapters kept in host memory
+    max_compositions: int = 64  # per-request compositions kept registered (least recently used dropped)
     seed: int = 0
     served_model_name: str | None = None
     data_dir: str | None = None
@@ -51,7 +52,8 @@ class EngineConfig:
             raise invalid("kernel_backend", f"{self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise invalid("device", f"{self.device!r} must be auto, cpu, cuda or cuda:N")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank", "max_cpu_adapters"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank", "max_cpu_adapters",
+                     "max_compositions"):
             if getattr(self, name) < 1:
                 raise invalid(name, f"must be at least 1, got {getattr(self, name)}")
         if self.max_loras < 0:

@@ -32,6 +32,7 @@ class Source:
     weight: float = 1.0
     loss: float | None = None  # mwa metrics given for this input; else read from its trainer_state.json
     step: int | None = None
+    sha256: str | None = None  # of its weights file, when known: the file read must match it
 
 
 def merge_directories(sources: Sequence[Source], params: MergeParams, output: Path,
@@ -47,9 +48,12 @@ def merge_directories(sources: Sequence[Source], params: MergeParams, output: Pa
     for i, source in enumerate(sources):
         say(f"reading {i + 1}/{len(sources)}: {source.name}")
         adapters.append(_read(source, base, max_rank))
-    metrics = _metrics(sources, params) if params.method == "mwa" else None
+    metrics = read_metrics(sources, params) if params.method == "mwa" else None
     say(f"merging {len(adapters)} adapters ({params.method}, {sum(len(a.modules) for a in adapters)} modules)")
     merged = merge(adapters, [s.weight for s in sources], params, name=output.name, device=device, metrics=metrics)
+    if merged.rank > max_rank:
+        raise invalid("rank", f"the merged adapter has rank {merged.rank}, above the {max_rank} served "
+                      f"(--max-lora-rank); merge with method 'svd' and rank <= {max_rank}, or use fewer inputs")
     dtypes = {weights_dtype(s.path) for s in sources}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     say(f"writing {output} ({str(dtype).removeprefix('torch.')})")
@@ -73,15 +77,18 @@ def make_recipe(params: MergeParams, sources: Sequence[Source], adapters: Sequen
 
 
 def _read(source: Source, base: ModelConfig | None, max_rank: int) -> LoRAAdapter:
+    weights = source.path / WEIGHTS_FILE
+    digest = file_sha256(weights)[0] if weights.is_file() else None
+    if source.sha256 is not None and digest != source.sha256:
+        raise invalid("sources", f"adapter {source.name!r}: its weights changed on disk since it was registered "
+                      "(sha256 differs); upload it again")
     try:
-        return load_peft_lora(source.path, source.name, base, max_rank,
-                              sha256=file_sha256(source.path / WEIGHTS_FILE)[0]
-                              if (source.path / WEIGHTS_FILE).is_file() else None)
+        return load_peft_lora(source.path, source.name, base, max_rank, sha256=digest)
     except LoraplexError as e:
         raise invalid("sources", f"adapter {source.name!r}: {e.field}: {e.message}") from None
 
 
-def _metrics(sources: Sequence[Source], params: MergeParams) -> list[float] | None:
+def read_metrics(sources: Sequence[Source], params: MergeParams) -> list[float] | None:
     """MWA's metric per input: params.metric_values, else each source's own, else its trainer state."""
     if params.metric_values is not None:
         return list(params.metric_values)

@@ -342,7 +342,7 @@ def _module(a: torch.Tensor, b: torch.Tensor, config: AdapterConfig, base: Model
                              f"--max-lora-rank {rank} or more")
     a, b = _fp32("lora_A", a, full_name), _fp32("lora_B", b, full_name)
     scale = config.scale_of(full_name, rank)
-    _check_norms(a, b, scale, full_name)
+    check_norms(a, b, scale, full_name)
     return LoRAModule(a=a.contiguous(), b=b.contiguous(), scale=scale)
 
 
@@ -357,16 +357,18 @@ def _fp32(half: str, tensor: torch.Tensor, full_name: str) -> torch.Tensor:
     return tensor
 
 
-def _check_norms(a: torch.Tensor, b: torch.Tensor, scale: float, full_name: str) -> None:
+def check_norms(a: torch.Tensor, b: torch.Tensor, scale: float, full_name: str, field: str = WEIGHTS_FILE) -> None:
     """Spectral norms of lora_A, scale * lora_B and their product, from QR's small triangular factors
-    (B = Qb Rb, A^T = Qa Ra, so ||B A|| = ||Rb Ra^T||): never a dense [out, in] product."""
+    (B = Qb Rb, A^T = Qa Ra, so ||B A|| = ||Rb Ra^T||): never a dense [out, in] product. A refusal is a
+    LoraplexError on `field`."""
     r_a = torch.linalg.qr(a.double().T, mode="r").R  # [min(in, rank), rank]
     r_b = torch.linalg.qr(b.double(), mode="r").R  # [min(out, rank), rank]
+    scale = abs(scale)
     norms = {"lora_A": _spectral_norm(r_a), "scale * lora_B": scale * _spectral_norm(r_b),
              "the update scale * lora_B @ lora_A": scale * _spectral_norm(r_b @ r_a.T)}
     for what, norm in norms.items():
         if not norm <= MAX_LORA_NORM:
-            raise _weights_error(f"{full_name}: {what} has spectral norm {norm:.3g}, above the {MAX_LORA_NORM:g} that "
+            raise invalid(field, f"{full_name}: {what} has spectral norm {norm:.3g}, above the {MAX_LORA_NORM:g} that "
                                  "trained adapters stay orders of magnitude below; its weights (or lora_alpha / "
                                  "alpha_pattern) are scaled wrong: export the adapter again")
 

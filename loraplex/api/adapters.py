@@ -13,7 +13,7 @@ from starlette.formparsers import MultiPartException
 
 from loraplex.adapters_store.uploads import ALLOWED_FILES, stage_upload
 from loraplex.api.errors import APIError
-from loraplex.api.protocol import LoadLoRARequest, UnloadLoRARequest
+from loraplex.api.protocol import LoadLoRARequest, MergeRequest, UnloadLoRARequest
 from loraplex.api.state import ServerState, State
 
 router = APIRouter()
@@ -56,6 +56,14 @@ async def upload_adapter(request: Request, state: State) -> JSONResponse:
     finally:
         await form.close()
     return JSONResponse(info, status_code=201)
+
+
+@router.post("/v1/adapters/merge")
+async def merge_adapters(body: MergeRequest, state: State) -> JSONResponse:
+    """A new stored adapter made of served ones: `name`, `method`, `sources` [{name, weight?, loss?,
+    step?}] and the method's parameters. Durable, listed with its recipe, served at once."""
+    info = await state.registry.add_merged(body.name, body.sources, body.params(), replace=body.replace)
+    return JSONResponse(info.to_json(state.base_name), status_code=201)
 
 
 @router.delete("/v1/adapters/{name}")

@@ -51,6 +51,13 @@ class EngineCollector(Collector):
         evictions.add_metric(["host"], s.adapter_host_evictions)
         evictions.add_metric(["device"], s.adapter_device_evictions)
         yield evictions
+        yield GaugeMetricFamily("loraplex_compositions", "Per-request compositions built and registered now",
+                                s.compositions)
+        yield CounterMetricFamily("loraplex_composition_builds", "Per-request compositions built", s.composition_builds)
+        yield CounterMetricFamily("loraplex_composition_hits", "Requests on a composition built before",
+                                  s.composition_hits)
+        yield CounterMetricFamily("loraplex_composition_dropped", "Compositions dropped because an input was "
+                                  "deleted or replaced", s.compositions_dropped)
 
 
 class Metrics:

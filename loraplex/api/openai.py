@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
+from loraplex.api.compose import resolve_adapter
 from loraplex.api.errors import APIError, error_body, validation_error
 from loraplex.api.generation import Generation, GenerationError, stopped_by_server
 from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_json_containers
@@ -69,7 +70,7 @@ def _validate(model: type[Body], raw: bytes) -> Body:
 @router.post("/v1/completions")
 async def completions(request: Request, state: State):
     body = await _parse(request, CompletionRequest)
-    adapter = state.resolve(body.model)
+    adapter = await resolve_adapter(state, body)
     _refuse_unsupported(body)
     if body.echo:
         raise APIError(400, "echo: not supported; the completion is returned without the prompt", param="echo")
@@ -98,7 +99,7 @@ async def completions(request: Request, state: State):
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, state: State):
     body = await _parse(request, ChatCompletionRequest)
-    adapter = state.resolve(body.model)
+    adapter = await resolve_adapter(state, body)
     _refuse_unsupported(body)
     if body.tools:
         raise APIError(400, "tools: tool calling is not supported", param="tools")

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from loraplex.arithmetic import MergeParams
 from loraplex.errors import invalid
 
 MAX_STOP_STRINGS = 16  # OpenAI takes 4; each one is searched for after every token
@@ -35,6 +36,7 @@ MAX_MESSAGES = 2048  # OpenAI's own limit on a conversation
 MAX_CONTENT_PARTS = 1024  # text parts of one message
 MAX_PROMPTS = 2048  # prompts of one completion request: far above --max-choices, which is checked next
 MAX_TOOLS = 128  # OpenAI's own limit (tools are refused here, but read before they are refused)
+MAX_MERGE_SOURCES = 16  # adapters one merge or one request's composition may name
 # Lists and objects in one body. Each costs a Python object to validate, in C that holds the GIL: four
 # million `[0]` lists (16 MiB) took 4.5 s. A body within the limits above needs a few thousand.
 MAX_JSON_CONTAINERS = 65_536
@@ -92,6 +94,38 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
+class MergeSource(_Body):
+    """One input of a merge or a composition: a served adapter and its weight (MWA: its metrics)."""
+
+    name: StrictStr
+    weight: Number = 1.0
+    loss: Annotated[Number, Field(gt=0)] | None = None
+    step: Annotated[StrictInt, Field(gt=0)] | None = None
+
+
+class MergeOptions(_Body):
+    """A merge's method and parameters (loraplex.arithmetic.MergeParams checks their values)."""
+
+    method: StrictStr
+    space: StrictStr = "parameter"
+    density: Number | None = None
+    rank: StrictInt | None = None
+    majority_sign: StrictStr = "total"
+    seed: StrictInt = 0
+    metric: StrictStr = "loss"
+    metric_values: Annotated[list[Number], Field(max_length=MAX_MERGE_SOURCES)] | None = None
+    penalty: Number = 1.0
+    keep_ratio: Number = 0.2
+    clamp_ratio: Number = 0.2
+    fuse_weight: Number = 2.0
+
+    def params(self) -> MergeParams:
+        fields = self.model_dump(exclude={"name", "sources", "replace"})
+        if fields["metric_values"] is not None:
+            fields["metric_values"] = tuple(fields["metric_values"])
+        return MergeParams(**fields)
+
+
 class SamplingFields(_Body):
     """What completions and chat share."""
 
@@ -115,6 +149,9 @@ class SamplingFields(_Body):
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    # loraplex's own: a composition of served adapters instead of one (model names the base model)
+    adapters: Annotated[list[MergeSource], Field(min_length=1, max_length=MAX_MERGE_SOURCES)] | None = None
+    merge: MergeOptions | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -169,6 +206,14 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Any], Field(max_length=MAX_TOOLS)] | None = None
     add_generation_prompt: StrictBool = True
+
+
+class MergeRequest(MergeOptions):
+    """POST /v1/adapters/merge: a new stored adapter made of served ones."""
+
+    name: StrictStr
+    sources: Annotated[list[MergeSource], Field(min_length=1, max_length=MAX_MERGE_SOURCES)]
+    replace: StrictBool = False
 
 
 class LoadLoRARequest(_Body):

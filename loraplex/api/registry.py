@@ -12,9 +12,12 @@ from typing import Any
 from loraplex.adapters_store.formats import LoRAAdapter
 from loraplex.adapters_store.store import AdapterStore, StoredAdapter, StoreError
 from loraplex.api.errors import APIError
+from loraplex.api.protocol import MergeSource
+from loraplex.arithmetic import MergeParams
 from loraplex.engine.async_engine import AsyncEngine
 from loraplex.engine.llm_engine import validate_adapter_name
 from loraplex.errors import ErrorKind
+from loraplex.merging import Source, merge_directories
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,9 @@ class AdapterInfo:
     size_bytes: int
     sha256: str  # of adapter_model.safetensors
     created: int  # unix time
-    source: str  # upload | local (vLLM load) | cli (--adapter) | demo
+    source: str  # upload | local (vLLM load) | cli (--adapter) | demo | merge
     stored: bool  # kept in the store: served again after a restart
+    recipe: dict[str, Any] | None = None  # a merge's method, parameters and inputs (merge_recipe.json)
 
     def to_json(self, parent: str) -> dict[str, Any]:
         return {"id": self.name, "object": "adapter", "parent": parent, **asdict(self)}
@@ -96,7 +100,29 @@ class AdapterRegistry:
             self.infos[name] = info
             return info
 
-    async def add_staged(self, name: str, staged: Path, source: str, replace: bool = False) -> AdapterInfo:
+    async def add_merged(self, name: str, sources: list[MergeSource], params: MergeParams,
+                         replace: bool = False) -> AdapterInfo:
+        """Merge served adapters into a new stored one (as an upload of the result, with its recipe)."""
+        self._check_name(name, replace)  # before the work; checked again under the lock
+        inputs = []
+        for source in sources:
+            info = self.infos.get(source.name)
+            if info is None:
+                raise APIError(404, f"sources: adapter '{source.name}' does not exist", param="sources",
+                               code="adapter_not_found")
+            inputs.append(Source(name=source.name, path=await self.engine.adapter_path(source.name),
+                                 weight=source.weight, loss=source.loss, step=source.step, sha256=info.sha256))
+        staged = self.store.staging_dir()
+        try:
+            recipe = await asyncio.to_thread(merge_directories, inputs, params, staged, self.engine.model_config,
+                                             self.engine.max_lora_rank)
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        return await self.add_staged(name, staged, "merge", replace, recipe=recipe)
+
+    async def add_staged(self, name: str, staged: Path, source: str, replace: bool = False,
+                         recipe: dict[str, Any] | None = None) -> AdapterInfo:
         """Validate an upload staged in the store's tmp dir, store it durably, then serve it. A refusal
         raises LoraplexError (the app answers it as its kind says) or APIError. On any error the staged
         files are discarded and the catalog, the engine and the list stay as they were."""
@@ -104,7 +130,7 @@ class AdapterRegistry:
             async with self._lock:
                 self._check_name(name, replace)
                 adapter = await self.engine.inspect_adapter(staged)
-                info = {**_describe(adapter), "source": source}
+                info = {**_describe(adapter), "source": source, **({"recipe": recipe} if recipe else {})}
                 previous = await asyncio.to_thread(self.store.get, name)
                 record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info,
                                                  replace or name in self.unavailable)
@@ -164,4 +190,5 @@ class AdapterRegistry:
         return AdapterInfo(name=record.name, format=record.format, rank=int(record.info["rank"]),
                            target_modules=list(record.info["target_modules"]), size_bytes=record.size_bytes,
                            sha256=str(record.info["sha256"]), created=int(record.created),
-                           source=str(record.info.get("source", "upload")), stored=True)
+                           source=str(record.info.get("source", "upload")), stored=True,
+                           recipe=record.info.get("recipe"))

@@ -14,7 +14,7 @@ import errno
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 
 from loraplex.adapters_store.checksums import file_sha256
 from loraplex.adapters_store.formats import WEIGHTS_FILE, LoRAAdapter, load_peft_lora
+from loraplex.engine.compositions import Compositions
 from loraplex.errors import LoraplexError, invalid
 from loraplex.models.llama import LlamaForCausalLM
 
@@ -154,12 +155,14 @@ class AdapterManager:
     """
 
     def __init__(self, model: LlamaForCausalLM, max_loras: int, max_lora_rank: int, max_cpu_adapters: int,
-                 device: torch.device) -> None:
+                 device: torch.device, max_compositions: int = 64) -> None:
         self.model_config = model.config
         self.max_lora_rank = max_lora_rank
-        self.paths: dict[str, Path] = {}  # registered name -> directory
+        self.paths: dict[str, Path] = {}  # registered name -> directory (compositions have none)
         self.keys: dict[str, str] = {}  # registered name -> key of its current registration
         self._key_paths: dict[str, Path] = {}  # every key handed out -> directory, to reload it
+        self._builders: dict[str, Callable[[], LoRAAdapter]] = {}  # a composition's key -> what rebuilds it
+        self.compositions = Compositions(max_compositions)
         self._checksums: dict[str, dict[str, str]] = {}  # key -> {file name: sha256} checked on every disk load
         self._generation = 0
         self.host = HostCache(max_cpu_adapters, pin_memory=device.type == "cuda")
@@ -182,8 +185,7 @@ class AdapterManager:
         and keeps it in the host cache, as does giving it `preloaded`. With `checksums` ({file name:
         sha256}), every read of the files from disk first checks them."""
         path = Path(path)
-        self._generation += 1
-        key = f"{name}#{self._generation}"
+        key = self._new_key(name)
         adapter = None
         if preloaded is not None:
             adapter = dataclasses.replace(preloaded, name=key)
@@ -198,6 +200,27 @@ class AdapterManager:
             self._checksums[key] = dict(checksums)
         return adapter
 
+    def _new_key(self, name: str) -> str:
+        self._generation += 1
+        return f"{name}#{self._generation}"
+
+    def reader(self, name: str) -> Callable[[], LoRAAdapter]:
+        """A function that reads registered adapter `name`'s current registration from its files (checksums
+        checked), touching no state here: safe to call on any thread."""
+        key = self.keys[name]
+        path, checksums = self._key_paths[key], self._checksums.get(key)
+        return lambda: self._load(path, key, checksums)
+
+    def register_composition(self, name: str, inputs: list[str], build: Callable[[], LoRAAdapter],
+                             built: LoRAAdapter) -> None:
+        """Serve `built` under `name`; `build` makes it again after the host cache dropped it. It is dropped
+        itself when one of `inputs` is unregistered or replaced, or when newer compositions push it out."""
+        key = self._new_key(name)
+        self.host.put(dataclasses.replace(built, name=key), keep=self._wanted.keys())
+        self.keys[name], self._builders[key] = key, build
+        for evicted in self.compositions.add(name, inputs):
+            self.unregister(evicted)
+
     def _load(self, path: Path, key: str, checksums: dict[str, str] | None) -> LoRAAdapter:
         checksums = checksums or {}
         for file_name, expected in checksums.items():
@@ -208,15 +231,25 @@ class AdapterManager:
         return load_peft_lora(path, key, self.model_config, self.max_lora_rank,
                               sha256=checksums.get(WEIGHTS_FILE))  # checked just now: not hashed again
 
+    def _read(self, key: str) -> LoRAAdapter:
+        """A registration's weights, read from its files or built again (a composition)."""
+        build = self._builders.get(key)
+        if build is not None:
+            return dataclasses.replace(build(), name=key)
+        return self._load(self._key_paths[key], key, self._checksums.get(key))
+
     def unregister(self, name: str) -> None:
         """New requests can no longer name it; those running on it keep its weights until they end."""
         self.paths.pop(name, None)
+        self.compositions.discard(name)
         key = self.keys.pop(name, None)
         if key is not None and self.slots.evict(key):
             self.host.drop(key)  # in use: kept, so a preempted request can resume on it
+        for composition in self.compositions.using(name):
+            self.unregister(composition)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.paths
+        return name in self.keys
 
     def paths_in_use(self, keys: Collection[str]) -> set[Path]:
         """Directories of the registered adapters and of the registrations `keys` name."""
@@ -246,7 +279,9 @@ class AdapterManager:
         return self.slots.resident(key) or key in self.host
 
     def prefetch(self, key: str) -> None:
-        if key in self._loads or key in self.host or self.slots.resident(key) or key not in self._key_paths:
+        if key in self._loads or key in self.host or self.slots.resident(key):
+            return
+        if key not in self._key_paths and key not in self._builders:
             return
         if self._retry_at.get(key, 0.0) > time.monotonic():
             return
@@ -254,7 +289,7 @@ class AdapterManager:
             if len(self._wanted) >= self.host.capacity:
                 return  # the host cache is spoken for by requests ahead of this one
             self._wanted[key] = None
-        future = self._executor.submit(self._load, self._key_paths[key], key, self._checksums.get(key))
+        future = self._executor.submit(self._read, key)
         self._loads[key] = (future, time.perf_counter())
 
     def _collect(self) -> None:

@@ -17,9 +17,12 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from loraplex.adapters_store.formats import LoRAAdapter
+from loraplex.engine.compositions import Recipe
+from loraplex.engine.heap import HeapTrimmer
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sampling import SamplingParams
 from loraplex.errors import ErrorKind, LoraplexError, invalid
+from loraplex.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +126,8 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._tokenizing = asyncio.Semaphore(2)  # long prompts tokenized at once, at most
+        self._trim_heap = HeapTrimmer()  # when the engine goes idle: RSS back down after a burst
+        self._building: dict[str, asyncio.Future] = {}  # composition name -> its build, shared by its requests
         # A text with more bytes than this can never fit, however it tokenizes.
         self._max_prompt_bytes = engine.max_model_len * engine.tokenizer.max_token_bytes
         # Every step on one thread (torch's CPU thread pool belongs to the thread that calls it): by
@@ -258,6 +263,34 @@ class AsyncEngine:
         async with self._lock:
             self.engine.remove_adapter(name)
 
+    async def compose(self, recipe: Recipe) -> str:
+        """The name to run a composition under: registered already, or built now in a worker thread (once,
+        however many requests ask for it at the same time) and registered between steps."""
+        async with self._lock:
+            name, build = self.engine.prepare_composition(recipe)
+        if build is None:
+            return name
+        pending = self._building.get(name)
+        if pending is None:
+            pending = self._building[name] = asyncio.ensure_future(asyncio.to_thread(build))
+            pending.add_done_callback(lambda _: self._building.pop(name, None))
+        built = await asyncio.shield(pending)
+        async with self._lock:
+            self.engine.add_composition(name, recipe, build, built)
+        return name
+
+    async def adapter_path(self, name: str) -> Path:
+        async with self._lock:
+            return self.engine.adapter_path(name)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model.config
+
+    @property
+    def max_lora_rank(self) -> int:
+        return self.engine.config.max_lora_rank
+
     async def adapter_paths_in_use(self) -> set[Path]:
         async with self._lock:
             return self.engine.adapter_paths_in_use()
@@ -281,6 +314,7 @@ class AsyncEngine:
                     outputs = []
                 if not self.engine.has_unfinished_requests() and not self._stopping:
                     self._has_work.clear()  # (never a stop request's wake-up)
+                    await asyncio.get_running_loop().run_in_executor(self._step_thread, self._trim_heap)
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:

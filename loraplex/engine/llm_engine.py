@@ -6,6 +6,7 @@ import itertools
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from loraplex.adapters_store.formats import LoRAAdapter, load_peft_lora
 from loraplex.config import EngineConfig
 from loraplex.engine.adapters import AdapterManager, pinned
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.compositions import Recipe, builder
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.model_runner import ModelRunner, kv_cache_block_bytes
 from loraplex.engine.output import OutputState, RequestOutput, TokenLogprob
@@ -44,6 +46,10 @@ class EngineStats:
     adapter_device_loads: int  # host -> device slot copies
     adapter_device_evictions: int
     adapter_host_evictions: int
+    compositions: int = 0  # per-request compositions registered now
+    composition_builds: int = 0
+    composition_hits: int = 0  # requests served by a composition built before
+    compositions_dropped: int = 0  # because an input was deleted or replaced
 
 
 class LLMEngine:
@@ -61,7 +67,7 @@ class LLMEngine:
         if config.max_loras > 0:  # before sizing the KV cache, which takes a share of what is left
             self.model.enable_lora(config.max_loras, config.max_lora_rank)
             self.adapters = AdapterManager(self.model, config.max_loras, config.max_lora_rank,
-                                           config.max_cpu_adapters, self.device)
+                                           config.max_cpu_adapters, self.device, config.max_compositions)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -133,6 +139,41 @@ class LLMEngine:
             return set()
         keys = {state.seq.adapter_key for state in self._requests.values() if state.seq.adapter_key}
         return self.adapters.paths_in_use(keys)
+
+    def prepare_composition(self, recipe: Recipe) -> tuple[str, Callable[[], LoRAAdapter] | None]:
+        """The name a composition is served under, and a function that builds it (safe on any thread), or
+        None when it is registered already. An input that is not registered is a NOT_FOUND on the recipe's
+        field."""
+        if self.adapters is None:
+            raise invalid("max_loras", "is 0: this engine serves no adapters; start it with max_loras >= 1")
+        names = [name for name, _ in recipe.inputs]
+        missing = [name for name in names if name not in self.adapters.paths]
+        if missing:
+            raise not_found(recipe.field, f"adapter {missing[0]!r} does not exist", code="model_not_found")
+        name = recipe.name([self.adapters.key(n) for n in names])
+        if self.adapters.compositions.touch(name):
+            return name, None
+        paths = [self.adapters.paths[n] for n in names]
+        return name, builder(recipe, [self.adapters.reader(n) for n in names], paths, self.config.max_lora_rank)
+
+    def add_composition(self, name: str, recipe: Recipe, build: Callable[[], LoRAAdapter],
+                        built: LoRAAdapter) -> None:
+        """Serve a composition that `prepare_composition` named and `build` built. If an input changed
+        meanwhile, it is refused (the request may retry: it then composes the new inputs)."""
+        if name in self.adapters:
+            return  # another request built it at the same time
+        names = [n for n, _ in recipe.inputs]
+        if any(n not in self.adapters.paths for n in names) or \
+                recipe.name([self.adapters.key(n) for n in names]) != name:
+            raise conflict(recipe.field, "an input adapter was deleted or replaced while the composition was built; "
+                           "send the request again")
+        self.adapters.register_composition(name, names, build, built)
+
+    def adapter_path(self, name: str) -> Path:
+        """The directory a registered adapter is read from."""
+        if self.adapters is None or name not in self.adapters:
+            raise not_found("adapter", f"{name!r} is not registered")
+        return self.adapters.paths[name]
 
     def adapter_names(self) -> list[str]:
         return sorted(self.adapters.paths) if self.adapters is not None else []
@@ -222,6 +263,10 @@ class LLMEngine:
             adapter_device_loads=adapters.slots.loads if adapters else 0,
             adapter_device_evictions=adapters.slots.evictions if adapters else 0,
             adapter_host_evictions=adapters.host.evictions if adapters else 0,
+            compositions=len(adapters.compositions.inputs) if adapters else 0,
+            composition_builds=adapters.compositions.builds if adapters else 0,
+            composition_hits=adapters.compositions.hits if adapters else 0,
+            compositions_dropped=adapters.compositions.dropped if adapters else 0,
         )
 
     @property
