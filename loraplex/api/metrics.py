@@ -17,10 +17,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from loraplex.engine.compositions import PREFIX as COMPOSITION_PREFIX
 from loraplex.engine.llm_engine import EngineStats, RequestOutput
 
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
+COMPOSITION_LABEL = "composition"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -88,6 +90,8 @@ class Metrics:
     def label(self, adapter: str | None) -> str:
         if adapter is None:
             return BASE_LABEL
+        if adapter.startswith(COMPOSITION_PREFIX):  # one label for all: recipes are unbounded
+            return COMPOSITION_LABEL
         self._requests[adapter] += 1
         if adapter in self._labelled:
             return adapter

@@ -98,6 +98,8 @@ def test_compositions_are_cached_and_dropped_when_an_input_is_deleted(live_serve
     first = complete(live_server, "tmp-a*2+tmp-b").json()["choices"][0]["text"]
     again = complete(live_server, "tmp-a*2+tmp-b").json()["choices"][0]["text"]
     assert first == again
+    # one metrics label for every composition (recipes are unbounded)
+    assert 'adapter="composition"' in httpx.get(f"{live_server.url}/metrics", timeout=10).text
     assert metric(live_server, "loraplex_composition_builds") == builds + 1
     assert metric(live_server, "loraplex_composition_hits") == hits + 1
     assert httpx.delete(f"{live_server.url}/v1/adapters/tmp-a", headers=ADMIN, timeout=30).status_code == 200
@@ -106,7 +108,7 @@ def test_compositions_are_cached_and_dropped_when_an_input_is_deleted(live_serve
     assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
     # a new registration under the old name is a new composition (built again, from the new weights)
     assert upload(live_server, "tmp-a", demo_dir / "adapters" / "beta").status_code == 201
-    replaced = complete(live_server, "tmp-a*2+tmp-b").json()["choices"][0]["text"]
+    replaced = complete(live_server, "tmp-a*2 + -tmp-b*-1").json()["choices"][0]["text"]  # same recipe
     assert metric(live_server, "loraplex_composition_builds") == builds + 2
     assert replaced == complete(live_server, "beta*3").json()["choices"][0]["text"]
 
