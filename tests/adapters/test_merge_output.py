@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_layers, load_hf_base
+from conftest import load_hf_base, lora_layers
 from safetensors.torch import load_file
 
 from loraplex.cli import main
@@ -107,3 +107,25 @@ def test_bad_merges_are_clear_errors_and_write_nothing(tmp_path, capsys, peft_ad
     assert main(["merge", "--method", "cat", "--adapter", str(peft_adapters["q1"]), "--adapter", str(other),
                  "-o", str(tmp_path / "z")]) == 2
     assert "someone/else" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["cat", "svd", "ties", "dare_ties", "mwa", "copa"])
+def test_a_merge_on_cuda_equals_the_same_merge_on_the_cpu(peft_adapters, method):
+    from loraplex.adapters_store.formats import load_peft_lora
+    from loraplex.arithmetic import MergeParams, delta, merge
+
+    names = ("all32", "all32") if method in ("mwa", "copa") else ("pattern", "rs")  # mwa / copa: one shape
+    adapters = [load_peft_lora(peft_adapters[n], n, None, 1 << 16) for n in names]
+    params = MergeParams(method, density=0.5, rank=8, metric_values=(1.0, 2.0) if method == "mwa" else None)
+    weights = None if method in ("mwa", "copa") else [0.7, -0.4]
+    on_cpu = merge(adapters, weights, params, "m")
+    on_cuda = merge(adapters, weights, params, "m", device="cuda")
+    assert set(on_cuda.modules) == set(on_cpu.modules)
+    for key, module in on_cuda.modules.items():
+        assert module.a.device.type == "cuda"
+        expected = delta(on_cpu.modules[key])
+        if method == "dare_ties":  # another generator: the drop masks differ; the shape and finiteness hold
+            assert torch.isfinite(module.a).all() and module.a.shape == on_cpu.modules[key].a.shape
+            continue
+        torch.testing.assert_close(delta(module).cpu(), expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-3)
