@@ -152,7 +152,8 @@ def test_kv_cache_fraction_on_cpu_is_rejected(fraction):
 @pytest.mark.parametrize(("field", "value"), [
     ("timeout_keep_alive", 0), ("timeout_keep_alive", -1.0), ("timeout_keep_alive", float("inf")),
     ("timeout_keep_alive", "5"), ("header_timeout", 0.0), ("header_timeout", float("nan")),
-    ("header_timeout", True), ("body_timeout", 0), ("body_timeout", float("inf")), ("max_connections", 0), ("max_connections", 8.0), ("max_connections", True),
+    ("header_timeout", True), ("body_timeout", 0), ("body_timeout", float("inf")),
+    ("max_connections", 0), ("max_connections", 8.0), ("max_connections", True),
 ])
 def test_bad_connection_options_are_rejected_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):

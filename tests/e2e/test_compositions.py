@@ -5,9 +5,7 @@ same recipe, served side by side in one batch with plain-adapter and base reques
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from server_harness import ADMIN_KEY, API_KEY
 
 from loraplex.arithmetic import MergeParams
-from loraplex.merging import RECIPE_FILE, Source, merge_directories
+from loraplex.merging import Source, merge_directories
 
 USER = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
