@@ -15,10 +15,10 @@ from collections.abc import Callable
 class HeapTrimmer:
     """Calls malloc_trim(0) at most once per `min_interval` seconds."""
 
-    def __init__(self, min_interval: float = 1.0) -> None:
+    def __init__(self, min_interval: float = 1.0, trim: Callable[[int], int] | None = None) -> None:
         self.min_interval = min_interval
         self._last = float("-inf")
-        self._trim = _malloc_trim()
+        self._trim = trim or _malloc_trim()
 
     def __call__(self) -> None:
         now = time.monotonic()
