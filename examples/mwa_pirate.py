@@ -67,19 +67,21 @@ def main() -> int:
     model_dir = default_model_dir(EngineConfig(data_dir=args.data_dir).resolved_data_dir())
     work = Path(tempfile.mkdtemp(prefix="mwa-pirate-"))
     adapters = {f"step {s}": CHECKPOINTS / f"pirate-step-{s}" for s in (10, 20, 30)}
+    checkpoints = list(adapters.values())
     for name, flags in MERGES.items():
         out = work / name.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
         code = loraplex_main(["merge", "--method", "mwa", *flags, "-o", str(out),
-                              *[f"--adapter={p}" for p in list(adapters.values())]])
+                              *[f"--adapter={p}" for p in checkpoints]])
         if code:
             return code
         adapters[name] = out
-    llm = LLM(model=str(model_dir), adapters={n: str(p) for n, p in adapters.items()}, max_loras=len(adapters),
+    ids = {name: f"a{i}" for i, name in enumerate(adapters)}  # engine names: no spaces
+    llm = LLM(model=str(model_dir), adapters={ids[n]: str(p) for n, p in adapters.items()}, max_loras=len(adapters),
               dtype="float32", device="cpu")
     params = SamplingParams(max_tokens=48, temperature=0)
     names = list(adapters)
     outs = llm.chat([[{"role": "user", "content": q}] for q in HELD_OUT for _ in names], params,
-                    adapter=[n for _ in HELD_OUT for n in names])
+                    adapter=[ids[n] for _ in HELD_OUT for n in names])
     print("| adapter | loss on the pirate training answers | held-out answers in pirate style | "
           f"{HELD_OUT[0]} |")
     print("|---|---|---|---|")
