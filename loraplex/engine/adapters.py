@@ -205,9 +205,13 @@ class AdapterManager:
         return f"{name}#{self._generation}"
 
     def reader(self, name: str) -> Callable[[], LoRAAdapter]:
-        """A function that reads registered adapter `name`'s current registration from its files (checksums
-        checked), touching no state here: safe to call on any thread."""
+        """A function that gives registered adapter `name`'s current registration, safe to call on any
+        thread: the parsed adapter the host cache holds now (its tensors are never written), or else a
+        read of its files (checksums checked). Call between steps: it looks into the host cache."""
         key = self.keys[name]
+        held = self.host.entries.get(key)  # no LRU update: this is a look, not a use
+        if held is not None:
+            return lambda: held
         path, checksums = self._key_paths[key], self._checksums.get(key)
         return lambda: self._load(path, key, checksums)
 
