@@ -249,6 +249,7 @@ class AdapterManager:
         key = self.keys.pop(name, None)
         if key is not None and self.slots.evict(key):
             self.host.drop(key)  # in use: kept, so a preempted request can resume on it
+            self._builders.pop(key, None)  # (and the builder too, which holds the composition's inputs)
         for composition in self.compositions.using(name):
             self.unregister(composition)
 
