@@ -5,12 +5,14 @@ states, merge (loraplex.arithmetic), write a PEFT directory and its `merge_recip
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import loraplex
 from loraplex.adapters_store.checksums import file_sha256
@@ -50,7 +52,13 @@ def merge_directories(sources: Sequence[Source], params: MergeParams, output: Pa
         adapters.append(_read(source, base, max_rank))
     metrics = read_metrics(sources, params) if params.method == "mwa" else None
     say(f"merging {len(adapters)} adapters ({params.method}, {sum(len(a.modules) for a in adapters)} modules)")
-    merged = merge(adapters, [s.weight for s in sources], params, name=output.name, device=device, metrics=metrics)
+    with tqdm(desc="merging", unit="module", disable=progress is None, file=sys.stderr) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        merged = merge(adapters, [s.weight for s in sources], params, name=output.name, device=device,
+                       metrics=metrics, progress=advance)
     if merged.rank > max_rank:
         raise invalid("rank", f"the merged adapter has rank {merged.rank}, above the {max_rank} served "
                       f"(--max-lora-rank); merge with method 'svd' and rank <= {max_rank}, or use fewer inputs")

@@ -3,7 +3,7 @@ device and dtype (fp32) to compute in."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -11,6 +11,15 @@ from loraplex.adapters_store.formats import LoRAAdapter, LoRAModule
 from loraplex.errors import invalid
 
 Key = tuple[int, str]  # (layer, module)
+Progress = Callable[[int, int], None]  # (modules done, modules in all)
+
+
+def tracked(keys: list[Key], progress: Progress | None) -> Iterator[Key]:
+    """The keys, reporting after each one is done."""
+    for done, key in enumerate(keys, 1):
+        yield key
+        if progress is not None:
+            progress(done, len(keys))
 
 
 def module_keys(adapters: Sequence[LoRAAdapter]) -> list[Key]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from loraplex.adapters_store.formats import LoRAAdapter, LoRAModule
-from loraplex.arithmetic.aligned import Key, fp32, module_name
+from loraplex.arithmetic.aligned import Key, Progress, fp32, module_name, tracked
 from loraplex.arithmetic.compose import result
 from loraplex.arithmetic.params import MergeParams
 from loraplex.errors import invalid
@@ -22,12 +22,12 @@ def mwa_weights(metrics: Sequence[float], kind: str, penalty: float) -> list[flo
 
 
 def mwa(adapters: Sequence[LoRAAdapter], metrics: Sequence[float], params: MergeParams, name: str,
-        device: torch.device | None = None) -> LoRAAdapter:
+        device: torch.device | None = None, progress: Progress | None = None) -> LoRAAdapter:
     """θ = Σ_i w_i θ_i over every A and B, with the run's scale (an input whose scale differs has
     s_i / s_0 folded into its B first)."""
     weights = mwa_weights(metrics, params.metric, params.penalty)
     modules = {}
-    for key in same_shapes(adapters, "mwa"):
+    for key in tracked(same_shapes(adapters, "mwa"), progress):
         inputs = [fp32(adapter.modules[key], device) for adapter in adapters]
         s0 = inputs[0].scale
         a = sum(w * m.a for w, m in zip(weights, inputs, strict=True))
@@ -37,13 +37,13 @@ def mwa(adapters: Sequence[LoRAAdapter], metrics: Sequence[float], params: Merge
 
 
 def copa(adapters: Sequence[LoRAAdapter], params: MergeParams, name: str,
-         device: torch.device | None = None) -> LoRAAdapter:
+         device: torch.device | None = None, progress: Progress | None = None) -> LoRAAdapter:
     """CoPA-Merging (RobustMerge): per module and input, keep the top keep_ratio of A and of B by magnitude;
     row scales s_t,j = Σ|A_t[j]| / Σ|Â_t[j]| (1 where the pruned row is all zero), raised to their
     (1 - clamp_ratio) quantile; A* = Σ_t f·Â_t, B*[:, j] = Σ_t f·s_t,j·B̂_t[:, j] / Σ_t s_t,j; scale s_0."""
     modules = {}
     f = params.fuse_weight
-    for key in same_shapes(adapters, "copa"):
+    for key in tracked(same_shapes(adapters, "copa"), progress):
         inputs = [fp32(adapter.modules[key], device) for adapter in adapters]
         s0 = inputs[0].scale
         a_kept = [_keep_top(m.a, params.keep_ratio) for m in inputs]

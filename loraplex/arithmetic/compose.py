@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from loraplex.adapters_store.formats import LoRAAdapter, LoRAModule
-from loraplex.arithmetic.aligned import fp32, module_keys
+from loraplex.arithmetic.aligned import Progress, fp32, module_keys, tracked
 from loraplex.arithmetic.lowrank import truncate
 
 
@@ -43,11 +43,11 @@ def stacked(adapters: Sequence[LoRAAdapter], weights: Sequence[float], key,
 
 
 def cat(adapters: Sequence[LoRAAdapter], weights: Sequence[float], name: str,
-        device: torch.device | None = None) -> LoRAAdapter:
+        device: torch.device | None = None, progress: Progress | None = None) -> LoRAAdapter:
     """ΔW = Σ_i w_i ΔW_i exactly: A stacks the inputs' A's, B joins their B's with w_i s_i folded in; the
     module's rank is the sum of the inputs' ranks, its scale 1."""
     modules = {}
-    for key in module_keys(adapters):
+    for key in tracked(module_keys(adapters), progress):
         b, a = stacked(adapters, weights, key, device)
         modules[key] = LoRAModule(a=a, b=b, scale=1.0)
     return result(name, modules, adapters)
@@ -57,11 +57,11 @@ add = cat
 
 
 def svd(adapters: Sequence[LoRAAdapter], weights: Sequence[float], rank: int, name: str,
-        device: torch.device | None = None) -> LoRAAdapter:
+        device: torch.device | None = None, progress: Progress | None = None) -> LoRAAdapter:
     """The best rank-`rank` approximation of Σ_i w_i ΔW_i per module (Eckart–Young), computed from the
     factors: QR of the stacked B's and A's, then an SVD of the small core (`lowrank.truncate`)."""
     modules = {}
-    for key in module_keys(adapters):
+    for key in tracked(module_keys(adapters), progress):
         b, a = truncate(*stacked(adapters, weights, key, device), rank)
         modules[key] = LoRAModule(a=a.contiguous(), b=b.contiguous(), scale=1.0)
     return result(name, modules, adapters)

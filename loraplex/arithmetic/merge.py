@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from loraplex.adapters_store.formats import LoRAAdapter
+from loraplex.arithmetic.aligned import Progress
 from loraplex.arithmetic.checkpoints import copa, mwa
 from loraplex.arithmetic.compose import cat, svd
 from loraplex.arithmetic.params import MergeParams, check_weights
@@ -15,10 +16,11 @@ from loraplex.errors import invalid
 
 
 def merge(adapters: Sequence[LoRAAdapter], weights: Sequence[float] | None, params: MergeParams, name: str,
-          device: torch.device | str | None = None, metrics: Sequence[float] | None = None) -> LoRAAdapter:
+          device: torch.device | str | None = None, metrics: Sequence[float] | None = None,
+          progress: Progress | None = None) -> LoRAAdapter:
     """Merge `adapters` by `params.method`. weights: one per adapter (None: all 1); mwa and copa take none.
     metrics: mwa's losses or steps when params.metric_values does not give them. The result's tensors are
-    fp32 on `device` (default: where the inputs are)."""
+    fp32 on `device` (default: where the inputs are). progress(done, total) is called after each module."""
     weights = check_weights([1.0] * len(adapters) if weights is None else weights, len(adapters))
     device = torch.device(device) if device is not None else None
     method = params.method
@@ -26,17 +28,17 @@ def merge(adapters: Sequence[LoRAAdapter], weights: Sequence[float] | None, para
         why = "the metrics weigh the checkpoints" if method == "mwa" else "it weighs entries by magnitude"
         raise invalid("weight", f"{method} takes no weights ({why}); drop them")
     if method == "cat":
-        return cat(adapters, weights, name, device)
+        return cat(adapters, weights, name, device, progress)
     if method == "svd":
-        return svd(adapters, weights, params.rank or max(a.rank for a in adapters), name, device)
+        return svd(adapters, weights, params.rank or max(a.rank for a in adapters), name, device, progress)
     if method == "mwa":
         values = params.metric_values or metrics
         if values is None or len(values) != len(adapters):
             raise invalid("metric_values", f"mwa needs one {params.metric} per adapter ({len(adapters)}): give "
                           "metric_values, or checkpoints that hold a trainer_state.json")
-        return mwa(adapters, values, params, name, device)
+        return mwa(adapters, values, params, name, device, progress)
     if method == "copa":
-        return copa(adapters, params, name, device)
+        return copa(adapters, params, name, device, progress)
     if params.space == "delta":
-        return delta_space(adapters, weights, params, name, device)
-    return parameter_space(adapters, weights, params, name, device)
+        return delta_space(adapters, weights, params, name, device, progress)
+    return parameter_space(adapters, weights, params, name, device, progress)

@@ -16,7 +16,7 @@ import torch
 
 from loraplex.adapters_store.formats import LoRAAdapter, LoRAModule
 from loraplex.arithmetic import prune
-from loraplex.arithmetic.aligned import Key, fp32, module_keys
+from loraplex.arithmetic.aligned import Key, Progress, fp32, module_keys, tracked
 from loraplex.arithmetic.compose import cat, result, svd
 from loraplex.arithmetic.lowrank import delta, truncate_dense
 from loraplex.arithmetic.params import MergeParams
@@ -43,10 +43,10 @@ def combine(tensors: Sequence[torch.Tensor | None], weights: Sequence[float], pa
 
 
 def parameter_space(adapters: Sequence[LoRAAdapter], weights: Sequence[float], params: MergeParams, name: str,
-                    device: torch.device | None = None) -> LoRAAdapter:
+                    device: torch.device | None = None, progress: Progress | None = None) -> LoRAAdapter:
     generator = _generator(params.seed, device)
     modules = {}
-    for key in module_keys(adapters):
+    for key in tracked(module_keys(adapters), progress):
         inputs = [_input(adapter, key, device) for adapter in adapters]
         rank = max(m.rank for m in inputs if m is not None)
         out_features, in_features = next((m.b.shape[0], m.a.shape[1]) for m in inputs if m is not None)
@@ -60,14 +60,14 @@ def parameter_space(adapters: Sequence[LoRAAdapter], weights: Sequence[float], p
 
 
 def delta_space(adapters: Sequence[LoRAAdapter], weights: Sequence[float], params: MergeParams, name: str,
-                device: torch.device | None = None) -> LoRAAdapter:
+                device: torch.device | None = None, progress: Progress | None = None) -> LoRAAdapter:
     if params.method == "linear":
         if params.rank is None:
-            return cat(adapters, weights, name, device)
-        return svd(adapters, weights, params.rank, name, device)
+            return cat(adapters, weights, name, device, progress)
+        return svd(adapters, weights, params.rank, name, device, progress)
     generator = _generator(params.seed, device)
     modules = {}
-    for key in module_keys(adapters):
+    for key in tracked(module_keys(adapters), progress):
         inputs = [_input(adapter, key, device) for adapter in adapters]
         rank = params.rank or max(m.rank for m in inputs if m is not None)
         shape = next((m.b.shape[0], m.a.shape[1]) for m in inputs if m is not None)
