@@ -167,7 +167,8 @@ def main() -> int:
                 done = subprocess.run(command, capture_output=True, text=True, check=True)
                 figures[side] = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"{method} {side}: {figures[side]}", file=sys.stderr, flush=True)
-            checks.append(compare(method, torch.load(f"{tmp}/loraplex-{method}.pt"), torch.load(f"{tmp}/peft-{method}.pt")))
+            ours, theirs = (torch.load(f"{tmp}/{side}-{method}.pt") for side in ("loraplex", "peft"))
+            checks.append(compare(method, ours, theirs))
             rows.append((method, figures["loraplex"], figures["peft"]))
     print(f"{args.adapters} adapters of rank {args.rank}, {args.layers} layers of Llama-3-8B shapes, "
           f"{args.threads} threads")
