@@ -33,12 +33,13 @@ does besides the arithmetic (injecting the new, zero-filled adapter into the mod
 Peak memory: each (side, method) runs in its own fresh subprocess (`python merge_bench.py --side ...`).
 After the inputs are built and `gc.collect()` has run, the process resets the kernel's resident-set
 high-water mark (writing "5" to /proc/self/clear_refs, Linux >= 4.0), records its RSS, runs the merge
-once, then reads the high-water mark (VmHWM in /proc/self/status; not `getrusage(...).ru_maxrss`, which on
-Linux also holds the RSS that the forking parent had at exec, and the parent here held the model). "Peak
-extra" = high-water mark - RSS before the merge: the most
-resident memory the merge (with its result, which it keeps) added at any instant, as the kernel counts
-it, not sampled. Where clear_refs cannot be written the script says so and the number would include
-input construction; it refuses to report that as a merge peak.
+once, then reads the high-water mark (VmHWM in /proc/self/status; not `getrusage(...).ru_maxrss`, which
+on Linux also holds the RSS that the forking parent had at exec, and the parent here held the model).
+"Peak extra" = high-water mark - RSS before the merge: the most resident memory the merge (with its
+result, which it keeps) added at any instant, as the kernel counts it, not sampled. The inputs are
+resident before the reset (copied out of the safetensors file, whose pages would otherwise be faulted
+in during the merge and counted as its memory). Where clear_refs cannot be written the script stops
+rather than report a number that would include input construction.
 
 Check: the parent compares the results. svd: relative Frobenius difference
 ||B_l A_l - B_p A_p||_F / ||B_p A_p||_F of the merged ΔW, every module (must be < 1e-4); ties: max |A_l - A_p|
@@ -159,7 +160,9 @@ def run_side(args) -> None:
     from safetensors.torch import load_file, save_file
 
     method, full_matrices = CASES[args.case]
-    tensors = load_file(args.inputs)
+    # copies in anonymous memory: load_file's tensors may be backed by the file's pages, which would become
+    # resident (and count as the merge's) only when the merge first reads them
+    tensors = {key: value.clone() for key, value in load_file(args.inputs).items()}
     n, weights = args.adapters, [1.0 / args.adapters] * args.adapters
 
     if args.side == "loraplex":
@@ -361,7 +364,7 @@ def main() -> None:
                  "svd, peft reduced": "svd (peft svd_full_matrices=False)", "ties": f"ties (density {DENSITY})"}[case]
         speedup = pf["seconds"] / lp["seconds"]
         ratio = lp["peak_extra_mib"] / pf["peak_extra_mib"] if pf["peak_extra_mib"] > 0 else float("nan")
-        print(f"| {label} | {lp['seconds']:.3f} | {pf['seconds']:.2f} | {speedup:.1f}x | {lp['peak_extra_mib']:.1f} "
+        print(f"| {label} | {lp['seconds']:.3f} | {pf['seconds']:.3f} | {speedup:.1f}x | {lp['peak_extra_mib']:.1f} "
               f"| {pf['peak_extra_mib']:.1f} | {ratio:.3f} |")
     svd_rows = [(lp, pf) for case, lp, pf in rows if CASES[case][0] == "svd"]
     if svd_rows:
