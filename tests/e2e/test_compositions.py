@@ -5,7 +5,9 @@ same recipe, served side by side in one batch with plain-adapter and base reques
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -160,3 +162,26 @@ def test_a_stored_merge_needs_the_admin_key(live_server):
     resp = httpx.post(f"{live_server.url}/v1/adapters/merge", headers=USER, timeout=60,
                       json={"name": "m2", "method": "cat", "sources": [{"name": "alpha"}]})
     assert resp.status_code == 403
+
+
+def test_a_stored_mwa_merge_reads_the_uploaded_trainer_states(live_server, demo_dir, tmp_path):
+    states = {"ck-a": 2.0, "ck-b": 0.5}
+    for name, loss in states.items():
+        directory = tmp_path / name
+        shutil.copytree(demo_dir / "adapters" / "alpha", directory)
+        (directory / "trainer_state.json").write_text(json.dumps(
+            {"global_step": 10, "log_history": [{"loss": 9.0, "step": 1}, {"loss": loss, "step": 10}]}))
+        parts = [("files", (f, (directory / f).read_bytes())) for f in (*FILES, "trainer_state.json")]
+        resp = httpx.post(f"{live_server.url}/v1/adapters", headers=ADMIN, data={"name": name}, files=parts,
+                          timeout=60)
+        assert resp.status_code == 201, resp.text
+    resp = httpx.post(f"{live_server.url}/v1/adapters/merge", headers=ADMIN, timeout=60, json={
+        "name": "ck-mwa", "method": "mwa", "penalty": 1.0, "sources": [{"name": "ck-a"}, {"name": "ck-b"}]})
+    assert resp.status_code == 201, resp.text
+    inputs = resp.json()["recipe"]["inputs"]
+    assert [i["loss"] for i in inputs] == [2.0, 0.5]  # the last logged loss of each trainer state
+    assert [i["mwa_weight"] for i in inputs] == pytest.approx([0.2, 0.8])  # (1/2) / (1/2 + 2), 2 / 2.5
+    # given in the request, the metrics win over the trainer states
+    resp = httpx.post(f"{live_server.url}/v1/adapters/merge", headers=ADMIN, timeout=60, json={
+        "name": "ck-mwa2", "method": "mwa", "sources": [{"name": "ck-a", "loss": 1.0}, {"name": "ck-b", "loss": 1.0}]})
+    assert [i["mwa_weight"] for i in resp.json()["recipe"]["inputs"]] == pytest.approx([0.5, 0.5])
