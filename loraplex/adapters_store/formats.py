@@ -3,6 +3,7 @@ against the base model, and hold the result as per-module (A, B, scale) triples.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -24,9 +25,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_MODULES = ATTENTION_MODULES + MLP_MODULES
-_KEY = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))"
+                  r"\.(?:lora_([AB])\.weight|lora_(magnitude)_vector)$")
 _UNSUPPORTED_FLAGS = {
-    "use_dora": "DoRA adapters (use_dora) are not supported yet; merge the adapter into a LoRA or retrain without DoRA",
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported; retrain without it",
     "lora_bias": "lora_bias (a trained bias on lora_B) is not supported; retrain with lora_bias=False",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported; only plain LoRA",
@@ -53,6 +54,7 @@ MAX_PATTERN_KEY_CHARS = 256
 # Weights are held in fp32; these convert exactly (float64 within fp32's range, checked after conversion).
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _SHOWN_CHARS = 60  # of a bad value or key, in a message
+_HALVES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
 Regex = Any  # a pattern compiled by re2 (whose class is private)
 
 
@@ -61,6 +63,7 @@ class LoRAModule:
     a: torch.Tensor  # [rank, in_features]
     b: torch.Tensor  # [out_features, rank]
     scale: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) with rslora
+    magnitude: torch.Tensor | None = None  # DoRA: [out_features], the rows' norms after the update; else None
 
     @property
     def rank(self) -> int:
@@ -84,7 +87,12 @@ class LoRAAdapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        return sum(m.a.nbytes + m.b.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)
+                   for m in self.modules.values())
+
+    @property
+    def kind(self) -> str:
+        return "dora" if any(m.magnitude is not None for m in self.modules.values()) else "lora"
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class AdapterConfig:
     rank: int  # r
     alpha: float  # lora_alpha
     rslora: bool  # use_rslora: scale alpha / sqrt(rank) instead of alpha / rank
+    dora: bool  # use_dora: every module has a magnitude vector
     rank_pattern: tuple[tuple[Regex, int], ...]  # (PEFT's match of the key, value), in the file's order
     alpha_pattern: tuple[tuple[Regex, float], ...]
     layers: frozenset[int] | None  # layers_to_transform; None: every layer
@@ -159,6 +168,7 @@ def read_adapter_config(path: Path) -> AdapterConfig:
     return AdapterConfig(
         raw=config, rank=_rank("r", config.get("r")), alpha=_alpha("lora_alpha", config.get("lora_alpha")),
         rslora=_flag("use_rslora", config.get("use_rslora", False)),
+        dora=_flag("use_dora", config.get("use_dora", False)),
         rank_pattern=_patterns(config, "rank_pattern", _rank), alpha_pattern=_patterns(config, "alpha_pattern", _alpha),
         layers=_layers(config.get("layers_to_transform")),
     )
@@ -283,9 +293,17 @@ def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base:
     modules = {}
     for (layer, module), pair in sorted(halves.items()):
         full_name = full_names[(layer, module)]
-        if set(pair) != {"A", "B"}:
-            raise _weights_error(f"{full_name}: has lora_{''.join(pair)} but not its other half")
-        modules[(layer, module)] = _module(pair["A"], pair["B"], config, base, module, full_name, max_rank)
+        if not {"A", "B"} <= set(pair):
+            raise _weights_error(f"{full_name}: has {', '.join(_HALVES[h] for h in sorted(pair))} but not its other "
+                                 f"half ({' or '.join(_HALVES[h] for h in sorted({'A', 'B'} - set(pair)))})")
+        if ("M" in pair) != config.dora:
+            raise _weights_error(f"{full_name}: lora_magnitude_vector must be there exactly when adapter_config.json "
+                                 f"has use_dora true (use_dora is {str(config.dora).lower()})")
+        module_weights = _module(pair["A"], pair["B"], config, base, module, full_name, max_rank)
+        if "M" in pair:
+            module_weights = dataclasses.replace(module_weights,
+                                                 magnitude=_magnitude(pair["M"], module_weights, full_name))
+        modules[(layer, module)] = module_weights
     return modules
 
 
@@ -294,14 +312,13 @@ def _parse_key(key: str, base: ModelConfig | None) -> tuple[int, str, str, str]:
     if match is None:
         if "lora_embedding" in key or "embed_tokens" in key:
             raise _weights_error(f"{key}: LoRA on embeddings is not supported yet")
-        if "lora_magnitude_vector" in key:
-            raise _weights_error(f"{key}: DoRA weights are not supported yet")
         if "lm_head" in key:
             raise _weights_error(f"{key}: LoRA on lm_head is not supported yet")
         raise _weights_error(f"unexpected tensor {key!r}; expected PEFT LoRA keys like "
                              "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (made for another "
                              "architecture?)")
-    full_name, layer, module, half = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    full_name, layer, module = match.group(1), int(match.group(2)), match.group(3)
+    half = match.group(4) or "M"  # A, B, or M: a DoRA magnitude vector
     if module not in LORA_MODULES:
         raise _weights_error(f"{key}: module {module!r} is not a projection of this base model "
                              f"(expected one of {', '.join(LORA_MODULES)}); made for another base model?")
@@ -344,6 +361,19 @@ def _module(a: torch.Tensor, b: torch.Tensor, config: AdapterConfig, base: Model
     scale = config.scale_of(full_name, rank)
     check_norms(a, b, scale, full_name)
     return LoRAModule(a=a.contiguous(), b=b.contiguous(), scale=scale)
+
+
+def _magnitude(tensor: torch.Tensor, module: LoRAModule, full_name: str) -> torch.Tensor:
+    """DoRA's magnitude vector: one positive finite norm per output row."""
+    out_features = module.b.shape[0]
+    if tuple(tensor.shape) != (out_features,):
+        raise _weights_error(f"{full_name}: lora_magnitude_vector has shape {tuple(tensor.shape)}, expected "
+                             f"({out_features},), one value per output row")
+    tensor = _fp32("lora_magnitude_vector", tensor, full_name)
+    if not bool((tensor > 0).all()) or float(tensor.max()) > MAX_LORA_NORM:
+        raise _weights_error(f"{full_name}: lora_magnitude_vector must hold row norms in (0, {MAX_LORA_NORM:g}]; "
+                             "export the adapter again")
+    return tensor.contiguous()
 
 
 def _fp32(half: str, tensor: torch.Tensor, full_name: str) -> torch.Tensor:

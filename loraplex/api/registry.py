@@ -28,6 +28,7 @@ FORMAT = "peft-lora"
 class AdapterInfo:
     name: str
     format: str
+    kind: str  # lora | dora
     rank: int
     target_modules: list[str]
     size_bytes: int
@@ -42,7 +43,8 @@ class AdapterInfo:
 
 
 def _describe(adapter: LoRAAdapter) -> dict[str, Any]:
-    return {"rank": adapter.rank, "target_modules": adapter.target_modules, "sha256": adapter.sha256}
+    return {"kind": adapter.kind, "rank": adapter.rank, "target_modules": adapter.target_modules,
+            "sha256": adapter.sha256}
 
 
 class AdapterRegistry:
@@ -187,7 +189,8 @@ class AdapterRegistry:
 
     @staticmethod
     def _stored_info(record: StoredAdapter) -> AdapterInfo:
-        return AdapterInfo(name=record.name, format=record.format, rank=int(record.info["rank"]),
+        return AdapterInfo(name=record.name, format=record.format, kind=str(record.info.get("kind", "lora")),
+                           rank=int(record.info["rank"]),
                            target_modules=list(record.info["target_modules"]), size_bytes=record.size_bytes,
                            sha256=str(record.info["sha256"]), created=int(record.created),
                            source=str(record.info.get("source", "upload")), stored=True,

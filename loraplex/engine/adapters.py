@@ -25,6 +25,7 @@ from loraplex.adapters_store.formats import WEIGHTS_FILE, LoRAAdapter, load_peft
 from loraplex.engine.compositions import Compositions
 from loraplex.errors import LoraplexError, invalid
 from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.lora import dora_row_factors
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +143,12 @@ class SlotPool:
             weights = adapter.modules.get((layer, module))
             if weights is None:
                 linear.lora.clear_slice(slot, shard)
-            else:
-                linear.lora.write(slot, shard, weights.a, weights.b, weights.scale)
+                continue
+            factors = None
+            if weights.magnitude is not None:  # DoRA: the row factors, computed once here, not per step
+                factors = dora_row_factors(linear.weight[linear.shard_rows(shard)], weights.a, weights.b,
+                                           weights.scale, weights.magnitude)
+            linear.lora.write(slot, shard, weights.a, weights.b, weights.scale, factors)
 
 
 class AdapterManager:

@@ -57,9 +57,19 @@ class AdaptableLinear(Module, nn.Linear):
         return slice(start, start + self.output_sizes[shard])
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        y = super().forward(x)  # [num_tokens, out_features]
-        if lora is not None and self.lora is not None:
+        if lora is None or self.lora is None:
+            return super().forward(x)  # [num_tokens, out_features]
+        if not self.lora.any_dora(lora.active_slots):
+            y = super().forward(x)
             self.backend.add_lora(y, x, self.lora, lora)
+            return y
+        # DoRA (PEFT's forward): y = m/||W + s·B·A|| ⊙ (W x + s·B·A x) + bias, the factor per output row of the
+        # token's slot (1 for other tokens); the bias stays out of the product.
+        y = nn.functional.linear(x, self.weight)
+        self.backend.add_lora(y, x, self.lora, lora)
+        y *= self.lora.row_factors[lora.meta.token_slots.long()].to(y.dtype)  # slot -1: the last row, all ones
+        if self.bias is not None:
+            y += self.bias
         return y
 
 

@@ -22,6 +22,10 @@ class LoRASlotWeights:
     scales: torch.Tensor  # [max_loras, num_slices] fp32
     slice_offsets: list[int]  # num_slices + 1 row offsets into out_features
     ranks_host: list[list[int]]  # ranks, on the host: sizes the torch path without a device sync
+    # DoRA: each slot's per-output-row factor m / ||W + s·B·A|| (1 where the slot's adapter is not DoRA); the
+    # last row is all ones, so that token slot -1 (no adapter) indexes it.
+    row_factors: torch.Tensor  # [max_loras + 1, out_features] fp32
+    dora_host: list[list[bool]]  # [max_loras][num_slices]: which slices of a slot have a factor
 
     @classmethod
     def allocate(cls, max_loras: int, max_rank: int, in_features: int, output_sizes: list[int],
@@ -37,10 +41,14 @@ class LoRASlotWeights:
             scales=torch.zeros(max_loras, num_slices, dtype=torch.float32, device=device),
             slice_offsets=offsets,
             ranks_host=[[0] * num_slices for _ in range(max_loras)],
+            row_factors=torch.ones(max_loras + 1, offsets[-1], dtype=torch.float32, device=device),
+            dora_host=[[False] * num_slices for _ in range(max_loras)],
         )
 
-    def write(self, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Put one projection's A [rank, in] and B [out_slice, rank] into a slot."""
+    def write(self, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor, scale: float,
+              row_factors: torch.Tensor | None = None) -> None:
+        """Put one projection's A [rank, in] and B [out_slice, rank] into a slot, and for DoRA its factors
+        [out_slice] (see `dora_row_factors`)."""
         rank = a.shape[0]
         lo, hi = self.slice_offsets[slice_index], self.slice_offsets[slice_index + 1]
         self.clear_slice(slot, slice_index)
@@ -49,6 +57,9 @@ class LoRASlotWeights:
         self.ranks[slot, slice_index] = rank
         self.scales[slot, slice_index] = scale
         self.ranks_host[slot][slice_index] = rank
+        if row_factors is not None:
+            self.row_factors[slot, lo:hi].copy_(row_factors, non_blocking=True)
+            self.dora_host[slot][slice_index] = True
 
     def clear_slice(self, slot: int, slice_index: int) -> None:
         lo, hi = self.slice_offsets[slice_index], self.slice_offsets[slice_index + 1]
@@ -57,7 +68,25 @@ class LoRASlotWeights:
         self.ranks[slot, slice_index] = 0
         self.scales[slot, slice_index] = 0.0
         self.ranks_host[slot][slice_index] = 0
+        self.row_factors[slot, lo:hi] = 1.0
+        self.dora_host[slot][slice_index] = False
+
+    def any_dora(self, slots: list[int]) -> bool:
+        return any(any(self.dora_host[s]) for s in slots)
 
     def max_rank_of(self, slots: list[int]) -> int:
         ranks = self.ranks_host
         return max((max(ranks[s]) for s in slots), default=0)
+
+
+def dora_row_factors(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                     magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-output-row factor m / ||W + s·B·A||_row, as PEFT computes it (the norm over each row of
+    the updated weight), without forming W + s·B·A: ||W_r + s (BA)_r||² = ||W_r||² + 2s (W Aᵀ)_r · B_r +
+    s² B_r (A Aᵀ) B_rᵀ. weight: [out, in] (the base rows of this projection); a: [rank, in]; b: [out, rank];
+    magnitude: [out]. Returns [out] fp32."""
+    w, a, b = weight.float(), a.to(weight.device).float(), b.to(weight.device).float()
+    cross = ((w @ a.T) * b).sum(dim=1)  # W_r · s(BA)_r / s
+    update = ((b @ (a @ a.T)) * b).sum(dim=1)  # ||(BA)_r||²
+    squared = w.square().sum(dim=1) + 2 * scale * cross + scale**2 * update
+    return magnitude.to(weight.device).float() / squared.clamp(min=0).sqrt()

@@ -228,13 +228,12 @@ def test_half_precision_weights_load_as_fp32(load, copy_demo_adapter):
 @pytest.mark.parametrize(
     ("lora_kwargs", "pattern"),
     [
-        (dict(use_dora=True), r"DoRA|use_dora"),
         (dict(modules_to_save=["lm_head"]), r"modules_to_save"),
         (dict(bias="all"), r"bias 'all'"),
         (dict(bias="lora_only"), r"bias 'lora_only'"),
         (dict(trainable_token_indices=[10, 11]), r"embed"),
     ],
-    ids=["use_dora", "modules_to_save", "bias_all", "bias_lora_only", "trainable_tokens"],
+    ids=["modules_to_save", "bias_all", "bias_lora_only", "trainable_tokens"],
 )
 def test_unsupported_peft_features_are_refused(load, tmp_path, make_peft_adapter, lora_kwargs, pattern):
     path = make_peft_adapter(tmp_path / "adapter", dict(r=4, lora_alpha=8, target_modules=["q_proj"], **lora_kwargs))
