@@ -51,6 +51,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
     a.add_argument("--max-cpu-adapters", type=int, default=defaults.max_cpu_adapters,
                    help="parsed adapters kept in host memory (LRU)")
+    a.add_argument("--max-sparse-density", type=float, default=defaults.max_sparse_density,
+                   help="the densest sparse adapter part taken (nnz / (out x in), per module and over the adapter)")
     a.add_argument("--max-compositions", type=int, default=defaults.max_compositions,
                    help="per-request compositions (\"model\": \"a*0.7+b*0.3\") kept built (LRU)")
 
@@ -110,6 +112,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,
         "served_model_name": args.served_model_name, "max_loras": args.max_loras,
         "max_lora_rank": args.max_lora_rank, "max_cpu_adapters": args.max_cpu_adapters,
+        "max_compositions": args.max_compositions, "max_sparse_density": args.max_sparse_density,
         "adapters": parse_adapter_args(args.adapter),
     }
 

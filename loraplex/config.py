@@ -35,6 +35,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_adapters: int = 64  # parsed adapters kept in host memory
     max_compositions: int = 64  # per-request compositions kept registered (least recently used dropped)
+    max_sparse_density: float = 0.05  # sparse adapter parts: nnz / (out·in), per module and over the adapter
     seed: int = 0
     served_model_name: str | None = None
     data_dir: str | None = None
@@ -63,6 +64,9 @@ class EngineConfig:
                           f"got {self.max_cpu_adapters}")
         if self.block_size & (self.block_size - 1):
             raise invalid("block_size", f"must be a power of two, got {self.block_size}")
+        density = self.max_sparse_density
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise invalid("max_sparse_density", f"must be in (0, 1], got {density!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise invalid("max_model_len", f"must be at least 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None:

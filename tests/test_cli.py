@@ -151,3 +151,21 @@ def test_connection_flags_reach_the_server_config():
     defaults = server_config(build_parser().parse_args(["serve"]))
     assert (defaults.timeout_keep_alive, defaults.header_timeout, defaults.body_timeout,
             defaults.max_connections) == (5.0, 10.0, 30.0, 1024)
+
+
+def test_every_engine_flag_reaches_the_engine_config():
+    """Each flag of the engine group becomes an EngineConfig field (a flag parsed and then dropped is a
+    silent no-op); the defaults are EngineConfig's."""
+    from dataclasses import fields
+
+    from loraplex.cli import engine_options
+    from loraplex.config import EngineConfig
+
+    flags = ["serve", "--max-compositions", "7", "--max-sparse-density", "0.01", "--max-cpu-adapters", "9",
+             "--max-lora-rank", "32", "--max-loras", "3"]
+    options = engine_options(build_parser().parse_args(flags))
+    config = EngineConfig.from_options(**{k: v for k, v in options.items() if k != "adapters"})
+    assert (config.max_compositions, config.max_sparse_density, config.max_cpu_adapters, config.max_lora_rank,
+            config.max_loras) == (7, 0.01, 9, 32, 3)
+    names = {f.name for f in fields(EngineConfig)} - {"seed"}  # seed has no flag: generate takes it per request
+    assert names <= set(options), sorted(names - set(options))

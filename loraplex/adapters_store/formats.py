@@ -16,6 +16,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loraplex.adapters_store.checksums import file_sha256
+from loraplex.adapters_store.sparse_format import SparseDelta, is_sparse_delta
+from loraplex.adapters_store.sparse_format import check_config as check_sparse_config
+from loraplex.adapters_store.sparse_format import parse_module as parse_sparse_module
+from loraplex.adapters_store.sparse_format import split_key as split_sparse_key
 from loraplex.errors import LoraplexError, invalid
 from loraplex.models.model_config import ModelConfig
 
@@ -47,6 +51,7 @@ MAX_LORA_ALPHA = 1e4  # the scale, alpha / r or alpha / sqrt(r), is at most alph
 # 1e4 is three orders above, and refuses weights scaled absurdly (by 1e30), which overflow half-precision slots
 # (fp16 max 65504) and put inf / NaN into the KV cache.
 MAX_LORA_NORM = 1e4
+DEFAULT_MAX_SPARSE_DENSITY = 0.05  # --max-sparse-density: nnz / (out·in) per module and over the adapter
 # rank_pattern / alpha_pattern keys are regexes matched against every module name: one entry per module of
 # the largest models (126 layers x 7 projections) fits, and a module name is under 100 characters.
 MAX_PATTERN_ENTRIES = 1024
@@ -64,6 +69,7 @@ class LoRAModule:
     b: torch.Tensor  # [out_features, rank]
     scale: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) with rslora
     magnitude: torch.Tensor | None = None  # DoRA: [out_features], the rows' norms after the update; else None
+    sparse: SparseDelta | None = None  # a sparse part S of the update (ΔW = scale·B·A + S); rank 0: S alone
 
     @property
     def rank(self) -> int:
@@ -88,11 +94,20 @@ class LoRAAdapter:
     @property
     def num_bytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)
-                   for m in self.modules.values())
+                   + (0 if m.sparse is None else m.sparse.num_bytes) for m in self.modules.values())
 
     @property
     def kind(self) -> str:
-        return "dora" if any(m.magnitude is not None for m in self.modules.values()) else "lora"
+        modules = self.modules.values()
+        if any(m.magnitude is not None for m in modules):
+            return "dora"
+        if any(m.sparse is not None for m in modules):
+            return "rosa" if any(m.rank > 0 for m in modules) else "sparse"
+        return "lora"
+
+    @property
+    def nnz(self) -> int:
+        return sum(m.sparse.nnz for m in self.modules.values() if m.sparse is not None)
 
 
 @dataclass(frozen=True)
@@ -127,13 +142,17 @@ def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
 
 
 def load_peft_lora(path: Path, name: str, base: ModelConfig | None, max_rank: int,
-                   sha256: str | None = None) -> LoRAAdapter:
+                   sha256: str | None = None, max_sparse_density: float = DEFAULT_MAX_SPARSE_DENSITY) -> LoRAAdapter:
     """Read and validate a PEFT LoRA directory. Refusals are LoraplexError (INVALID) whose field is the
     file at fault (adapter_config.json, adapter_model.safetensors), or `files` when one is missing; the
     message never holds the directory, which is the caller's to name. `sha256`: the weights file's,
     when the caller has just checked it (else it is computed). `base` None (offline merges, no model at
     hand): every check but those against the base model's layers and shapes."""
     path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        raw = _parse_json(path / CONFIG_FILE)
+        if isinstance(raw, dict) and is_sparse_delta(raw):
+            return _load_sparse_delta(path, name, base, raw, max_sparse_density, sha256)
     config = read_adapter_config(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.exists():
@@ -148,6 +167,38 @@ def load_peft_lora(path: Path, name: str, base: ModelConfig | None, max_rank: in
     modules = _pair_modules(tensors, config, base, max_rank)
     digest = sha256 or file_sha256(weights_file)[0]  # in chunks: uploads may be large
     return LoRAAdapter(name=name, modules=modules, config=config.raw, sha256=digest)
+
+
+def _load_sparse_delta(path: Path, name: str, base: ModelConfig | None, raw: dict, max_density: float,
+                       sha256: str | None) -> LoRAAdapter:
+    """loraplex's sparse-delta format (sparse_format.py): per module S alone, as a module of rank 0."""
+    check_sparse_config(raw, max_density)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.exists():
+        raise invalid("files", f"{WEIGHTS_FILE} is missing")
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    names: dict[tuple[int, str], str] = {}
+    for key, tensor in _read_safetensors(weights_file).items():
+        split = split_sparse_key(key)
+        if split is None:
+            raise _weights_error(f"unexpected tensor {key!r} in a sparse delta; expected keys like "
+                                 "base_model.model.model.layers.0.self_attn.q_proj.sparse_delta.values")
+        full_name, layer, module, suffix = split
+        if module not in LORA_MODULES or (base is not None and layer >= base.num_layers):
+            raise _weights_error(f"{key}: no such projection in the base model (made for another base model?)")
+        parts.setdefault((layer, module), {})[suffix] = tensor
+        names[(layer, module)] = full_name
+    if not parts:
+        raise _weights_error("holds no sparse_delta tensors")
+    modules = {}
+    for (layer, module), tensors in sorted(parts.items()):
+        expected = module_shape(base, module) if base is not None else None
+        delta = parse_sparse_module(names[(layer, module)], tensors, expected, max_density)
+        out_features, in_features = delta.shape
+        modules[(layer, module)] = LoRAModule(a=torch.zeros(0, in_features), b=torch.zeros(out_features, 0),
+                                              scale=1.0, sparse=delta)
+    digest = sha256 or file_sha256(weights_file)[0]
+    return LoRAAdapter(name=name, modules=modules, config=raw, sha256=digest)
 
 
 def read_adapter_config(path: Path) -> AdapterConfig:

@@ -26,7 +26,7 @@ def module_keys(adapters: Sequence[LoRAAdapter]) -> list[Key]:
     """Every module some input adapts, in (layer, module) order; shapes checked to agree across inputs."""
     shapes: dict[Key, tuple[str, tuple[int, int]]] = {}
     for adapter in adapters:
-        refuse_dora(adapter)
+        refuse_unmergeable(adapter)
         for key, module in adapter.modules.items():
             shape = (module.b.shape[0], module.a.shape[1])
             first = shapes.setdefault(key, (adapter.name, shape))
@@ -38,10 +38,14 @@ def module_keys(adapters: Sequence[LoRAAdapter]) -> list[Key]:
     return sorted(shapes)
 
 
-def refuse_dora(adapter: LoRAAdapter) -> None:
+def refuse_unmergeable(adapter: LoRAAdapter) -> None:
+    """DoRA inputs (their magnitudes do not add) and, for now, inputs with sparse parts."""
     if any(m.magnitude is not None for m in adapter.modules.values()):
         raise invalid("sources", f"adapter {adapter.name!r} is a DoRA adapter: its magnitude vectors (norms of "
                       "the updated rows) do not add or average, so it cannot be merged; merge plain LoRA adapters")
+    if any(m.sparse is not None for m in adapter.modules.values()):
+        raise invalid("sources", f"adapter {adapter.name!r} has sparse parts, which merges do not take yet; "
+                      "merge plain LoRA adapters")
 
 
 def _check_base_models(adapters: Sequence[LoRAAdapter]) -> None:

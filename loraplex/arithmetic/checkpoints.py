@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from loraplex.adapters_store.formats import LoRAAdapter, LoRAModule
-from loraplex.arithmetic.aligned import Key, Progress, fp32, module_name, refuse_dora, tracked
+from loraplex.arithmetic.aligned import Key, Progress, fp32, module_name, refuse_unmergeable, tracked
 from loraplex.arithmetic.compose import result
 from loraplex.arithmetic.params import MergeParams
 from loraplex.errors import invalid
@@ -78,7 +78,7 @@ def same_shapes(adapters: Sequence[LoRAAdapter], method: str) -> list[Key]:
     """The modules of the first input, which every input must have at the same rank and shape."""
     first = adapters[0]
     for adapter in adapters:
-        refuse_dora(adapter)
+        refuse_unmergeable(adapter)
     for adapter in adapters[1:]:
         if set(adapter.modules) != set(first.modules):
             missing = sorted(set(first.modules) ^ set(adapter.modules))[0]

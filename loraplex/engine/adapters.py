@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from loraplex.adapters_store.checksums import file_sha256
-from loraplex.adapters_store.formats import WEIGHTS_FILE, LoRAAdapter, load_peft_lora
+from loraplex.adapters_store.formats import DEFAULT_MAX_SPARSE_DENSITY, WEIGHTS_FILE, LoRAAdapter, load_peft_lora
 from loraplex.engine.compositions import Compositions
 from loraplex.errors import LoraplexError, invalid
 from loraplex.models.llama import LlamaForCausalLM
@@ -73,7 +73,8 @@ def pinned(adapter: LoRAAdapter) -> LoRAAdapter:
     (tensors pinned already are kept)."""
     for key, module in adapter.modules.items():
         if not (module.a.is_pinned() and module.b.is_pinned()):
-            adapter.modules[key] = type(module)(module.a.pin_memory(), module.b.pin_memory(), module.scale)
+            # (the small DoRA and sparse parts stay pageable: their slot writes are few and synchronous)
+            adapter.modules[key] = dataclasses.replace(module, a=module.a.pin_memory(), b=module.b.pin_memory())
     return adapter
 
 
@@ -143,7 +144,9 @@ class SlotPool:
             weights = adapter.modules.get((layer, module))
             if weights is None:
                 linear.lora.clear_slice(slot, shard)
+                linear.lora.write_sparse(slot, shard, None)
                 continue
+            linear.lora.write_sparse(slot, shard, None if weights.sparse is None else weights.sparse.to_torch())
             factors = None
             if weights.magnitude is not None:  # DoRA: the row factors, computed once here, not per step
                 factors = dora_row_factors(linear.weight[linear.shard_rows(shard)], weights.a, weights.b,
@@ -160,9 +163,11 @@ class AdapterManager:
     """
 
     def __init__(self, model: LlamaForCausalLM, max_loras: int, max_lora_rank: int, max_cpu_adapters: int,
-                 device: torch.device, max_compositions: int = 64) -> None:
+                 device: torch.device, max_compositions: int = 64,
+                 max_sparse_density: float = DEFAULT_MAX_SPARSE_DENSITY) -> None:
         self.model_config = model.config
         self.max_lora_rank = max_lora_rank
+        self.max_sparse_density = max_sparse_density
         self.paths: dict[str, Path] = {}  # registered name -> directory (compositions have none)
         self.keys: dict[str, str] = {}  # registered name -> key of its current registration
         self._key_paths: dict[str, Path] = {}  # every key handed out -> directory, to reload it
@@ -238,7 +243,8 @@ class AdapterManager:
                 raise invalid(file_name, f"sha256 {found} differs from the stored {expected}; the file was "
                               "changed on disk; upload the adapter again")
         return load_peft_lora(path, key, self.model_config, self.max_lora_rank,
-                              sha256=checksums.get(WEIGHTS_FILE))  # checked just now: not hashed again
+                              sha256=checksums.get(WEIGHTS_FILE),  # checked just now: not hashed again
+                              max_sparse_density=self.max_sparse_density)
 
     def _read(self, key: str) -> LoRAAdapter:
         """A registration's weights, read from its files or built again (a composition)."""

@@ -67,7 +67,8 @@ class LLMEngine:
         if config.max_loras > 0:  # before sizing the KV cache, which takes a share of what is left
             self.model.enable_lora(config.max_loras, config.max_lora_rank)
             self.adapters = AdapterManager(self.model, config.max_loras, config.max_lora_rank,
-                                           config.max_cpu_adapters, self.device, config.max_compositions)
+                                           config.max_cpu_adapters, self.device, config.max_compositions,
+                                           config.max_sparse_density)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -124,7 +125,8 @@ class LLMEngine:
         no engine state, so it may run in another thread while the engine steps."""
         if self.adapters is None:
             raise invalid("max_loras", "is 0: this engine serves no adapters; start it with max_loras >= 1")
-        adapter = load_peft_lora(Path(path), "inspect", self.model.config, self.config.max_lora_rank)
+        adapter = load_peft_lora(Path(path), "inspect", self.model.config, self.config.max_lora_rank,
+                                 max_sparse_density=self.config.max_sparse_density)
         return pinned(adapter) if self.adapters.host.pin_memory else adapter  # here, not between steps
 
     def remove_adapter(self, name: str) -> None:

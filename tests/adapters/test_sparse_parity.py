@@ -1,0 +1,156 @@
+"""Sparse-delta adapters (loraplex's CSR format, docs/adapters.md) served against `transformers` with each
+delta merged into its weights: greedy tokens and fp32 logprobs in batches mixing them with LoRA adapters
+and base requests, on the torch and Triton backends and through two slots; and the loader's checks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PeftReference, load_hf_base
+from safetensors.torch import load_file, save_file
+from test_peft_parity import TARGETS, assert_logprobs_match, assert_tokens_match, greedy, make_llm, make_requests
+
+from loraplex.adapters_store.formats import load_peft_lora
+from loraplex.adapters_store.sparse_format import SparseDelta, write_sparse_delta
+from loraplex.errors import LoraplexError
+
+# name -> (modules it adapts, density, seed)
+SPARSE = {
+    "sp-attn": (["self_attn.q_proj", "self_attn.o_proj", "self_attn.v_proj"], 0.02, 501),
+    "sp-mlp": (["mlp.gate_proj", "mlp.down_proj", "self_attn.k_proj"], 0.005, 502),
+}
+
+
+def random_delta(weight: torch.Tensor, density: float, gen: torch.Generator) -> SparseDelta:
+    """A random CSR delta shaped like `weight`, its entries about 4x the weight's rms: enough to move the
+    greedy tokens."""
+    out_features, in_features = weight.shape
+    keep = torch.rand(out_features, in_features, generator=gen) < density
+    values = torch.randn(out_features, in_features, generator=gen) * 4 * float(weight.float().pow(2).mean().sqrt())
+    csr = (values * keep).to_sparse_csr()
+    return SparseDelta(crow=csr.crow_indices(), col=csr.col_indices(), values=csr.values(),
+                       shape=(out_features, in_features))
+
+
+class MergedReference(PeftReference):
+    """PEFT's reference for LoRA adapters, and for each sparse delta the base model with S added to W."""
+
+    def __init__(self, base_dir: Path, adapters: dict, deltas: dict[str, dict[str, SparseDelta]]) -> None:
+        super().__init__(base_dir, adapters)
+        self.deltas = deltas
+
+    def model(self, adapter):
+        if adapter not in self.deltas:
+            return super().model(adapter)
+        if adapter not in self._models:
+            model = load_hf_base(self.base_dir)
+            with torch.no_grad():
+                for name, delta in self.deltas[adapter].items():
+                    model.get_submodule(name).weight += delta.dense()
+            self._models[adapter] = model
+        return self._models[adapter]
+
+
+@pytest.fixture(scope="module")
+def sparse(demo_dir, tmp_path_factory, peft_adapters):
+    root = tmp_path_factory.mktemp("sparse")
+    base = load_hf_base(demo_dir)
+    deltas, paths = {}, {}
+    for name, (modules, density, seed) in SPARSE.items():
+        gen = torch.Generator().manual_seed(seed)
+        deltas[name] = {f"model.layers.{layer}.{m}": random_delta(base.get_submodule(f"model.layers.{layer}.{m}")
+                                                                  .weight.detach(), density, gen)
+                        for layer in range(4) for m in modules}
+        paths[name] = write_sparse_delta(deltas[name], root / name, "demo", dtype=torch.float32)
+    reference = MergedReference(Path(demo_dir), {n: peft_adapters[n] for n in ("q1", "rs")}, deltas)
+    return paths, reference
+
+
+PLAN = [("sp-attn", 25), (None, 8), ("q1", 0), ("sp-mlp", 40), ("sp-attn", 0), ("rs", 13), ("sp-mlp", 3),
+        (None, 0), ("sp-attn", 17)]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sparse_deltas_in_a_mixed_batch_match_the_merged_model(demo_dir, peft_adapters, sparse, target):
+    paths, reference = sparse
+    prompts, adapters = make_requests(31, PLAN)
+    max_new = target[2]
+    llm = make_llm(demo_dir, {**paths, "q1": peft_adapters["q1"], "rs": peft_adapters["rs"]}, target)
+    loaded = llm.engine.adapters.host.get(llm.engine.adapters.key("sp-attn"))
+    assert loaded.kind == "sparse" and loaded.rank == 0
+    outputs = llm.generate(prompts, greedy(max_new), adapter=adapters)
+    assert_tokens_match(reference, prompts, adapters, outputs, max_new=max_new)
+    assert_logprobs_match(reference, prompts, adapters, outputs, max_new)
+
+
+def test_sparse_deltas_through_two_slots_match(demo_dir, peft_adapters, sparse):
+    paths, reference = sparse
+    names = ["sp-attn", "sp-mlp", "q1", "rs"]
+    rng = random.Random(7)
+    plan = [(names[i % 4] if i % 3 else None, rng.randrange(1, 35)) for i in range(12)]
+    prompts, adapters = make_requests(32, plan)
+    llm = make_llm(demo_dir, {**paths, "q1": peft_adapters["q1"], "rs": peft_adapters["rs"]}, max_loras=2,
+                   max_cpu_adapters=2)
+    outputs = llm.generate(prompts, greedy(10), adapter=adapters)
+    assert llm.engine.adapters.slots.evictions > 0
+    assert_tokens_match(reference, prompts, adapters, outputs, max_new=10)
+    assert_logprobs_match(reference, prompts, adapters, outputs, 10)
+
+
+def test_a_sparse_delta_changes_the_output(demo_dir, sparse):
+    paths, reference = sparse
+    prompts, _ = make_requests(33, [(None, 20), (None, 30)])
+    for prompt in prompts:
+        assert reference.greedy("sp-attn", prompt, 12) != reference.greedy(None, prompt, 12)
+
+
+def edit(source: Path, target: Path, change) -> Path:
+    target.mkdir()
+    (target / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    return target
+
+
+PREFIX = "base_model.model.model.layers.0.self_attn.q_proj.sparse_delta"
+
+
+def _swap_first_columns(t):
+    crow, col = t[f"{PREFIX}.crow_indices"], t[f"{PREFIX}.col_indices"].clone()
+    row = int(((crow[1:] - crow[:-1]) >= 2).nonzero()[0])  # a row with two entries
+    first = int(crow[row])
+    col[first], col[first + 1] = col[first + 1].clone(), col[first].clone()
+    t[f"{PREFIX}.col_indices"] = col
+
+
+@pytest.mark.parametrize(("case", "change", "pattern"), [
+    ("column out of range", lambda t: t[f"{PREFIX}.col_indices"].__setitem__(0, 10**6), "outside"),
+    ("unsorted columns", _swap_first_columns, "strictly increasing"),
+    ("crow end", lambda t: t.__setitem__(f"{PREFIX}.crow_indices", t[f"{PREFIX}.crow_indices"][:-1]),
+     "crow_indices"),
+    ("crow decreasing", lambda t: t[f"{PREFIX}.crow_indices"].__setitem__(3, 10**6), "crow_indices"),
+    ("nan", lambda t: t[f"{PREFIX}.values"].__setitem__(0, float("nan")), "NaN"),
+    ("shape", lambda t: t.__setitem__(f"{PREFIX}.shape", torch.tensor([7, 9])), "another base model"),
+    ("missing part", lambda t: t.pop(f"{PREFIX}.values"), "values is missing"),
+])
+def test_bad_sparse_deltas_are_refused_naming_the_module(demo_dir, sparse, tmp_path, case, change, pattern):
+    from loraplex.models.model_config import ModelConfig
+
+    paths, _ = sparse
+    path = edit(paths["sp-attn"], tmp_path / "bad", change)
+    with pytest.raises(LoraplexError, match=pattern) as info:
+        load_peft_lora(path, "bad", ModelConfig.from_file(Path(demo_dir) / "config.json"), 16)
+    assert info.value.field == "adapter_model.safetensors"
+    assert "layers.0.self_attn.q_proj" in info.value.message or case == "shape"
+
+
+def test_the_density_limit_is_enforced(demo_dir, sparse):
+    paths, _ = sparse
+    with pytest.raises(LoraplexError, match="max-sparse-density") as info:
+        load_peft_lora(paths["sp-attn"], "dense", None, 16, max_sparse_density=0.01)
+    assert info.value.field == "adapter_config.json"
+    assert load_peft_lora(paths["sp-attn"], "ok", None, 16, max_sparse_density=0.05).nnz > 0
