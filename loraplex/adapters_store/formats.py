@@ -109,6 +109,12 @@ class LoRAAdapter:
     def nnz(self) -> int:
         return sum(m.sparse.nnz for m in self.modules.values() if m.sparse is not None)
 
+    @property
+    def density(self) -> float:
+        """nnz over the sizes of the modules with a sparse part (0.0 without)."""
+        size = sum(m.sparse.shape[0] * m.sparse.shape[1] for m in self.modules.values() if m.sparse is not None)
+        return self.nnz / size if size else 0.0
+
 
 @dataclass(frozen=True)
 class AdapterConfig:

@@ -21,15 +21,19 @@ from loraplex.merging import Source, merge_directories
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "peft-lora"
+def _format(adapter: LoRAAdapter) -> str:
+    """The file format: PEFT's (LoRA, DoRA) or loraplex's sparse delta."""
+    return "sparse-delta" if adapter.kind == "sparse" else "peft-lora"
 
 
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str
     format: str
-    kind: str  # lora | dora
+    kind: str  # lora | dora | sparse | rosa
     rank: int
+    nnz: int  # entries of the sparse parts (0 without)
+    density: float  # nnz over the sizes of the modules that have a sparse part
     target_modules: list[str]
     size_bytes: int
     sha256: str  # of adapter_model.safetensors
@@ -43,8 +47,8 @@ class AdapterInfo:
 
 
 def _describe(adapter: LoRAAdapter) -> dict[str, Any]:
-    return {"kind": adapter.kind, "rank": adapter.rank, "target_modules": adapter.target_modules,
-            "sha256": adapter.sha256}
+    return {"kind": adapter.kind, "rank": adapter.rank, "nnz": adapter.nnz, "density": adapter.density,
+            "target_modules": adapter.target_modules, "sha256": adapter.sha256}
 
 
 class AdapterRegistry:
@@ -96,7 +100,7 @@ class AdapterRegistry:
                 raise
             await self.engine.add_adapter(name, path, preloaded=adapter)
             files = [p for p in path.iterdir() if p.is_file()]
-            info = AdapterInfo(name=name, format=FORMAT, size_bytes=sum(p.stat().st_size for p in files),
+            info = AdapterInfo(name=name, format=_format(adapter), size_bytes=sum(p.stat().st_size for p in files),
                                created=int(max(p.stat().st_mtime for p in files)), source=source, stored=False,
                                **_describe(adapter))
             self.infos[name] = info
@@ -134,7 +138,7 @@ class AdapterRegistry:
                 adapter = await self.engine.inspect_adapter(staged)
                 info = {**_describe(adapter), "source": source, **({"recipe": recipe} if recipe else {})}
                 previous = await asyncio.to_thread(self.store.get, name)
-                record = await asyncio.to_thread(self.store.commit, name, staged, FORMAT, info,
+                record = await asyncio.to_thread(self.store.commit, name, staged, _format(adapter), info,
                                                  replace or name in self.unavailable)
                 try:
                     await self.engine.add_adapter(name, record.path, checksums=record.files, preloaded=adapter)
@@ -190,7 +194,8 @@ class AdapterRegistry:
     @staticmethod
     def _stored_info(record: StoredAdapter) -> AdapterInfo:
         return AdapterInfo(name=record.name, format=record.format, kind=str(record.info.get("kind", "lora")),
-                           rank=int(record.info["rank"]),
+                           rank=int(record.info["rank"]), nnz=int(record.info.get("nnz", 0)),
+                           density=float(record.info.get("density", 0.0)),
                            target_modules=list(record.info["target_modules"]), size_bytes=record.size_bytes,
                            sha256=str(record.info["sha256"]), created=int(record.created),
                            source=str(record.info.get("source", "upload")), stored=True,

@@ -242,3 +242,28 @@ def test_requests_running_on_a_deleted_adapter_finish(live_server, demo_dir, off
     expected = offline.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
                                 adapter="gamma")[0].text
     assert "".join(chunks) == expected
+
+
+def test_a_sparse_delta_upload_is_listed_with_its_kind_and_density_and_served(live_server, demo_dir, tmp_path):
+    import torch
+
+    from loraplex.adapters_store.sparse_format import from_dense, write_sparse_delta
+
+    gen = torch.Generator().manual_seed(0)
+    deltas = {}
+    for layer in range(4):
+        dense = torch.randn(256, 256, generator=gen) * (torch.rand(256, 256, generator=gen) < 0.01)
+        deltas[f"model.layers.{layer}.self_attn.q_proj"] = from_dense(dense)
+    path = write_sparse_delta(deltas, tmp_path / "sparse", "demo")
+    parts = [("files", (f, (path / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    resp = httpx.post(f"{live_server.url}/v1/adapters", headers=ADMIN, data={"name": "sparse-1"}, files=parts,
+                      timeout=60)
+    assert resp.status_code == 201, resp.text
+    info = resp.json()
+    nnz = sum(d.nnz for d in deltas.values())
+    assert (info["kind"], info["format"], info["rank"], info["nnz"]) == ("sparse", "sparse-delta", 0, nnz)
+    assert info["density"] == pytest.approx(nnz / (4 * 256 * 256))
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
+    on_it = httpx.post(f"{live_server.url}/v1/completions", headers=USER, json={**body, "model": "sparse-1"})
+    base = httpx.post(f"{live_server.url}/v1/completions", headers=USER, json={**body, "model": "demo"})
+    assert on_it.status_code == 200 and on_it.json()["choices"][0]["text"] != base.json()["choices"][0]["text"]
