@@ -1,4 +1,5 @@
-"""`loraplex serve | generate | merge | convert | demo-model`: a thin layer over the Python API and the server."""
+"""`loraplex serve | generate | merge | adapters sparsify | convert | demo-model`: a thin layer over the
+Python API and the server."""
 
 from __future__ import annotations
 
@@ -163,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "adapters) instead: made locally, no download")
 
     add_merge_args(sub.add_parser("merge", help="merge adapters into a new PEFT adapter directory (offline)"))
+    adapters = sub.add_parser("adapters", help="make adapters").add_subparsers(dest="adapters_command", required=True)
+    sparsify = adapters.add_parser("sparsify", help="a fully fine-tuned checkpoint -> a sparse delta of its base "
+                                   "(docs/adapters.md)")
+    sparsify.add_argument("--base", type=Path, required=True, help="the base model's checkpoint directory")
+    sparsify.add_argument("--finetuned", type=Path, required=True, help="the fine-tuned checkpoint directory")
+    sparsify.add_argument("--density", type=float, required=True, help="fraction of each projection's entries "
+                          "kept, (0, 1] (the largest |fine-tuned - base|)")
+    sparsify.add_argument("--global", dest="global_threshold", action="store_true", help="one threshold over "
+                          "all projections (diff pruning), so the density is reached overall, not per projection")
+    sparsify.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="the values' dtype "
+                          "(default: the fine-tuned checkpoint's)")
+    sparsify.add_argument("-o", "--output", type=Path, required=True, help="the adapter directory to write")
 
     convert = sub.add_parser("convert", help="convert a GGUF file to a Hugging Face checkpoint directory")
     convert.add_argument("source", type=Path, help="a .gguf file (or a directory holding one)")
@@ -185,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "merge":
             return _merge(args)
+        if args.command == "adapters":
+            return _sparsify(args)
         return _demo_model(args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"loraplex {args.command}: error: {e}", file=sys.stderr)
@@ -254,6 +269,18 @@ def _merge(args: argparse.Namespace) -> int:
     merge_directories(sources, params, args.output, device=args.device,
                       progress=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"wrote the merged adapter to {args.output}")
+    return 0
+
+
+def _sparsify(args: argparse.Namespace) -> int:
+    import torch
+
+    from loraplex.sparsify import sparsify
+
+    config = sparsify(args.base, args.finetuned, args.density, args.output, args.global_threshold,
+                      dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"wrote a sparse delta to {args.output}: {len(config['target_modules'])} modules, density "
+          f"{config['density']:.4g}")
     return 0
 
 
