@@ -144,9 +144,9 @@ class SlotPool:
             weights = adapter.modules.get((layer, module))
             if weights is None:
                 linear.lora.clear_slice(slot, shard)
-                linear.lora.write_sparse(slot, shard, None)
+                linear.lora.sparse.write(slot, shard, None)
                 continue
-            linear.lora.write_sparse(slot, shard, None if weights.sparse is None else weights.sparse.to_torch())
+            linear.lora.sparse.write(slot, shard, None if weights.sparse is None else weights.sparse.to_torch())
             factors = None
             if weights.magnitude is not None:  # DoRA: the row factors, computed once here, not per step
                 factors = dora_row_factors(linear.weight[linear.shard_rows(shard)], weights.a, weights.b,

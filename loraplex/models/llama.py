@@ -62,8 +62,9 @@ class AdaptableLinear(Module, nn.Linear):
         if not self.lora.any_dora(lora.active_slots):
             y = super().forward(x)
             self.backend.add_lora(y, x, self.lora, lora)
-            if self.lora.any_sparse(lora.active_slots):
-                self.lora.add_sparse(y, x, lora.active_slots, lora.seg_starts, lora.meta.sorted_token_ids)
+            if self.lora.sparse.any(lora.active_slots):
+                self.lora.sparse.add(y, x, lora.meta.token_slots, lora.active_slots, lora.seg_starts,
+                                     lora.meta.sorted_token_ids)
             return y
         # DoRA (PEFT's forward): y = m/||W + s·B·A|| ⊙ (W x + s·B·A x) + bias, the factor per output row of the
         # token's slot (1 for other tokens); the bias stays out of the product.

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.models.sparse_parts import SparseSlotParts
+
 
 @dataclass
 class LoRASlotWeights:
@@ -26,8 +28,7 @@ class LoRASlotWeights:
     # last row is all ones, so that token slot -1 (no adapter) indexes it.
     row_factors: torch.Tensor  # [max_loras + 1, out_features] fp32
     dora_host: list[list[bool]]  # [max_loras][num_slices]: which slices of a slot have a factor
-    # Sparse parts: [max_loras][num_slices] a CSR tensor [out_slice, in] on the device, or None.
-    sparse: list[list[torch.Tensor | None]]
+    sparse: SparseSlotParts  # the slots' sparse parts (S per slice), applied after the LoRA term
 
     @classmethod
     def allocate(cls, max_loras: int, max_rank: int, in_features: int, output_sizes: list[int],
@@ -45,7 +46,7 @@ class LoRASlotWeights:
             ranks_host=[[0] * num_slices for _ in range(max_loras)],
             row_factors=torch.ones(max_loras + 1, offsets[-1], dtype=torch.float32, device=device),
             dora_host=[[False] * num_slices for _ in range(max_loras)],
-            sparse=[[None] * num_slices for _ in range(max_loras)],
+            sparse=SparseSlotParts(max_loras, offsets, in_features, dtype, device),
         )
 
     def write(self, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -73,34 +74,6 @@ class LoRASlotWeights:
         self.ranks_host[slot][slice_index] = 0
         self.row_factors[slot, lo:hi] = 1.0
         self.dora_host[slot][slice_index] = False
-
-    def write_sparse(self, slot: int, slice_index: int, csr: torch.Tensor | None) -> None:
-        """Put one projection's sparse part S [out_slice, in] (a CSR tensor) into a slot (None: the slot has
-        none there)."""
-        self.sparse[slot][slice_index] = None if csr is None else csr.to(device=self.a.device, dtype=self.a.dtype)
-
-    def any_sparse(self, slots: list[int]) -> bool:
-        return any(part is not None for s in slots for part in self.sparse[s])
-
-    def add_sparse(self, y: torch.Tensor, x: torch.Tensor, active_slots: list[int], seg_starts: list[int],
-                   sorted_token_ids: torch.Tensor) -> None:
-        """y[t] += x[t] @ S[slot(t)]ᵀ for every token of a slot with a sparse part, slice by slice: one
-        sparse-dense product per (slot, slice), S never made dense.
-
-        Semantics (the torch twin of a CSR kernel): for active slot a with tokens T_a =
-        sorted_token_ids[seg_starts[a]:seg_starts[a + 1]], and each slice i with S = sparse[a][i]
-        (rows lo_i..hi_i of the output): y[T_a, lo_i:hi_i] += (S @ x[T_a]ᵀ)ᵀ.
-        """
-        for a, slot in enumerate(active_slots):
-            parts = self.sparse[slot]
-            if all(part is None for part in parts):
-                continue
-            tokens = sorted_token_ids[seg_starts[a]:seg_starts[a + 1]].long()
-            xs_t = x[tokens].T  # [in, n]
-            for i, part in enumerate(parts):
-                if part is not None:
-                    lo, hi = self.slice_offsets[i], self.slice_offsets[i + 1]
-                    y[tokens, lo:hi] += (part @ xs_t.to(part.dtype)).T.to(y.dtype)
 
     def any_dora(self, slots: list[int]) -> bool:
         return any(any(self.dora_host[s]) for s in slots)
