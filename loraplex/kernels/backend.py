@@ -55,6 +55,14 @@ class LoRABatch:
     active_slots: list[int]  # meta.active_slots on the host
     seg_starts: list[int]  # meta.seg_starts on the host
     plan: object = field(default=None)  # backend-specific, filled by `Backend.prepare_lora`
+    _token_index: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """meta.token_slots as int64 (-1: no adapter), for indexing per-slot tables; made once per step."""
+        if self._token_index is None:
+            self._token_index = self.meta.token_slots.long()
+        return self._token_index
 
     @classmethod
     def make(cls, buffers: LoRAMetaBuffers, run_slots: list[int], run_lengths: list[int]) -> LoRABatch | None:

@@ -59,20 +59,18 @@ class AdaptableLinear(Module, nn.Linear):
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         if lora is None or self.lora is None:
             return super().forward(x)  # [num_tokens, out_features]
-        if not self.lora.any_dora(lora.active_slots):
-            y = super().forward(x)
-            self.backend.add_lora(y, x, self.lora, lora)
-            if self.lora.sparse.any(lora.active_slots):
-                self.lora.sparse.add(y, x, lora.meta.token_slots, lora.active_slots, lora.seg_starts,
-                                     lora.meta.sorted_token_ids)
-            return y
+        dora = self.lora.any_dora(lora.active_slots)
         # DoRA (PEFT's forward): y = m/||W + s·B·A|| ⊙ (W x + s·B·A x) + bias, the factor per output row of the
         # token's slot (1 for other tokens); the bias stays out of the product.
-        y = nn.functional.linear(x, self.weight)
+        y = nn.functional.linear(x, self.weight) if dora else super().forward(x)
         self.backend.add_lora(y, x, self.lora, lora)
-        y *= self.lora.row_factors[lora.meta.token_slots.long()].to(y.dtype)  # slot -1: the last row, all ones
-        if self.bias is not None:
-            y += self.bias
+        if self.lora.sparse.any(lora.active_slots):  # (a slot with a sparse part has no DoRA factor)
+            self.lora.sparse.add(y, x, lora.token_index, lora.active_slots, lora.seg_starts,
+                                 lora.meta.sorted_token_ids)
+        if dora:
+            y *= self.lora.row_factors[lora.token_index].to(y.dtype)  # slot -1: the last row, all ones
+            if self.bias is not None:
+                y += self.bias
         return y
 
 

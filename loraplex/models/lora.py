@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class LoRASlotWeights:
     row_factors: torch.Tensor  # [max_loras + 1, out_features] fp32
     dora_host: list[list[bool]]  # [max_loras][num_slices]: which slices of a slot have a factor
     sparse: SparseSlotParts  # the slots' sparse parts (S per slice), applied after the LoRA term
+    _dora_slots: set[int] = field(default_factory=set)
 
     @classmethod
     def allocate(cls, max_loras: int, max_rank: int, in_features: int, output_sizes: list[int],
@@ -64,6 +65,7 @@ class LoRASlotWeights:
         if row_factors is not None:
             self.row_factors[slot, lo:hi].copy_(row_factors, non_blocking=True)
             self.dora_host[slot][slice_index] = True
+            self._dora_slots.add(slot)
 
     def clear_slice(self, slot: int, slice_index: int) -> None:
         lo, hi = self.slice_offsets[slice_index], self.slice_offsets[slice_index + 1]
@@ -74,9 +76,16 @@ class LoRASlotWeights:
         self.ranks_host[slot][slice_index] = 0
         self.row_factors[slot, lo:hi] = 1.0
         self.dora_host[slot][slice_index] = False
+        if not any(self.dora_host[slot]):
+            self._dora_slots.discard(slot)
 
     def any_dora(self, slots: list[int]) -> bool:
-        return any(any(self.dora_host[s]) for s in slots)
+        return bool(self.dora_slots) and not self.dora_slots.isdisjoint(slots)
+
+    @property
+    def dora_slots(self) -> set[int]:
+        """Slots with a DoRA factor in some slice (kept in step with dora_host)."""
+        return self._dora_slots
 
     def max_rank_of(self, slots: list[int]) -> int:
         ranks = self.ranks_host

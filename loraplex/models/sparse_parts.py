@@ -29,6 +29,7 @@ class SparseSlotParts:
             [None] * (len(slice_offsets) - 1) for _ in range(max_loras)]
         self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, cols, vals
         self._csr: dict[int, torch.Tensor] = {}  # slot -> its CSR over the whole output
+        self._slots: set[int] = set()  # slots with some part
 
     def write(self, slot: int, slice_index: int, csr: torch.Tensor | None) -> None:
         """One slice's S [out_slice, in] as a CSR tensor, or None."""
@@ -43,9 +44,13 @@ class SparseSlotParts:
                                              coo.values().to(self.device, self.dtype))
         self._tables = None
         self._csr.pop(slot, None)
+        if any(part is not None for part in self.parts[slot]):
+            self._slots.add(slot)
+        else:
+            self._slots.discard(slot)
 
     def any(self, slots: list[int]) -> bool:
-        return any(part is not None for s in slots for part in self.parts[s])
+        return bool(self._slots) and not self._slots.isdisjoint(slots)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, active_slots: list[int],
             seg_starts: list[int], sorted_token_ids: torch.Tensor) -> None:
@@ -56,7 +61,7 @@ class SparseSlotParts:
         tables = self._tables or self._build_tables()
         rows, cols, vals = tables
         if x.shape[0] * rows.shape[1] <= GATHER_LIMIT:
-            index = token_slots.long()  # -1: the last, empty row
+            index = token_slots.long()  # -1: the last, empty row (a no-op when it is int64 already)
             contrib = x.gather(1, cols[index]) * vals[index]  # [T, E]
             y.scatter_add_(1, rows[index], contrib.to(y.dtype))
             return

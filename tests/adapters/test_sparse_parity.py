@@ -154,3 +154,19 @@ def test_the_density_limit_is_enforced(demo_dir, sparse):
         load_peft_lora(paths["sp-attn"], "dense", None, 16, max_sparse_density=0.01)
     assert info.value.field == "adapter_config.json"
     assert load_peft_lora(paths["sp-attn"], "ok", None, 16, max_sparse_density=0.05).nnz > 0
+
+
+def test_sparse_dora_lora_and_base_in_one_batch(demo_dir, peft_adapters, sparse, tmp_path):
+    """Every kind in the same steps: a sparse delta, a DoRA adapter, a LoRA and the base model."""
+    from test_dora_parity import DORA, build_dora
+
+    paths, reference = sparse
+    kwargs, seed = DORA["dora"]
+    dora = build_dora(Path(demo_dir), tmp_path / "dora", kwargs, seed)
+    reference.add("dora", dora)
+    plan = [("sp-attn", 20), ("dora", 0), ("q1", 0), (None, 0), ("sp-mlp", 33), ("dora", 7), ("sp-attn", 0)]
+    prompts, adapters = make_requests(34, plan)
+    llm = make_llm(demo_dir, {**paths, "dora": dora, "q1": peft_adapters["q1"]})
+    outputs = llm.generate(prompts, greedy(12), adapter=adapters)
+    assert_tokens_match(reference, prompts, adapters, outputs, max_new=12)
+    assert_logprobs_match(reference, prompts, adapters, outputs, 12)

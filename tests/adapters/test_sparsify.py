@@ -75,7 +75,7 @@ def test_the_largest_differences_are_kept(demo_dir, finetuned, tmp_path, global_
     adapter = load_peft_lora(out, "d", None, 16, max_sparse_density=0.05)
     old = load_file(str(next(Path(demo_dir).glob("*.safetensors"))))
     new = load_file(str(next(finetuned.glob("*.safetensors"))))
-    kept_all, size, threshold = 0, 0, None
+    kept_all, size = 0, 0
     magnitudes = {}
     for (layer, module), m in adapter.modules.items():
         part = "self_attn" if module in PROJECTIONS[:4] else "mlp"
