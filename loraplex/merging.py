@@ -17,7 +17,8 @@ from tqdm import tqdm
 import loraplex
 from loraplex.adapters_store.checksums import file_sha256
 from loraplex.adapters_store.formats import MAX_CONFIG_RANK, WEIGHTS_FILE, LoRAAdapter, load_peft_lora
-from loraplex.adapters_store.peft_export import weights_dtype, write_peft_lora
+from loraplex.adapters_store.peft_export import module_path, weights_dtype, write_peft_lora
+from loraplex.adapters_store.sparse_format import write_sparse_delta
 from loraplex.adapters_store.trainer_state import read_trainer_metrics
 from loraplex.arithmetic import MergeParams, merge, mwa_weights
 from loraplex.errors import LoraplexError, invalid
@@ -65,11 +66,23 @@ def merge_directories(sources: Sequence[Source], params: MergeParams, output: Pa
     dtypes = {weights_dtype(s.path) for s in sources}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     say(f"writing {output} ({str(dtype).removeprefix('torch.')})")
-    write_peft_lora(merged, output, dtype)
+    _write(merged, output, dtype)
     recipe = make_recipe(params, sources, adapters, metrics)
     (output / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     say(f"done in {time.perf_counter() - start:.1f} s: rank {merged.rank}, {len(merged.modules)} modules")
     return recipe
+
+
+def _write(merged: LoRAAdapter, output: Path, dtype: torch.dtype) -> None:
+    """A PEFT directory, or a sparse delta when every module is sparse alone."""
+    if not any(m.sparse is not None for m in merged.modules.values()):
+        write_peft_lora(merged, output, dtype)
+        return
+    if any(m.rank > 0 for m in merged.modules.values()):
+        raise invalid("sources", "the sum of LoRA and sparse adapters is low-rank + sparse, which no file format "
+                      "here holds yet; compose them per request instead (\"model\": \"a+b\")")
+    write_sparse_delta({module_path(*key): m.sparse for key, m in merged.modules.items()}, output,
+                       merged.config.get("base_model_name_or_path"), dtype)
 
 
 def make_recipe(params: MergeParams, sources: Sequence[Source], adapters: Sequence[LoRAAdapter],

@@ -51,7 +51,8 @@ def write_peft_lora(adapter: LoRAAdapter, directory: Path, dtype: torch.dtype = 
 def weights_dtype(directory: Path) -> torch.dtype:
     """The dtype of an adapter's weights (of its lora_A / lora_B tensors; float32 when they differ)."""
     with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt", device="cpu") as f:
-        dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118
+        dtypes = {f.get_slice(key).get_dtype() for key in f.keys()  # noqa: SIM118
+                  if key.endswith((".weight", "magnitude_vector", ".values"))}  # values, not indices
     names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float32}
     found = {names.get(d, torch.float32) for d in dtypes}
     return found.pop() if len(found) == 1 else torch.float32

@@ -3,6 +3,7 @@ device and dtype (fp32) to compute in."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -22,11 +23,11 @@ def tracked(keys: list[Key], progress: Progress | None) -> Iterator[Key]:
             progress(done, len(keys))
 
 
-def module_keys(adapters: Sequence[LoRAAdapter]) -> list[Key]:
+def module_keys(adapters: Sequence[LoRAAdapter], sparse: bool = False) -> list[Key]:
     """Every module some input adapts, in (layer, module) order; shapes checked to agree across inputs."""
     shapes: dict[Key, tuple[str, tuple[int, int]]] = {}
     for adapter in adapters:
-        refuse_unmergeable(adapter)
+        refuse_unmergeable(adapter, sparse)
         for key, module in adapter.modules.items():
             shape = (module.b.shape[0], module.a.shape[1])
             first = shapes.setdefault(key, (adapter.name, shape))
@@ -38,14 +39,15 @@ def module_keys(adapters: Sequence[LoRAAdapter]) -> list[Key]:
     return sorted(shapes)
 
 
-def refuse_unmergeable(adapter: LoRAAdapter) -> None:
-    """DoRA inputs (their magnitudes do not add) and, for now, inputs with sparse parts."""
+def refuse_unmergeable(adapter: LoRAAdapter, sparse: bool = False) -> None:
+    """DoRA inputs (their magnitudes do not add), and inputs with sparse parts unless `sparse` (the exact
+    methods, scale / negate / add = cat, take them)."""
     if any(m.magnitude is not None for m in adapter.modules.values()):
         raise invalid("sources", f"adapter {adapter.name!r} is a DoRA adapter: its magnitude vectors (norms of "
                       "the updated rows) do not add or average, so it cannot be merged; merge plain LoRA adapters")
-    if any(m.sparse is not None for m in adapter.modules.values()):
-        raise invalid("sources", f"adapter {adapter.name!r} has sparse parts, which merges do not take yet; "
-                      "merge plain LoRA adapters")
+    if not sparse and any(m.sparse is not None for m in adapter.modules.values()):
+        raise invalid("sources", f"adapter {adapter.name!r} has sparse parts, which only the exact sum (cat, "
+                      "or a linear composition) takes so far; merge plain LoRA adapters with this method")
 
 
 def _check_base_models(adapters: Sequence[LoRAAdapter]) -> None:
@@ -58,8 +60,8 @@ def _check_base_models(adapters: Sequence[LoRAAdapter]) -> None:
 
 
 def fp32(module: LoRAModule, device: torch.device | None) -> LoRAModule:
-    return LoRAModule(a=module.a.to(device=device, dtype=torch.float32),
-                      b=module.b.to(device=device, dtype=torch.float32), scale=module.scale)
+    return dataclasses.replace(module, a=module.a.to(device=device, dtype=torch.float32),
+                               b=module.b.to(device=device, dtype=torch.float32))
 
 
 def shape_of(adapters: Sequence[LoRAAdapter], key: Key) -> tuple[int, int]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from loraplex.adapters_store.formats import LoRAAdapter, LoRAModule
+from loraplex.adapters_store.sparse_format import SparseDelta
 from loraplex.arithmetic.aligned import Progress, fp32, module_keys, tracked
 from loraplex.arithmetic.lowrank import truncate
 
@@ -19,8 +21,10 @@ def result(name: str, modules: dict, inputs: Sequence[LoRAAdapter]) -> LoRAAdapt
 
 
 def scale(adapter: LoRAAdapter, weight: float, name: str | None = None) -> LoRAAdapter:
-    """Every module's ΔW times `weight` (the factors untouched; the weight joins the module's scale)."""
-    modules = {key: LoRAModule(a=m.a, b=m.b, scale=m.scale * weight) for key, m in adapter.modules.items()}
+    """Every module's ΔW times `weight` (the factors untouched; the weight joins the module's scale, and
+    multiplies a sparse part's values)."""
+    modules = {key: dataclasses.replace(m, scale=m.scale * weight, sparse=None if m.sparse is None else
+                                        scaled_sparse(m.sparse, weight)) for key, m in adapter.modules.items()}
     return LoRAAdapter(name=name or adapter.name, modules=modules, config=dict(adapter.config))
 
 
@@ -45,11 +49,15 @@ def stacked(adapters: Sequence[LoRAAdapter], weights: Sequence[float], key,
 def cat(adapters: Sequence[LoRAAdapter], weights: Sequence[float], name: str,
         device: torch.device | None = None, progress: Progress | None = None) -> LoRAAdapter:
     """ΔW = Σ_i w_i ΔW_i exactly: A stacks the inputs' A's, B joins their B's with w_i s_i folded in; the
-    module's rank is the sum of the inputs' ranks, its scale 1."""
+    module's rank is the sum of the inputs' ranks, its scale 1. Sparse parts add up entry by entry
+    (Σ_i w_i S_i, still sparse): LoRA and sparse inputs together give a low-rank + sparse (RoSA-style)
+    result."""
     modules = {}
-    for key in tracked(module_keys(adapters), progress):
+    for key in tracked(module_keys(adapters, sparse=True), progress):
         b, a = stacked(adapters, weights, key, device)
-        modules[key] = LoRAModule(a=a, b=b, scale=1.0)
+        parts = [(w, adapter.modules[key].sparse) for adapter, w in zip(adapters, weights, strict=True)
+                 if key in adapter.modules and adapter.modules[key].sparse is not None]
+        modules[key] = LoRAModule(a=a, b=b, scale=1.0, sparse=summed_sparse(parts) if parts else None)
     return result(name, modules, adapters)
 
 
@@ -65,3 +73,18 @@ def svd(adapters: Sequence[LoRAAdapter], weights: Sequence[float], rank: int, na
         b, a = truncate(*stacked(adapters, weights, key, device), rank)
         modules[key] = LoRAModule(a=a.contiguous(), b=b.contiguous(), scale=1.0)
     return result(name, modules, adapters)
+
+
+def scaled_sparse(delta: SparseDelta, weight: float) -> SparseDelta:
+    return dataclasses.replace(delta, values=delta.values * weight)
+
+
+def summed_sparse(parts: Sequence[tuple[float, SparseDelta]]) -> SparseDelta:
+    """Σ w_i S_i as one CSR matrix over the union of the patterns (never dense)."""
+    shape = parts[0][1].shape
+    coos = [w * d.to_torch(dtype=torch.float32).to_sparse_coo() for w, d in parts]
+    total = torch.sparse_coo_tensor(torch.cat([c.indices() for c in coos], dim=1),
+                                    torch.cat([c.values() for c in coos]), shape).coalesce()
+    csr = total.to_sparse_csr()
+    return SparseDelta(crow=csr.crow_indices().long(), col=csr.col_indices().long(), values=csr.values().float(),
+                       shape=shape)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters_store.formats import LoRAAdapter, check_norms
+from loraplex.adapters_store.sparse_format import MAX_FROBENIUS
 from loraplex.arithmetic import MergeParams, merge
 from loraplex.errors import invalid
 from loraplex.merging import Source, read_metrics
@@ -51,8 +52,12 @@ def builder(recipe: Recipe, read: Sequence[Callable[[], LoRAAdapter]], paths: Se
                           f"first (POST /v1/adapters/merge with method 'svd' and rank <= {max_rank}) and name it, or "
                           "restart with a larger --max-lora-rank", code="composition_rank_too_large")
         for key, module in merged.modules.items():
-            check_norms(module.a, module.b, module.scale, f"the composition's layer {key[0]} {key[1]}",
-                        field=recipe.field)
+            where = f"the composition's layer {key[0]} {key[1]}"
+            if module.rank > 0:
+                check_norms(module.a, module.b, module.scale, where, field=recipe.field)
+            if module.sparse is not None and not float(module.sparse.values.norm()) <= MAX_FROBENIUS:
+                raise invalid(recipe.field, f"{where}: the sparse part's Frobenius norm is above {MAX_FROBENIUS:g}; "
+                              "lower the weights")
         return merged
 
     return build

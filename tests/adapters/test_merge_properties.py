@@ -132,3 +132,38 @@ def test_inputs_for_another_base_model_are_refused_naming_the_adapter_and_module
         merge([x, other], None, MergeParams("cat"), "m")
     with pytest.raises(LoraplexError, match="elsewhere"):
         merge([x, adapter("y", 2, {Q0: 2}, base="elsewhere")], None, MergeParams("cat"), "m")
+
+
+def sparse_adapter(name: str, seed: int, keys, density: float = 0.2) -> LoRAAdapter:
+    from loraplex.adapters_store.sparse_format import from_dense
+
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for key in keys:
+        dense = torch.randn(OUT, IN, generator=gen) * (torch.rand(OUT, IN, generator=gen) < density)
+        modules[key] = LoRAModule(a=torch.zeros(0, IN), b=torch.zeros(OUT, 0), scale=1.0, sparse=from_dense(dense))
+    return LoRAAdapter(name=name, modules=modules, config={"base_model_name_or_path": "tiny"})
+
+
+def full_update(module: LoRAModule) -> torch.Tensor:
+    return delta(module) + (module.sparse.dense() if module.sparse is not None else 0)
+
+
+def test_scale_negate_and_cat_take_sparse_parts_exactly():
+    s1, s2 = sparse_adapter("s1", 1, [Q0, V0]), sparse_adapter("s2", 2, [Q0])
+    lora = adapter("l", 3, {Q0: 4})
+    got = merge([s1, lora, s2], [0.5, -2.0, 1.5], MergeParams("cat"), "c")
+    expected = 0.5 * full_update(s1.modules[Q0]) - 2.0 * delta(lora.modules[Q0]) + 1.5 * full_update(s2.modules[Q0])
+    torch.testing.assert_close(full_update(got.modules[Q0]), expected)
+    assert got.modules[Q0].rank == 4 and got.modules[Q0].sparse is not None  # low-rank + sparse
+    torch.testing.assert_close(full_update(got.modules[V0]), 0.5 * full_update(s1.modules[V0]))
+    torch.testing.assert_close(full_update(negate(s1).modules[Q0]), -full_update(s1.modules[Q0]))
+    torch.testing.assert_close(full_update(scale(s1, 3.0).modules[Q0]), 3.0 * full_update(s1.modules[Q0]))
+
+
+@pytest.mark.parametrize("method", ["svd", "ties", "linear", "magnitude_prune", "mwa", "copa"])
+def test_methods_other_than_the_exact_sum_refuse_sparse_inputs(method):
+    s1 = sparse_adapter("s1", 1, [Q0])
+    with pytest.raises(LoraplexError, match="sparse") as info:
+        merge([s1, s1], None, MergeParams(method, density=0.5, metric_values=(1.0, 2.0)), "m")
+    assert info.value.field == "sources"

@@ -170,3 +170,36 @@ def test_sparse_dora_lora_and_base_in_one_batch(demo_dir, peft_adapters, sparse,
     outputs = llm.generate(prompts, greedy(12), adapter=adapters)
     assert_tokens_match(reference, prompts, adapters, outputs, max_new=12)
     assert_logprobs_match(reference, prompts, adapters, outputs, 12)
+
+
+def test_a_composition_of_sparse_deltas_is_their_sum_and_offline_cat_writes_it(demo_dir, sparse, tmp_path):
+    """`sp-attn + sp-mlp*-0.5` served as a per-request composition (the engine's own registry) equals the
+    base model with S_attn - 0.5·S_mlp merged in; `loraplex merge --method cat` writes that sum as a sparse
+    delta, served the same."""
+    from loraplex.arithmetic import MergeParams
+    from loraplex.cli import main
+    from loraplex.engine.compositions import Recipe
+
+    paths, reference = sparse
+    summed = {n: d.dense() for n, d in reference.deltas["sp-attn"].items()}
+    for name, delta in reference.deltas["sp-mlp"].items():
+        summed[name] = summed.get(name, torch.zeros(delta.shape)) - 0.5 * delta.dense()
+    from loraplex.adapters_store.sparse_format import from_dense
+
+    reference.deltas["sum"] = {n: from_dense(m) for n, m in summed.items()}
+    llm = make_llm(demo_dir, paths, max_sparse_density=0.05)
+    recipe = Recipe(inputs=(("sp-attn", 1.0), ("sp-mlp", -0.5)), params=MergeParams("cat"))
+    name, build = llm.engine.prepare_composition(recipe)
+    llm.engine.add_composition(name, recipe, build, build())
+    prompts, _ = make_requests(35, [("sum", 18), ("sum", 40)])
+    outputs = llm.generate(prompts, greedy(12), adapter=name)
+    assert_tokens_match(reference, prompts, ["sum"] * 2, outputs, served_as=[name] * 2, max_new=12)
+    assert_logprobs_match(reference, prompts, ["sum"] * 2, outputs, 12)
+    out = tmp_path / "sum"
+    assert main(["merge", "--method", "cat", f"--adapter={paths['sp-attn']}", f"--adapter={paths['sp-mlp']}:-0.5",
+                 "-o", str(out)]) == 0
+    written = load_peft_lora(out, "sum", None, 16)
+    assert written.kind == "sparse"
+    for (layer, module), m in written.modules.items():
+        full = next(n for n in summed if n.startswith(f"model.layers.{layer}.") and n.endswith(module))
+        torch.testing.assert_close(m.sparse.dense(), summed[full])
