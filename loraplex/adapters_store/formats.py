@@ -159,6 +159,8 @@ def load_peft_lora(path: Path, name: str, base: ModelConfig | None, max_rank: in
         raw = _parse_json(path / CONFIG_FILE)
         if isinstance(raw, dict) and is_sparse_delta(raw):
             return _load_sparse_delta(path, name, base, raw, max_sparse_density, sha256)
+        if isinstance(raw, dict) and raw.get("peft_type") == "ROSA":
+            return _load_rosa(path, name, base, max_rank, max_sparse_density, sha256)
     config = read_adapter_config(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.exists():
@@ -207,7 +209,68 @@ def _load_sparse_delta(path: Path, name: str, base: ModelConfig | None, raw: dic
     return LoRAAdapter(name=name, modules=modules, config=raw, sha256=digest)
 
 
-def read_adapter_config(path: Path) -> AdapterConfig:
+_ROSA_KEY = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))"
+                       r"\.rosa_(A\.weight|B\.weight|spa\.\w+)$")
+
+
+def _load_rosa(path: Path, name: str, base: ModelConfig | None, max_rank: int, max_density: float,
+               sha256: str | None) -> LoRAAdapter:
+    """A RoSA adapter as IST-DASLab/peft-rosa saves it: per module rosa_A / rosa_B (as lora_A / lora_B, the
+    same scale rules) and rosa_spa, a CSR matrix S added unscaled: ΔW = s·B·A + S."""
+    config = read_adapter_config(path, expected_type="ROSA")
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.exists():
+        raise invalid("files", f"{WEIGHTS_FILE} is missing")
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    names: dict[tuple[int, str], str] = {}
+    for key, tensor in _read_safetensors(weights_file).items():
+        match = _ROSA_KEY.match(key)
+        if match is None or match.group(3) not in LORA_MODULES:
+            raise _weights_error(f"unexpected tensor {key!r} in a RoSA adapter; expected keys like "
+                                 "base_model.model.model.layers.0.self_attn.q_proj.rosa_A.weight / .rosa_spa.values")
+        layer = int(match.group(2))
+        if base is not None and layer >= base.num_layers:
+            raise _weights_error(f"{key}: layer {layer} does not exist; the base model has {base.num_layers} layers")
+        parts.setdefault((layer, match.group(3)), {})[match.group(4)] = tensor
+        names[(layer, match.group(3))] = match.group(1)
+    if not parts:
+        raise _weights_error("holds no RoSA tensors")
+    _check_layers(config.layers, {layer for layer, _ in parts}, base)
+    modules = {}
+    for (layer, module), tensors in sorted(parts.items()):
+        full_name = names[(layer, module)]
+        if {"A.weight", "B.weight"} - set(tensors):
+            raise _weights_error(f"{full_name}: needs both rosa_A.weight and rosa_B.weight")
+        low_rank = _module(tensors["A.weight"], tensors["B.weight"], config, base, module, full_name, max_rank)
+        sparse = None
+        if "spa.values" in tensors:
+            sparse = _rosa_sparse(full_name, tensors, (low_rank.b.shape[0], low_rank.a.shape[1]), max_density)
+        modules[(layer, module)] = dataclasses.replace(low_rank, sparse=sparse)
+    digest = sha256 or file_sha256(weights_file)[0]
+    return LoRAAdapter(name=name, modules=modules, config=config.raw, sha256=digest)
+
+
+def _rosa_sparse(full_name: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
+                 max_density: float) -> SparseDelta:
+    """rosa_spa (values, row_offs, col_idx; row_idx only orders rows for load balance) as a checked
+    SparseDelta. Columns are sorted within each row first (spops does not require them sorted)."""
+    for part in ("spa.row_offs", "spa.col_idx"):
+        if part not in tensors:
+            raise _weights_error(f"{full_name}: rosa_{part} is missing")
+    values, crow, col = tensors["spa.values"], tensors["spa.row_offs"], tensors["spa.col_idx"]
+    if crow.ndim != 1 or col.ndim != 1 or crow.is_floating_point() or col.is_floating_point():
+        raise _weights_error(f"{full_name}: rosa_spa.row_offs and col_idx must be integer vectors")
+    crow, col = crow.long(), col.long()
+    if col.numel() == values.numel() and crow.numel() == shape[0] + 1 and int(crow[-1]) == values.numel() and \
+            bool((crow[1:] >= crow[:-1]).all()):
+        rows = torch.repeat_interleave(torch.arange(shape[0]), crow[1:] - crow[:-1])
+        order = torch.argsort(rows * (shape[1] + 1) + col.clamp(0, shape[1]), stable=True)
+        col, values = col[order], values[order]
+    return parse_sparse_module(full_name, {"values": values, "crow_indices": crow, "col_indices": col,
+                                           "shape": torch.tensor(shape)}, shape, max_density)
+
+
+def read_adapter_config(path: Path, expected_type: str = "LORA") -> AdapterConfig:
     file = path / CONFIG_FILE
     if not file.exists():
         raise invalid("files", f"{CONFIG_FILE} is missing; is this a PEFT adapter directory?")
@@ -215,8 +278,9 @@ def read_adapter_config(path: Path) -> AdapterConfig:
     if not isinstance(config, dict):
         raise _config_error("must hold a JSON object")
     peft_type = config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise _config_error(f"peft_type {peft_type!r} is not supported; loraplex serves LORA adapters")
+    if peft_type != expected_type:
+        raise _config_error(f"peft_type {peft_type!r} is not supported; loraplex serves LORA and ROSA adapters "
+                            "(and its own sparse deltas)")
     for flag, message in _UNSUPPORTED_FLAGS.items():
         if config.get(flag):
             raise _config_error(message)

@@ -203,3 +203,59 @@ def test_a_composition_of_sparse_deltas_is_their_sum_and_offline_cat_writes_it(d
     for (layer, module), m in written.modules.items():
         full = next(n for n in summed if n.startswith(f"model.layers.{layer}.") and n.endswith(module))
         torch.testing.assert_close(m.sparse.dense(), summed[full])
+
+
+def write_rosa(directory: Path, base, seed: int) -> dict[str, torch.Tensor]:
+    """A RoSA adapter in peft-rosa's layout (rosa_A / rosa_B, rosa_spa.values / row_offs / row_idx / col_idx
+    with int16 columns, unsorted within rows as spops allows, values in bfloat16); returns each module's
+    ΔW = s·B·A + S, computed here from the tensors written."""
+    import json
+
+    gen = torch.Generator().manual_seed(seed)
+    r, alpha = 4, 8
+    tensors, updates = {}, {}
+    for layer in range(4):
+        for module in ("self_attn.q_proj", "mlp.up_proj"):
+            name = f"model.layers.{layer}.{module}"
+            weight = base.get_submodule(name).weight.detach()
+            out_f, in_f = weight.shape
+            a = torch.randn(r, in_f, generator=gen) / in_f**0.5
+            b = torch.randn(out_f, r, generator=gen) * 0.1
+            keep = torch.rand(out_f, in_f, generator=gen) < 0.01
+            dense = (torch.randn(out_f, in_f, generator=gen) * 4 * float(weight.pow(2).mean().sqrt()) * keep)
+            dense = dense.to(torch.bfloat16).float()
+            csr = dense.to_sparse_csr()
+            crow, col, values = csr.crow_indices(), csr.col_indices().clone(), csr.values().clone()
+            for row in range(out_f):  # reverse the columns of every row: valid CSR for spops, unsorted
+                lo, hi = int(crow[row]), int(crow[row + 1])
+                col[lo:hi], values[lo:hi] = col[lo:hi].flip(0), values[lo:hi].flip(0)
+            prefix = f"base_model.model.{name}"
+            tensors[f"{prefix}.rosa_A.weight"] = a
+            tensors[f"{prefix}.rosa_B.weight"] = b
+            tensors[f"{prefix}.rosa_spa.values"] = values.to(torch.bfloat16)
+            tensors[f"{prefix}.rosa_spa.row_offs"] = crow.to(torch.int32)
+            tensors[f"{prefix}.rosa_spa.col_idx"] = col.to(torch.int16)
+            tensors[f"{prefix}.rosa_spa.row_idx"] = torch.argsort(crow[1:] - crow[:-1], descending=True).to(torch.int16)
+            updates[name] = (alpha / r) * b @ a + dense
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "ROSA", "r": r, "d": 0.01, "lora_alpha": alpha, "target_modules": ["q_proj", "up_proj"],
+        "bias": "none", "use_rslora": False, "rosa_dtype": "bf16", "impl": "auto"}))
+    return updates
+
+
+def test_a_rosa_adapter_in_peft_rosas_layout_matches_the_merged_model(demo_dir, peft_adapters, sparse, tmp_path):
+    from loraplex.adapters_store.sparse_format import from_dense
+
+    paths, reference = sparse
+    updates = write_rosa(tmp_path / "rosa", load_hf_base(demo_dir), seed=71)
+    reference.deltas["rosa"] = {n: from_dense(u) for n, u in updates.items()}
+    adapter = load_peft_lora(tmp_path / "rosa", "rosa", None, 16)
+    assert adapter.kind == "rosa" and adapter.rank == 4 and adapter.nnz > 0
+    plan = [("rosa", 22), (None, 0), ("sp-attn", 0), ("rosa", 37), ("q1", 9)]
+    prompts, adapters = make_requests(36, plan)
+    llm = make_llm(demo_dir, {"rosa": tmp_path / "rosa", "sp-attn": paths["sp-attn"], "q1": peft_adapters["q1"]})
+    outputs = llm.generate(prompts, greedy(12), adapter=adapters)
+    assert_tokens_match(reference, prompts, adapters, outputs, max_new=12)
+    assert_logprobs_match(reference, prompts, adapters, outputs, 12)
