@@ -171,6 +171,11 @@ class TorchBackend:
     def prepare_lora(self, batch: LoRABatch) -> None:
         batch.plan = _segment_groups(batch.meta, batch.seg_starts, batch.active_slots)
 
+    def add_sparse(self, y: torch.Tensor, x: torch.Tensor, parts, batch: LoRABatch) -> None:
+        """y += each token's slot's sparse part (`models.sparse_parts.SparseSlotParts`: a gather / scatter-add
+        over padded entry tables, or one CSR product per slot), as `reference.sparse_add`."""
+        parts.add(y, x, batch.token_index, batch.active_slots, batch.seg_starts, batch.meta.sorted_token_ids)
+
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
         """y += the adapter term of every token, as `reference.lora_shrink` then `lora_expand`.
 
@@ -212,8 +217,10 @@ class TritonBackend(TorchBackend):
         from loraplex.kernels.lora_expand import lora_expand
         from loraplex.kernels.lora_shrink import lora_shrink
         from loraplex.kernels.paged_attention import paged_attention
+        from loraplex.kernels.sparse_add import sparse_add
 
         self._shrink, self._expand, self._paged_attention = lora_shrink, lora_expand, paged_attention
+        self._sparse_add = sparse_add
 
     def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
         if meta.max_query_len > 1:
@@ -227,6 +234,11 @@ class TritonBackend(TorchBackend):
 
     def prepare_lora(self, batch: LoRABatch) -> None:
         pass
+
+    def add_sparse(self, y: torch.Tensor, x: torch.Tensor, parts, batch: LoRABatch) -> None:
+        """The slots' sparse parts by the Triton kernel (`kernels/sparse_add`) over their CSR tables."""
+        crow, cols, vals, max_row_nnz = parts.csr_tables()
+        self._sparse_add(y, x, batch.meta.token_slots, crow, cols, vals.to(y.dtype), max_row_nnz)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
         h = self._shrink(x, weights.a, weights.ranks, batch.meta)  # [num_tokens, num_slices, max_rank] fp32

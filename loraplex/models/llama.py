@@ -65,8 +65,7 @@ class AdaptableLinear(Module, nn.Linear):
         y = nn.functional.linear(x, self.weight) if dora else super().forward(x)
         self.backend.add_lora(y, x, self.lora, lora)
         if self.lora.sparse.any(lora.active_slots):  # (a slot with a sparse part has no DoRA factor)
-            self.lora.sparse.add(y, x, lora.token_index, lora.active_slots, lora.seg_starts,
-                                 lora.meta.sorted_token_ids)
+            self.backend.add_sparse(y, x, self.lora.sparse, lora)
         if dora:
             y *= self.lora.row_factors[lora.token_index].to(y.dtype)  # slot -1: the last row, all ones
             if self.bias is not None:

@@ -28,6 +28,7 @@ class SparseSlotParts:
         self.parts: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]] = [
             [None] * (len(slice_offsets) - 1) for _ in range(max_loras)]
         self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, cols, vals
+        self._csr_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
         self._csr: dict[int, torch.Tensor] = {}  # slot -> its CSR over the whole output
         self._slots: set[int] = set()  # slots with some part
 
@@ -42,7 +43,7 @@ class SparseSlotParts:
             rows, cols = coo.indices()
             self.parts[slot][slice_index] = (rows.to(self.device), cols.to(self.device),
                                              coo.values().to(self.device, self.dtype))
-        self._tables = None
+        self._tables = self._csr_tables = None
         self._csr.pop(slot, None)
         if any(part is not None for part in self.parts[slot]):
             self._slots.add(slot)
@@ -94,6 +95,21 @@ class SparseSlotParts:
             rows[s, : r.numel()], cols[s, : c.numel()], vals[s, : v.numel()] = r, c, v
         self._tables = (rows, cols, vals)
         return self._tables
+
+    def csr_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(crow [max_loras + 1, out + 1], cols [max_loras + 1, E], vals [max_loras + 1, E], the longest row's
+        entries): every slot's S in CSR over the whole output, for the Triton kernel (`kernels/sparse_add`)."""
+        if self._csr_tables is None:
+            rows, cols, vals = self._tables or self._build_tables()
+            out_features = self.slice_offsets[-1]
+            counts = torch.zeros(self.max_loras + 1, out_features, dtype=torch.long, device=self.device)
+            for s in range(self.max_loras):
+                n = self._entries(s)[0].numel()
+                counts[s] = torch.bincount(rows[s, :n], minlength=out_features)
+            crow = torch.zeros(self.max_loras + 1, out_features + 1, dtype=torch.long, device=self.device)
+            crow[:, 1:] = counts.cumsum(dim=1)
+            self._csr_tables = (crow, cols.contiguous(), vals.contiguous(), int(counts.max()))
+        return self._csr_tables
 
     def _slot_csr(self, slot: int) -> torch.Tensor:
         if slot not in self._csr:
