@@ -312,15 +312,17 @@ class AsyncEngine:
                     logger.exception("engine step failed; aborting %d request(s)", len(self._streams))
                     self._fail_all(e)
                     outputs = []
-                if not self.engine.has_unfinished_requests() and not self._stopping:
+                idle = not self.engine.has_unfinished_requests() and not self._stopping
+                if idle:
                     self._has_work.clear()  # (never a stop request's wake-up)
-                    await asyncio.get_running_loop().run_in_executor(self._step_thread, self._trim_heap)
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     stream.put(out)
                     if out.finished:
                         del self._streams[out.request_id]
+            if idle:  # after the outputs are handed out: the trim never delays them
+                await asyncio.get_running_loop().run_in_executor(self._step_thread, self._trim_heap)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, stream in self._streams.items():
