@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from multi_lora_throughput import SHAPES, TARGETS, make_adapters, make_random_model
+from multi_lora_throughput import SHAPES, TARGETS, attention_shapes, make_adapters, make_random_model
 from safetensors.torch import load_file, save_file
 
 from loraplex.adapters_store.sparse_format import SparseDelta, write_sparse_delta
@@ -48,11 +48,7 @@ def make_dora(directory: Path, loras: dict[str, Path]) -> dict[str, Path]:
 
 
 def make_sparse(directory: Path, model_dir: Path, count: int, density: float) -> dict[str, Path]:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    hidden = cfg["hidden_size"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
-    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+    cfg, shapes = attention_shapes(model_dir)
     adapters = {}
     for i in range(count):
         g = torch.Generator().manual_seed(2000 + i)

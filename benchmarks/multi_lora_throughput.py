@@ -49,12 +49,17 @@ def make_random_model(directory: Path, shape: str) -> Path:
     return path
 
 
-def make_adapters(directory: Path, model_dir: Path, count: int, rank: int) -> dict[str, Path]:
+def attention_shapes(model_dir: Path) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """The model's config.json, and (out, in) of each attention projection."""
     cfg = json.loads((model_dir / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
     q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
-    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+    return cfg, {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+
+
+def make_adapters(directory: Path, model_dir: Path, count: int, rank: int) -> dict[str, Path]:
+    cfg, shapes = attention_shapes(model_dir)
     adapters = {}
     for i in range(count):
         g = torch.Generator().manual_seed(1000 + i)

@@ -177,13 +177,18 @@ def load_peft_lora(path: Path, name: str, base: ModelConfig | None, max_rank: in
     return LoRAAdapter(name=name, modules=modules, config=config.raw, sha256=digest)
 
 
+def _weights_file(path: Path) -> Path:
+    file = path / WEIGHTS_FILE
+    if not file.exists():
+        raise invalid("files", f"{WEIGHTS_FILE} is missing")
+    return file
+
+
 def _load_sparse_delta(path: Path, name: str, base: ModelConfig | None, raw: dict, max_density: float,
                        sha256: str | None) -> LoRAAdapter:
     """loraplex's sparse-delta format (sparse_format.py): per module S alone, as a module of rank 0."""
     check_sparse_config(raw, max_density)
-    weights_file = path / WEIGHTS_FILE
-    if not weights_file.exists():
-        raise invalid("files", f"{WEIGHTS_FILE} is missing")
+    weights_file = _weights_file(path)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     names: dict[tuple[int, str], str] = {}
     for key, tensor in _read_safetensors(weights_file).items():
@@ -218,9 +223,7 @@ def _load_rosa(path: Path, name: str, base: ModelConfig | None, max_rank: int, m
     """A RoSA adapter as IST-DASLab/peft-rosa saves it: per module rosa_A / rosa_B (as lora_A / lora_B, the
     same scale rules) and rosa_spa, a CSR matrix S added unscaled: ΔW = s·B·A + S."""
     config = read_adapter_config(path, expected_type="ROSA")
-    weights_file = path / WEIGHTS_FILE
-    if not weights_file.exists():
-        raise invalid("files", f"{WEIGHTS_FILE} is missing")
+    weights_file = _weights_file(path)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     names: dict[tuple[int, str], str] = {}
     for key, tensor in _read_safetensors(weights_file).items():
