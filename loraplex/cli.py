@@ -54,6 +54,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="parsed adapters kept in host memory (LRU)")
     a.add_argument("--max-sparse-density", type=float, default=defaults.max_sparse_density,
                    help="the densest sparse adapter part taken (nnz / (out x in), per module and over the adapter)")
+    a.add_argument("--max-sparse-memory", default=defaults.max_sparse_memory,
+                   help="device pool for the sparse parts of the adapters in slots, allocated once (entries of "
+                        "8 bytes + the dtype's; pays the per-slot row tables too); 0: no sparse adapters "
+                        "(default: %(default)s)")
     a.add_argument("--max-compositions", type=int, default=defaults.max_compositions,
                    help="per-request compositions (\"model\": \"a*0.7+b*0.3\") kept built (LRU)")
 
@@ -114,6 +118,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "served_model_name": args.served_model_name, "max_loras": args.max_loras,
         "max_lora_rank": args.max_lora_rank, "max_cpu_adapters": args.max_cpu_adapters,
         "max_compositions": args.max_compositions, "max_sparse_density": args.max_sparse_density,
+        "max_sparse_memory": args.max_sparse_memory,
         "adapters": parse_adapter_args(args.adapter),
     }
 

@@ -36,6 +36,7 @@ class EngineConfig:
     max_cpu_adapters: int = 64  # parsed adapters kept in host memory
     max_compositions: int = 64  # per-request compositions kept registered (least recently used dropped)
     max_sparse_density: float = 0.05  # sparse adapter parts: nnz / (out·in), per module and over the adapter
+    max_sparse_memory: str | int = "1GiB"  # device pool for the slots' sparse parts; 0 = no sparse adapters
     seed: int = 0
     served_model_name: str | None = None
     data_dir: str | None = None
@@ -67,6 +68,7 @@ class EngineConfig:
         density = self.max_sparse_density
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise invalid("max_sparse_density", f"must be in (0, 1], got {density!r}")
+        self.sparse_memory_bytes()
         if self.max_model_len is not None and self.max_model_len < 2:
             raise invalid("max_model_len", f"must be at least 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None:
@@ -95,6 +97,16 @@ class EngineConfig:
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir or os.environ.get("LORAPLEX_HOME") or Path.home() / ".cache" / "loraplex")
+
+    def sparse_memory_bytes(self) -> int:
+        """Bytes of the sparse pool (0: none)."""
+        value = self.max_sparse_memory
+        if value in (0, "0"):
+            return 0
+        amount = parse_memory(value, "max_sparse_memory")
+        if isinstance(amount, float):
+            raise invalid("max_sparse_memory", f"must be a size such as 512MiB, or 0; got {value!r}")
+        return amount
 
     def kv_cache_bytes(self, device: torch.device) -> int:
         """Bytes for the KV cache: as given, or a share of the device's free memory."""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import loraplex
 from loraplex.adapters_store.checksums import file_sha256
 from loraplex.adapters_store.formats import MAX_CONFIG_RANK, WEIGHTS_FILE, LoRAAdapter, load_peft_lora
-from loraplex.adapters_store.peft_export import module_path, weights_dtype, write_peft_lora
+from loraplex.adapters_store.peft_export import module_path, weights_dtype, write_peft_lora, write_rosa
 from loraplex.adapters_store.sparse_format import write_sparse_delta
 from loraplex.adapters_store.trainer_state import read_trainer_metrics
 from loraplex.arithmetic import MergeParams, merge, mwa_weights
@@ -79,8 +79,8 @@ def _write(merged: LoRAAdapter, output: Path, dtype: torch.dtype) -> None:
         write_peft_lora(merged, output, dtype)
         return
     if any(m.rank > 0 for m in merged.modules.values()):
-        raise invalid("sources", "the sum of LoRA and sparse adapters is low-rank + sparse, which no file format "
-                      "here holds yet; compose them per request instead (\"model\": \"a+b\")")
+        write_rosa(merged, output, dtype)  # low-rank + sparse
+        return
     write_sparse_delta({module_path(*key): m.sparse for key, m in merged.modules.items()}, output,
                        merged.config.get("base_model_name_or_path"), dtype)
 

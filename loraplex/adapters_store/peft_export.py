@@ -1,9 +1,11 @@
 """Write a LoRAAdapter as a PEFT LoRA directory that `peft` loads as it is: each module's scale folded
 into lora_B, so every module's scaling is 1 (lora_alpha = r, and for a module of another rank a
-rank_pattern entry with an equal alpha_pattern entry); no rslora."""
+rank_pattern entry with an equal alpha_pattern entry); no rslora. A low-rank + sparse adapter is written
+as peft-rosa lays a RoSA adapter out (docs/adapters.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -46,6 +48,47 @@ def write_peft_lora(adapter: LoRAAdapter, directory: Path, dtype: torch.dtype = 
     (directory / CONFIG_FILE).write_text(json.dumps(peft_config(adapter, base_model), indent=2) + "\n")
     save_file(tensors, str(directory / WEIGHTS_FILE))
     return directory
+
+
+def write_rosa(adapter: LoRAAdapter, directory: Path, dtype: torch.dtype = torch.float32,
+               base_model: str | None = None) -> Path:
+    """A low-rank + sparse adapter as peft-rosa saves one: rosa_A / rosa_B as lora_A / lora_B above, and
+    rosa_spa (values, row_offs, col_idx, row_idx: the rows by descending length) for modules with a sparse
+    part. A module with a sparse part only gets zero rank-1 factors (peft-rosa gives every module both)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    modules = {}
+    for key, m in adapter.modules.items():
+        if m.rank == 0:
+            m = dataclasses.replace(m, a=torch.zeros(1, m.a.shape[1]), b=torch.zeros(m.b.shape[0], 1), scale=1.0)
+        modules[key] = m
+    tensors = {}
+    for (layer, module), m in sorted(modules.items()):
+        prefix = f"base_model.model.{module_path(layer, module)}"
+        tensors[f"{prefix}.rosa_A.weight"] = m.a.detach().to("cpu", dtype).contiguous()
+        tensors[f"{prefix}.rosa_B.weight"] = (m.b.detach() * m.scale).to("cpu", dtype).contiguous()
+        if m.sparse is not None:
+            out_features, in_features = m.sparse.shape
+            lengths = m.sparse.crow[1:] - m.sparse.crow[:-1]
+            tensors[f"{prefix}.rosa_spa.values"] = m.sparse.values.to("cpu", dtype).contiguous()
+            tensors[f"{prefix}.rosa_spa.row_offs"] = m.sparse.crow.to("cpu", torch.int32).contiguous()
+            tensors[f"{prefix}.rosa_spa.col_idx"] = m.sparse.col.to("cpu", _index_dtype(in_features)).contiguous()
+            tensors[f"{prefix}.rosa_spa.row_idx"] = torch.argsort(lengths.cpu(), descending=True, stable=True).to(
+                _index_dtype(out_features)).contiguous()
+    rosa = dataclasses.replace(adapter, modules=modules)
+    config = peft_config(rosa, base_model or adapter.config.get("base_model_name_or_path"))
+    sizes = sum(m.sparse.shape[0] * m.sparse.shape[1] for m in modules.values() if m.sparse is not None)
+    config.update(peft_type="ROSA", d=rosa.nnz / sizes if sizes else 0.0, rosa_dtype=str(dtype).removeprefix("torch."),
+                  spa_store_transpose=False)
+    del config["use_dora"]
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    return directory
+
+
+def _index_dtype(size: int) -> torch.dtype:
+    """int16 as peft-rosa stores indices, where they fit."""
+    return torch.int16 if size <= 2**15 - 1 else torch.int32
 
 
 def weights_dtype(directory: Path) -> torch.dtype:

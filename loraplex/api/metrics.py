@@ -53,6 +53,13 @@ class EngineCollector(Collector):
         evictions.add_metric(["host"], s.adapter_host_evictions)
         evictions.add_metric(["device"], s.adapter_device_evictions)
         yield evictions
+        sparse = GaugeMetricFamily("loraplex_sparse_pool_bytes", "The device pool for the sparse parts of adapters "
+                                   "in slots (--max-sparse-memory)", labels=["state"])
+        sparse.add_metric(["used"], s.sparse_bytes_used)
+        sparse.add_metric(["capacity"], s.sparse_bytes_capacity)
+        yield sparse
+        yield CounterMetricFamily("loraplex_sparse_pool_compactions", "Times the sparse pool moved its ranges "
+                                  "together to fit an adapter", s.sparse_compactions)
         yield GaugeMetricFamily("loraplex_compositions", "Per-request compositions built and registered now",
                                 s.compositions)
         yield CounterMetricFamily("loraplex_composition_builds", "Per-request compositions built", s.composition_builds)

@@ -22,8 +22,8 @@ from loraplex.merging import Source, merge_directories
 logger = logging.getLogger(__name__)
 
 def _format(adapter: LoRAAdapter) -> str:
-    """The file format: PEFT's (LoRA, DoRA) or loraplex's sparse delta."""
-    return "sparse-delta" if adapter.kind == "sparse" else "peft-lora"
+    """The file format: PEFT's (LoRA, DoRA), peft-rosa's (low-rank + sparse) or loraplex's sparse delta."""
+    return {"sparse": "sparse-delta", "rosa": "peft-rosa"}.get(adapter.kind, "peft-lora")
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ def refuse_unmergeable(adapter: LoRAAdapter, sparse: bool = False) -> None:
         raise invalid("sources", f"adapter {adapter.name!r} is a DoRA adapter: its magnitude vectors (norms of "
                       "the updated rows) do not add or average, so it cannot be merged; merge plain LoRA adapters")
     if not sparse and any(m.sparse is not None for m in adapter.modules.values()):
-        raise invalid("sources", f"adapter {adapter.name!r} has sparse parts, which only the exact sum (cat, "
-                      "or a linear composition) takes so far; merge plain LoRA adapters with this method")
+        raise invalid("sources", f"adapter {adapter.name!r} has sparse parts, which svd, mwa and copa do not "
+                      "take; use cat or a method of PEFT's family (linear, ties, dare_linear, dare_ties, "
+                      "magnitude_prune), or merge plain LoRA adapters")
 
 
 def _check_base_models(adapters: Sequence[LoRAAdapter]) -> None:

@@ -11,6 +11,7 @@ from loraplex.arithmetic.aligned import Progress
 from loraplex.arithmetic.checkpoints import copa, mwa
 from loraplex.arithmetic.compose import cat, svd
 from loraplex.arithmetic.params import MergeParams, check_weights
+from loraplex.arithmetic.sparse_parts import has_sparse_parts, merge_with_sparse_parts
 from loraplex.arithmetic.task_vectors import delta_space, parameter_space
 from loraplex.errors import invalid
 
@@ -39,6 +40,9 @@ def merge(adapters: Sequence[LoRAAdapter], weights: Sequence[float] | None, para
         return mwa(adapters, values, params, name, device, progress)
     if method == "copa":
         return copa(adapters, params, name, device, progress)
-    if params.space == "delta":
-        return delta_space(adapters, weights, params, name, device, progress)
-    return parameter_space(adapters, weights, params, name, device, progress)
+    family = delta_space if params.space == "delta" else parameter_space
+    if has_sparse_parts(adapters):  # each kind of part merged within its kind (sparse_parts.py)
+        return merge_with_sparse_parts(adapters, weights, params, name,
+                                       lambda low_rank: family(low_rank, weights, params, name, device, progress),
+                                       device, progress)
+    return family(adapters, weights, params, name, device, progress)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 
-def magnitude_prune(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep exactly k = int(density · numel) entries of largest magnitude (topk), zero the rest."""
+def magnitude_prune(x: torch.Tensor, density: float, numel: int | None = None) -> torch.Tensor:
+    """Keep exactly k = int(density · numel) entries of largest magnitude (topk), zero the rest. numel: the
+    size of the matrix `x` holds the non-zeros of (default: x's own; a sparse part's values pass its dense
+    size, and keep them all when k is more)."""
     if density >= 1:
         return x
-    k = int(density * x.numel())
+    k = min(int(density * (x.numel() if numel is None else numel)), x.numel())
     mask = torch.zeros(x.numel(), device=x.device, dtype=x.dtype)
     mask[x.abs().reshape(-1).topk(k, largest=True).indices] = 1
     return x * mask.reshape(x.shape)

@@ -24,7 +24,7 @@ from loraplex.adapters_store.checksums import file_sha256
 from loraplex.adapters_store.formats import DEFAULT_MAX_SPARSE_DENSITY, WEIGHTS_FILE, LoRAAdapter, load_peft_lora
 from loraplex.engine.compositions import Compositions
 from loraplex.errors import LoraplexError, invalid
-from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.llama import AdaptableLinear, LlamaForCausalLM
 from loraplex.models.lora import dora_row_factors
 
 logger = logging.getLogger(__name__)
@@ -79,12 +79,15 @@ def pinned(adapter: LoRAAdapter) -> LoRAAdapter:
 
 
 class SlotPool:
-    """`max_loras` slots in the model's adapter layers; reference-counted by running sequences."""
+    """`max_loras` slots in the model's adapter layers, and the model's pool for their sparse parts;
+    reference-counted by running sequences. An adapter in a slot holds both, and eviction frees both."""
 
     def __init__(self, model: LlamaForCausalLM, max_loras: int) -> None:
         self.model = model
         self.targets = model.lora_targets()
+        self.sparse_pool = model.sparse_pool
         self.slot_of: dict[str, int] = {}
+        self.entries: dict[str, int] = {}  # resident adapter -> its sparse entries in the pool
         self.users: dict[str, int] = {}  # adapter -> running sequences using it
         self.idle: OrderedDict[str, None] = OrderedDict()  # resident, unused: evictable, LRU first
         self.retired: set[str] = set()  # evicted while in use: freed when the last user releases it
@@ -95,25 +98,36 @@ class SlotPool:
     def resident(self, name: str) -> bool:
         return name in self.slot_of
 
-    def can_place(self, name: str) -> bool:
-        return name in self.slot_of or bool(self.free_slots) or bool(self.idle)
+    def can_place(self, name: str, entries: int = 0) -> bool:
+        """Whether the adapter, with `entries` sparse entries, can take a slot now (evicting idle ones)."""
+        if name in self.slot_of:
+            return True
+        if not (self.free_slots or self.idle):
+            return False
+        if entries == 0:
+            return True
+        idle_entries = sum(self.entries[n] for n in self.idle)
+        return self.sparse_pool is not None and entries <= self.sparse_pool.free + idle_entries
 
     def acquire(self, name: str, host: HostCache) -> int:
-        """The adapter's slot, loading it from the host cache (evicting an idle adapter) if needed. The
-        caller checks first that it can (`can_place`, and the adapter resident or in `host`)."""
+        """The adapter's slot, loading it from the host cache (evicting idle adapters, least recently used
+        first, until a slot and room in the sparse pool are free) if needed. The caller checks first that it
+        can (`can_place`, and the adapter resident or in `host`)."""
         if name not in self.slot_of:
             adapter = host.get(name)
-            if adapter is None or not (self.free_slots or self.idle):
+            if adapter is None or not self.can_place(name, adapter.nnz):
                 where = "every slot is in use" if adapter is not None else "it is not in host memory"
                 raise RuntimeError(f"adapter {name} cannot take a slot now: {where}")
-            if not self.free_slots:
+            pool = self.sparse_pool
+            while not self.free_slots or (adapter.nnz and adapter.nnz > pool.free):
                 victim, _ = self.idle.popitem(last=False)
-                self.free_slots.append(self.slot_of.pop(victim))
+                self._free(victim)
                 self.evictions += 1
             slot = self.free_slots.pop()
             self._write(slot, adapter)
             self.loads += 1
             self.slot_of[name] = slot
+            self.entries[name] = adapter.nnz
         self.idle.pop(name, None)
         self.users[name] = self.users.get(name, 0) + 1
         return self.slot_of[name]
@@ -124,7 +138,7 @@ class SlotPool:
             del self.users[name]
             if name in self.retired:
                 self.retired.discard(name)
-                self.free_slots.append(self.slot_of.pop(name))
+                self._free(name)
             else:
                 self.idle[name] = None
 
@@ -136,22 +150,37 @@ class SlotPool:
             return False
         if name in self.slot_of:
             self.idle.pop(name, None)
-            self.free_slots.append(self.slot_of.pop(name))
+            self._free(name)
         return True
 
+    def _free(self, name: str) -> None:
+        slot = self.slot_of.pop(name)
+        del self.entries[name]
+        self.free_slots.append(slot)
+        if self.sparse_pool is not None:
+            self.sparse_pool.release(slot)
+
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        sparse_parts: dict[int, tuple[AdaptableLinear, list]] = {}  # id(layer) -> (layer, CSR per slice)
         for (layer, module), (linear, shard) in self.targets.items():
             weights = adapter.modules.get((layer, module))
+            if linear.lora.sparse is not None:
+                csrs = sparse_parts.setdefault(id(linear), (linear, [None] * len(linear.output_sizes)))[1]
+                csrs[shard] = None if weights is None or weights.sparse is None else weights.sparse.to_torch()
             if weights is None:
                 linear.lora.clear_slice(slot, shard)
-                linear.lora.sparse.write(slot, shard, None)
                 continue
-            linear.lora.sparse.write(slot, shard, None if weights.sparse is None else weights.sparse.to_torch())
             factors = None
             if weights.magnitude is not None:  # DoRA: the row factors, computed once here, not per step
                 factors = dora_row_factors(linear.weight[linear.shard_rows(shard)], weights.a, weights.b,
                                            weights.scale, weights.magnitude)
             linear.lora.write(slot, shard, weights.a, weights.b, weights.scale, factors)
+        if self.sparse_pool is not None:
+            self.sparse_pool.allocate(slot, adapter.nnz)
+            offset = 0
+            for linear, csrs in sparse_parts.values():
+                offset += linear.lora.sparse.write(slot, csrs, offset)
+            assert offset == adapter.nnz, f"{adapter.name}: {offset} sparse entries written, {adapter.nnz} counted"
 
 
 class AdapterManager:
@@ -198,7 +227,7 @@ class AdapterManager:
         key = self._new_key(name)
         adapter = None
         if preloaded is not None:
-            adapter = dataclasses.replace(preloaded, name=key)
+            adapter = self.check_fits(dataclasses.replace(preloaded, name=key))
         elif validate:
             adapter = self._load(path, key, checksums)
         if name in self.keys:
@@ -230,7 +259,7 @@ class AdapterManager:
         """Serve `built` under `name`; `build` makes it again after the host cache dropped it. It is dropped
         itself when one of `inputs` is unregistered or replaced, or when newer compositions push it out."""
         key = self._new_key(name)
-        self.host.put(dataclasses.replace(built, name=key), keep=self._wanted.keys())
+        self.host.put(self.check_fits(dataclasses.replace(built, name=key)), keep=self._wanted.keys())
         self.keys[name], self._builders[key] = key, build
         for evicted in self.compositions.add(name, inputs):
             self.unregister(evicted)
@@ -242,9 +271,24 @@ class AdapterManager:
             if found != expected:
                 raise invalid(file_name, f"sha256 {found} differs from the stored {expected}; the file was "
                               "changed on disk; upload the adapter again")
-        return load_peft_lora(path, key, self.model_config, self.max_lora_rank,
-                              sha256=checksums.get(WEIGHTS_FILE),  # checked just now: not hashed again
-                              max_sparse_density=self.max_sparse_density)
+        return self.check_fits(load_peft_lora(path, key, self.model_config, self.max_lora_rank,
+                                         sha256=checksums.get(WEIGHTS_FILE),  # checked just now: not hashed again
+                                         max_sparse_density=self.max_sparse_density))
+
+    def check_fits(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """The adapter, if its sparse parts fit the sparse pool when it has the pool to itself."""
+        if adapter.nnz == 0:
+            return adapter
+        pool = self.slots.sparse_pool
+        if pool is None:
+            raise invalid("max_sparse_memory", "is 0: this server serves no sparse adapters; start it with "
+                          "--max-sparse-memory above 0")
+        if adapter.nnz > pool.capacity:
+            need, have = adapter.nnz * pool.entry_bytes, pool.capacity * pool.entry_bytes
+            raise invalid("max_sparse_memory", f"the adapter's sparse parts take {need / 2**20:.1f} MiB "
+                          f"({adapter.nnz} entries); the server's sparse pool holds {have / 2**20:.1f} MiB: "
+                          "start it with a larger --max-sparse-memory, or sparsify at a lower density")
+        return adapter
 
     def _read(self, key: str) -> LoRAAdapter:
         """A registration's weights, read from its files or built again (a composition)."""
@@ -341,6 +385,11 @@ class AdapterManager:
         while self.load_seconds:  # deque pops are atomic: safe against the step thread's appends
             drained.append(self.load_seconds.popleft())
         return drained
+
+    def can_place(self, key: str) -> bool:
+        """Whether the adapter (resident, or in host memory) can take a slot now."""
+        adapter = self.host.entries.get(key)  # a look, not a use
+        return self.slots.can_place(key, 0 if adapter is None else adapter.nnz)
 
     def acquire(self, key: str) -> int:
         """A slot holding the adapter, for one more running sequence (see `SlotPool.acquire`)."""

@@ -50,6 +50,9 @@ class EngineStats:
     composition_builds: int = 0
     composition_hits: int = 0  # requests served by a composition built before
     compositions_dropped: int = 0  # because an input was deleted or replaced
+    sparse_bytes_used: int = 0  # the sparse pool's entries held by adapters in slots
+    sparse_bytes_capacity: int = 0  # 0: no pool (--max-sparse-memory 0, or no adapters)
+    sparse_compactions: int = 0
 
 
 class LLMEngine:
@@ -65,7 +68,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(model_config.max_position_embeddings, model_config.sliding_window)
         self.adapters: AdapterManager | None = None
         if config.max_loras > 0:  # before sizing the KV cache, which takes a share of what is left
-            self.model.enable_lora(config.max_loras, config.max_lora_rank)
+            self.model.enable_lora(config.max_loras, config.max_lora_rank, config.sparse_memory_bytes())
             self.adapters = AdapterManager(self.model, config.max_loras, config.max_lora_rank,
                                            config.max_cpu_adapters, self.device, config.max_compositions,
                                            config.max_sparse_density)
@@ -127,6 +130,7 @@ class LLMEngine:
             raise invalid("max_loras", "is 0: this engine serves no adapters; start it with max_loras >= 1")
         adapter = load_peft_lora(Path(path), "inspect", self.model.config, self.config.max_lora_rank,
                                  max_sparse_density=self.config.max_sparse_density)
+        self.adapters.check_fits(adapter)  # (reads only the pool's fixed capacity)
         return pinned(adapter) if self.adapters.host.pin_memory else adapter  # here, not between steps
 
     def remove_adapter(self, name: str) -> None:
@@ -254,6 +258,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         blocks = self.block_manager
         adapters = self.adapters
+        pool = self.model.sparse_pool
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -269,6 +274,9 @@ class LLMEngine:
             composition_builds=adapters.compositions.builds if adapters else 0,
             composition_hits=adapters.compositions.hits if adapters else 0,
             compositions_dropped=adapters.compositions.dropped if adapters else 0,
+            sparse_bytes_used=pool.used * pool.entry_bytes if pool else 0,
+            sparse_bytes_capacity=pool.capacity * pool.entry_bytes if pool else 0,
+            sparse_compactions=pool.compactions if pool else 0,
         )
 
     @property

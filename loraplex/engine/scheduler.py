@@ -153,7 +153,7 @@ class Scheduler:
             return True
         if not self.adapters.ready(seq.adapter_key):
             return False  # loading from disk in the background
-        if self.adapters.slots.can_place(seq.adapter_key):
+        if self.adapters.can_place(seq.adapter_key):
             return True
         seq.num_skips += 1
         return None if seq.num_skips > MAX_SKIPS else False

@@ -173,7 +173,7 @@ class TorchBackend:
 
     def add_sparse(self, y: torch.Tensor, x: torch.Tensor, parts, batch: LoRABatch) -> None:
         """y += each token's slot's sparse part (`models.sparse_parts.SparseSlotParts`: a gather / scatter-add
-        over padded entry tables, or one CSR product per slot), as `reference.sparse_add`."""
+        over the sparse pool's entries, or one CSR product per slot), as `reference.sparse_add`."""
         parts.add(y, x, batch.token_index, batch.active_slots, batch.seg_starts, batch.meta.sorted_token_ids)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
@@ -236,9 +236,9 @@ class TritonBackend(TorchBackend):
         pass
 
     def add_sparse(self, y: torch.Tensor, x: torch.Tensor, parts, batch: LoRABatch) -> None:
-        """The slots' sparse parts by the Triton kernel (`kernels/sparse_add`) over their CSR tables."""
-        crow, cols, vals, max_row_nnz = parts.csr_tables()
-        self._sparse_add(y, x, batch.meta.token_slots, crow, cols, vals.to(y.dtype), max_row_nnz)
+        """The slots' sparse parts by the Triton kernel (`kernels/sparse_add`) over the sparse pool."""
+        crow, starts, cols, vals, max_row_nnz = parts.csr_view(batch.active_slots)
+        self._sparse_add(y, x, batch.meta.token_slots, crow, starts, cols, vals, max_row_nnz)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, weights: LoRAWeights, batch: LoRABatch) -> None:
         h = self._shrink(x, weights.a, weights.ranks, batch.meta)  # [num_tokens, num_slices, max_rank] fp32

@@ -141,32 +141,35 @@ def lora_expand(
             y[rows, lo:hi] += delta.to(y.dtype)
 
 
-def sparse_add(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor,
-               vals: torch.Tensor) -> None:
-    """Each token's sparse delta S[slot] (CSR tables), added in place: y += x @ S[slot]ᵀ.
+def sparse_add(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, crow: torch.Tensor, starts: torch.Tensor,
+               cols: torch.Tensor, vals: torch.Tensor) -> None:
+    """Each token's sparse delta S[slot] (CSR rows into flat entry tables), added in place: y += x @ S[slot]ᵀ.
 
     Semantics:
         for t in range(num_tokens):
             s = token_slots[t]
             if s < 0: continue
             for r in range(out_features):
-                for e in range(crow[s, r], crow[s, r + 1]):
-                    y[t, r] += vals[s, e] * x[t, cols[s, e]]
+                for e in range(starts[s] + crow[s, r], starts[s] + crow[s, r + 1]):
+                    y[t, r] += vals[e] * x[t, cols[e]]
 
     Shapes:
         y:           [num_tokens, out_features]
         x:           [num_tokens, in_features]
         token_slots: [num_tokens] int, -1 = no adapter
-        crow:        [num_slots, out_features + 1] int64, each row's entries crow[s, r]:crow[s, r + 1]
-        cols, vals:  [num_slots, width] (int64, float): the entries; a slot's entries past crow[s, -1] unused
+        crow:        [num_slots, out_features + 1] int, each row's entries relative to the slot's start
+        starts:      [num_slots] int64, where each slot's entries start in cols / vals
+        cols, vals:  [num_entries] (int, float): the entries of every slot (`models/sparse_pool.py`)
     """
     out_features = y.shape[1]
     for slot in token_slots.unique().tolist():
         if slot < 0:
             continue
         tokens = (token_slots == slot).nonzero().squeeze(1)
-        nnz = int(crow[slot, -1])
-        rows = torch.repeat_interleave(torch.arange(out_features, device=y.device), crow[slot, 1:] - crow[slot, :-1])
-        contrib = x[tokens][:, cols[slot, :nnz]].float() * vals[slot, :nnz].float()  # [n, nnz]
+        first = int(starts[slot])
+        span = slice(first, first + int(crow[slot, -1]))
+        counts = (crow[slot, 1:] - crow[slot, :-1]).long()
+        rows = torch.repeat_interleave(torch.arange(out_features, device=y.device), counts)
+        contrib = x[tokens][:, cols[span].long()].float() * vals[span].float()  # [n, nnz]
         delta = torch.zeros(len(tokens), out_features, device=y.device).index_add_(1, rows, contrib)
         y[tokens] += delta.to(y.dtype)

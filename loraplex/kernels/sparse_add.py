@@ -2,8 +2,10 @@
 
 Semantics (identical to the reference):
     for every token t with slot s = token_slots[t] >= 0, and every output row r:
-        y[t, r] += sum(vals[s, e] * x[t, cols[s, e]] for e in range(crow[s, r], crow[s, r + 1]))
-    in place, in y's dtype; tokens without an adapter (slot -1) leave y untouched.
+        y[t, r] += sum(vals[e] * x[t, cols[e]] for e in starts[s] + range(crow[s, r], crow[s, r + 1]))
+    in place, in y's dtype; tokens without an adapter (slot -1) leave y untouched. cols and vals are the
+    flat entry tables of the model's sparse pool (`models/sparse_pool.py`), crow each slot's rows relative
+    to where its entries start.
 
 Kernel design:
     One program per (token, tile of BLOCK_R output rows). It reads the token's slot, then the tile's
@@ -27,12 +29,13 @@ def _sparse_add_kernel(
     y_ptr,  # [num_tokens, out_features]
     x_ptr,  # [num_tokens, in_features]
     token_slots_ptr,  # [num_tokens] int32 or int64, -1 = no adapter
-    crow_ptr,  # [num_slots, out_features + 1] int64
-    cols_ptr,  # [num_slots, width] int64
-    vals_ptr,  # [num_slots, width]
+    crow_ptr,  # [num_slots, out_features + 1] int32 or int64, relative to the slot's start
+    starts_ptr,  # [num_slots] int64: where each slot's entries start in cols / vals
+    cols_ptr,  # [num_entries] int32 or int64
+    vals_ptr,  # [num_entries]
     out_features,
     max_row_nnz,
-    stride_yt, stride_xt, stride_crow, stride_cols, stride_vals,
+    stride_yt, stride_xt, stride_crow,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
@@ -43,15 +46,16 @@ def _sparse_add_kernel(
         return
     offs_r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < out_features
-    starts = tl.load(crow_ptr + slot * stride_crow + offs_r, mask=r_mask, other=0)
-    ends = tl.load(crow_ptr + slot * stride_crow + offs_r + 1, mask=r_mask, other=0)
+    base = tl.load(starts_ptr + slot)
+    starts = base + tl.load(crow_ptr + slot * stride_crow + offs_r, mask=r_mask, other=0).to(tl.int64)
+    ends = base + tl.load(crow_ptr + slot * stride_crow + offs_r + 1, mask=r_mask, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     offs_e = tl.arange(0, BLOCK_E)
     for e_start in range(0, max_row_nnz, BLOCK_E):
         e = starts[:, None] + e_start + offs_e[None, :]  # [BLOCK_R, BLOCK_E]
         e_mask = e < ends[:, None]
-        cols = tl.load(cols_ptr + slot * stride_cols + e, mask=e_mask, other=0)
-        vals = tl.load(vals_ptr + slot * stride_vals + e, mask=e_mask, other=0.0).to(tl.float32)
+        cols = tl.load(cols_ptr + e, mask=e_mask, other=0)
+        vals = tl.load(vals_ptr + e, mask=e_mask, other=0.0).to(tl.float32)
         xs = tl.load(x_ptr + t * stride_xt + cols, mask=e_mask, other=0.0).to(tl.float32)
         acc += tl.sum(vals * xs, axis=1)
     y_ptrs = y_ptr + t * stride_yt + offs_r
@@ -59,9 +63,11 @@ def _sparse_add_kernel(
     tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=r_mask)
 
 
-def sparse_add(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor,
-               vals: torch.Tensor, max_row_nnz: int, block_r: int | None = None, block_e: int = 16) -> None:
-    """y [T, out] += each token's x [T, in] @ S[slot]ᵀ, S given per slot as CSR tables (see module doc).
+def sparse_add(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, crow: torch.Tensor, starts: torch.Tensor,
+               cols: torch.Tensor, vals: torch.Tensor, max_row_nnz: int, block_r: int | None = None,
+               block_e: int = 16) -> None:
+    """y [T, out] += each token's x [T, in] @ S[slot]ᵀ, S given per slot as CSR rows into flat entry tables
+    (see module doc). max_row_nnz: the longest row of any slot a token names.
     block_r: output rows per program (default 32 on CUDA; on the CPU interpreter, where each program costs
     Python time, the whole output up to 1024 rows)."""
     checks.check_dims("y", y, "[num_tokens, out_features]")
@@ -71,14 +77,19 @@ def sparse_add(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, crow
     num_tokens, out_features = y.shape
     if x.shape[0] != num_tokens or token_slots.shape != (num_tokens,):
         raise ValueError(f"x has {x.shape[0]} tokens and token_slots {tuple(token_slots.shape)}; y has {num_tokens}")
-    bad_tables = crow.ndim != 2 or crow.shape[1] != out_features + 1
-    if bad_tables or cols.shape != vals.shape or cols.shape[0] != crow.shape[0]:
-        raise ValueError(f"crow must be [num_slots, {out_features + 1}] and cols / vals [num_slots, width] alike, "
-                         f"got {tuple(crow.shape)}, {tuple(cols.shape)}, {tuple(vals.shape)}")
-    checks.check_dtype("token_slots", token_slots, checks.INDEX_DTYPES)
-    for name, t in (("x", x), ("token_slots", token_slots), ("crow", crow), ("cols", cols), ("vals", vals)):
+    bad_crow = crow.ndim != 2 or crow.shape[1] != out_features + 1
+    if bad_crow or starts.shape != (crow.shape[0],) or cols.ndim != 1 or cols.shape != vals.shape:
+        raise ValueError(f"crow must be [num_slots, {out_features + 1}], starts [num_slots] and cols / vals "
+                         f"[num_entries] alike, got {tuple(crow.shape)}, {tuple(starts.shape)}, "
+                         f"{tuple(cols.shape)}, {tuple(vals.shape)}")
+    checks.check_same_dtype("vals", vals, "y", y)
+    for name, t in (("token_slots", token_slots), ("crow", crow), ("starts", starts), ("cols", cols)):
+        checks.check_dtype(name, t, checks.INDEX_DTYPES)
+    tensors = (("x", x), ("token_slots", token_slots), ("crow", crow), ("starts", starts), ("cols", cols),
+               ("vals", vals))
+    for name, t in tensors:
         checks.check_device(name, t, y.device, "y")
-    for name, t in (("crow", crow), ("cols", cols), ("vals", vals)):
+    for name, t in tensors[2:]:
         checks.check_contiguous(name, t)
     checks.check_unit_stride("y", y, 1, "out_features")
     checks.check_unit_stride("x", x, 1, "in_features")
@@ -88,7 +99,7 @@ def sparse_add(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, crow
         block_r = 32 if y.is_cuda else min(triton.next_power_of_2(out_features), 1024)
     grid = (num_tokens, triton.cdiv(out_features, block_r))
     _sparse_add_kernel[grid](
-        y, x, token_slots, crow, cols, vals, out_features, max_row_nnz,
-        y.stride(0), x.stride(0), crow.stride(0), cols.stride(0), vals.stride(0),
+        y, x, token_slots, crow, starts, cols, vals, out_features, max_row_nnz,
+        y.stride(0), x.stride(0), crow.stride(0),
         BLOCK_R=block_r, BLOCK_E=block_e,
     )

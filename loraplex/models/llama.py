@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.errors import invalid
 from loraplex.kernels.backend import AttentionMetadata, LoRABatch, TorchBackend
 from loraplex.models.lora import LoRASlotWeights
 from loraplex.models.model_config import ModelConfig
+from loraplex.models.sparse_pool import SparsePool
 
 
 class Module(nn.Module):
@@ -64,8 +66,9 @@ class AdaptableLinear(Module, nn.Linear):
         # token's slot (1 for other tokens); the bias stays out of the product.
         y = nn.functional.linear(x, self.weight) if dora else super().forward(x)
         self.backend.add_lora(y, x, self.lora, lora)
-        if self.lora.sparse.any(lora.active_slots):  # (a slot with a sparse part has no DoRA factor)
-            self.backend.add_sparse(y, x, self.lora.sparse, lora)
+        sparse = self.lora.sparse  # (a slot with a sparse part has no DoRA factor)
+        if sparse is not None and sparse.any(lora.active_slots):
+            self.backend.add_sparse(y, x, sparse, lora)
         if dora:
             y *= self.lora.row_factors[lora.token_index].to(y.dtype)  # slot -1: the last row, all ones
             if self.bias is not None:
@@ -221,6 +224,7 @@ class LlamaForCausalLM(Module):
         self.config = config
         self.backend = backend
         self.model = LlamaModel(config, backend, dtype)
+        self.sparse_pool: SparsePool | None = None  # allocated by enable_lora
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
@@ -249,11 +253,22 @@ class LlamaForCausalLM(Module):
                 targets[(i, name)] = (getattr(parent, fused), shard)
         return targets
 
-    def enable_lora(self, max_loras: int, max_rank: int) -> None:
-        """Allocate `max_loras` adapter slots of up to `max_rank` in every adaptable layer."""
+    def enable_lora(self, max_loras: int, max_rank: int, sparse_memory: int = 0) -> None:
+        """Allocate `max_loras` adapter slots of up to `max_rank` in every adaptable layer, and a pool of
+        `sparse_memory` bytes for the slots' sparse parts (0: no sparse adapters). The pool's budget also
+        pays for each layer's per-slot row table (4 bytes per output row and slot)."""
         weight = self.model.embed_tokens.weight
-        for module in self.modules():
-            if isinstance(module, AdaptableLinear):
-                module.lora = LoRASlotWeights.allocate(
-                    max_loras, max_rank, module.in_features, module.output_sizes, weight.dtype, weight.device
-                )
+        layers = [module for module in self.modules() if isinstance(module, AdaptableLinear)]
+        if sparse_memory:
+            row_tables = sum((max_loras + 1) * (layer.out_features + 1) * 4 for layer in layers)
+            if sparse_memory <= row_tables:
+                raise invalid("max_sparse_memory", f"{sparse_memory} bytes do not cover the sparse row tables of "
+                              f"{max_loras} slots in this model ({row_tables} bytes); give more, or 0 to serve no "
+                              "sparse adapters")
+            self.sparse_pool = SparsePool.from_bytes(sparse_memory - row_tables, max_loras, weight.dtype,
+                                                     weight.device)
+        for module in layers:
+            module.lora = LoRASlotWeights.allocate(
+                max_loras, max_rank, module.in_features, module.output_sizes, weight.dtype, weight.device,
+                self.sparse_pool,
+            )

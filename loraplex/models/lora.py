@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraplex.models.sparse_parts import SparseSlotParts
+from loraplex.models.sparse_pool import SparsePool
 
 
 @dataclass
@@ -28,12 +29,13 @@ class LoRASlotWeights:
     # last row is all ones, so that token slot -1 (no adapter) indexes it.
     row_factors: torch.Tensor  # [max_loras + 1, out_features] fp32
     dora_host: list[list[bool]]  # [max_loras][num_slices]: which slices of a slot have a factor
-    sparse: SparseSlotParts  # the slots' sparse parts (S per slice), applied after the LoRA term
+    sparse: SparseSlotParts | None  # the slots' sparse parts (S per slice), applied after the LoRA term; None:
+    # the engine serves no sparse adapters (--max-sparse-memory 0)
     _dora_slots: set[int] = field(default_factory=set)
 
     @classmethod
     def allocate(cls, max_loras: int, max_rank: int, in_features: int, output_sizes: list[int],
-                 dtype: torch.dtype, device: torch.device) -> LoRASlotWeights:
+                 dtype: torch.dtype, device: torch.device, pool: SparsePool | None = None) -> LoRASlotWeights:
         num_slices = len(output_sizes)
         offsets = [0]
         for size in output_sizes:
@@ -47,7 +49,7 @@ class LoRASlotWeights:
             ranks_host=[[0] * num_slices for _ in range(max_loras)],
             row_factors=torch.ones(max_loras + 1, offsets[-1], dtype=torch.float32, device=device),
             dora_host=[[False] * num_slices for _ in range(max_loras)],
-            sparse=SparseSlotParts(max_loras, offsets, in_features, dtype, device),
+            sparse=None if pool is None else SparseSlotParts(pool, max_loras, offsets, in_features),
         )
 
     def write(self, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor, scale: float,

@@ -64,7 +64,7 @@ def sparse(demo_dir, tmp_path_factory, peft_adapters):
         deltas[name] = {f"model.layers.{layer}.{m}": random_delta(base.get_submodule(f"model.layers.{layer}.{m}")
                                                                   .weight.detach(), density, gen)
                         for layer in range(4) for m in modules}
-        paths[name] = write_sparse_delta(deltas[name], root / name, "demo", dtype=torch.float32)
+        paths[name] = write_sparse_delta(deltas[name], root / name, str(demo_dir), dtype=torch.float32)
     reference = MergedReference(Path(demo_dir), {n: peft_adapters[n] for n in ("q1", "rs")}, deltas)
     return paths, reference
 
@@ -98,6 +98,57 @@ def test_sparse_deltas_through_two_slots_match(demo_dir, peft_adapters, sparse):
     assert llm.engine.adapters.slots.evictions > 0
     assert_tokens_match(reference, prompts, adapters, outputs, max_new=10)
     assert_logprobs_match(reference, prompts, adapters, outputs, 10)
+
+
+def _pool_budget(demo_dir, paths, fits: list[str], max_loras: int) -> int:
+    """--max-sparse-memory in bytes holding the adapters `fits` at once (fp32), and not one entry more."""
+    from loraplex.models.sparse_pool import entry_bytes
+
+    llm_free = make_llm(demo_dir, {}, max_loras=max_loras)  # for the row tables' size
+    layers = [m for m in llm_free.engine.model.modules() if getattr(m, "lora", None) is not None]
+    row_tables = sum((max_loras + 1) * (layer.out_features + 1) * 4 for layer in layers)
+    need = sum(load_peft_lora(paths[name], name, None, 16).nnz for name in fits)
+    return row_tables + (need + 1) * entry_bytes(torch.float32)  # + the pool's zero entry
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_sparse_pool_for_one_adapter_serves_two_in_turn(demo_dir, peft_adapters, sparse, target):
+    """--max-sparse-memory sized for the larger sparse delta alone: with free slots, each sparse adapter still
+    waits for the other's pool range, which is evicted once idle; LoRA requests run beside both; outputs match
+    the merged model, and the pool never holds more than its capacity."""
+    paths, reference = sparse
+    nnz = {name: load_peft_lora(paths[name], name, None, 16).nnz for name in SPARSE}
+    budget = _pool_budget(demo_dir, paths, [max(nnz, key=nnz.get)], max_loras=4)
+    plan = [("sp-attn", 25), ("q1", 0), ("sp-mlp", 40), (None, 5), ("sp-attn", 3), ("sp-mlp", 0), ("q1", 11)]
+    prompts, adapters = make_requests(36, plan)
+    max_new = target[2]
+    llm = make_llm(demo_dir, {**paths, "q1": peft_adapters["q1"]}, target, max_loras=4, max_sparse_memory=budget)
+    pool = llm.engine.model.sparse_pool
+    assert pool.capacity == max(nnz.values()) < sum(nnz.values())
+    seen = []
+    original = pool.allocate
+    pool.allocate = lambda slot, entries: (original(slot, entries), seen.append(pool.used))[0]
+    outputs = llm.generate(prompts, greedy(max_new), adapter=adapters)
+    assert llm.engine.adapters.slots.evictions >= 1 and max(seen) <= pool.capacity
+    assert_tokens_match(reference, prompts, adapters, outputs, max_new=max_new)
+    assert_logprobs_match(reference, prompts, adapters, outputs, max_new)
+
+
+def test_a_sparse_adapter_larger_than_the_pool_is_refused_and_none_without_one(demo_dir, peft_adapters, sparse):
+    paths, _ = sparse
+    budget = _pool_budget(demo_dir, paths, ["sp-mlp"], max_loras=2)
+    llm = make_llm(demo_dir, {"q1": peft_adapters["q1"]}, max_loras=2, max_sparse_memory=budget)
+    engine = llm.engine
+    engine.add_adapter("sp-mlp", paths["sp-mlp"])  # fits exactly
+    with pytest.raises(LoraplexError, match="larger --max-sparse-memory") as info:
+        engine.add_adapter("sp-attn", paths["sp-attn"])
+    assert info.value.field == "max_sparse_memory" and "sp-attn" not in engine.adapters
+    no_pool = make_llm(demo_dir, {"q1": peft_adapters["q1"]}, max_loras=2, max_sparse_memory=0)
+    assert no_pool.engine.model.sparse_pool is None
+    with pytest.raises(LoraplexError, match="serves no sparse adapters"):
+        no_pool.engine.add_adapter("sp-mlp", paths["sp-mlp"])
+    prompts, _ = make_requests(37, [("q1", 9)])  # LoRA still served
+    assert no_pool.generate(prompts, greedy(4), adapter="q1")[0].finished
 
 
 def test_a_sparse_delta_changes_the_output(demo_dir, sparse):
@@ -259,3 +310,34 @@ def test_a_rosa_adapter_in_peft_rosas_layout_matches_the_merged_model(demo_dir, 
     outputs = llm.generate(prompts, greedy(12), adapter=adapters)
     assert_tokens_match(reference, prompts, adapters, outputs, max_new=12)
     assert_logprobs_match(reference, prompts, adapters, outputs, 12)
+
+
+def test_an_offline_ties_merge_of_lora_and_sparse_writes_a_rosa_adapter_served_as_merged(demo_dir, peft_adapters,
+                                                                                        sparse, tmp_path):
+    """`loraplex merge --method ties` of a LoRA and a sparse delta: a low-rank + sparse result, written in
+    peft-rosa's layout, read back equal to the merge in memory and served as the base model with it merged."""
+    from loraplex.adapters_store.peft_export import module_path
+    from loraplex.adapters_store.sparse_format import from_dense
+    from loraplex.arithmetic import MergeParams, delta, merge
+    from loraplex.cli import main
+
+    paths, reference = sparse
+    out = tmp_path / "rosa"
+    assert main(["merge", "--method", "ties", "--density", "0.3", f"--adapter={peft_adapters['q1']}",
+                 f"--adapter={paths['sp-attn']}:0.8", "-o", str(out)]) == 0
+    written = load_peft_lora(out, "rosa", None, 64)
+    inputs = [load_peft_lora(peft_adapters["q1"], "q1", None, 64), load_peft_lora(paths["sp-attn"], "s", None, 64)]
+    in_memory = merge(inputs, [1.0, 0.8], MergeParams("ties", density=0.3), "m")
+    assert written.kind == "rosa" and set(written.modules) == set(in_memory.modules)
+
+    def full(module):
+        return delta(module) + (0 if module.sparse is None else module.sparse.dense())
+
+    for key, module in in_memory.modules.items():
+        torch.testing.assert_close(full(written.modules[key]), full(module), atol=1e-6, rtol=1e-5)
+    reference.deltas["ties-rosa"] = {module_path(*key): from_dense(full(m)) for key, m in written.modules.items()}
+    prompts, _ = make_requests(38, [("ties-rosa", 21), ("ties-rosa", 6)])
+    llm = make_llm(demo_dir, {"ties-rosa": out})
+    outputs = llm.generate(prompts, greedy(12), adapter="ties-rosa")
+    assert_tokens_match(reference, prompts, ["ties-rosa"] * 2, outputs, max_new=12)
+    assert_logprobs_match(reference, prompts, ["ties-rosa"] * 2, outputs, 12)

@@ -267,3 +267,63 @@ def test_a_sparse_delta_upload_is_listed_with_its_kind_and_density_and_served(li
     on_it = httpx.post(f"{live_server.url}/v1/completions", headers=USER, json={**body, "model": "sparse-1"})
     base = httpx.post(f"{live_server.url}/v1/completions", headers=USER, json={**body, "model": "demo"})
     assert on_it.status_code == 200 and on_it.json()["choices"][0]["text"] != base.json()["choices"][0]["text"]
+    metrics = httpx.get(f"{live_server.url}/metrics").text  # resident in its slot, idle: its entries stay
+    used = f'loraplex_sparse_pool_bytes{{state="used"}} {float(nnz * 12)}'  # fp32: 8 index bytes + 4
+    assert used in metrics, [line for line in metrics.splitlines() if "sparse_pool" in line]
+
+
+def sparse_upload_parts(demo_dir, tmp_path):
+    from loraplex.adapters_store.sparse_format import from_dense, write_sparse_delta
+
+    gen = torch.Generator().manual_seed(1)
+    dense = torch.randn(256, 256, generator=gen) * (torch.rand(256, 256, generator=gen) < 0.02)
+    path = write_sparse_delta({"model.layers.0.self_attn.o_proj": from_dense(dense)}, tmp_path / "sp", "demo")
+    parts = [("files", (f, (path / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    return parts, int((dense != 0).sum())
+
+
+def test_a_sparse_upload_too_big_for_the_pool_is_refused_and_not_stored(demo_dir, tmp_path):
+    from server_harness import engine_options, run_server
+
+    from loraplex.config import ServerConfig
+
+    parts, nnz = sparse_upload_parts(demo_dir, tmp_path)
+    probe = LLM(**{k: v for k, v in engine_options(demo_dir, tmp_path / "probe").items() if k != "adapters"})
+    layers = [m for m in probe.engine.model.modules() if getattr(m, "lora", None) is not None]
+    row_tables = sum(5 * (layer.out_features + 1) * 4 for layer in layers)  # max_loras 4, + the row of slot -1
+    options = engine_options(demo_dir, tmp_path / "data", max_sparse_memory=row_tables + (nnz // 2) * 12)
+    with run_server(options, ServerConfig(api_key=API_KEY, admin_key=ADMIN_KEY)) as server:
+        resp = httpx.post(f"{server.url}/v1/adapters", headers=ADMIN, data={"name": "too-big"}, files=parts,
+                          timeout=60)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == "max_sparse_memory" and "larger --max-sparse-memory" in error["message"]
+        listed = httpx.get(f"{server.url}/v1/adapters", headers=ADMIN).json()["data"]
+        assert "too-big" not in {a["id"] for a in listed}
+        assert not list((tmp_path / "data").rglob("*.safetensors"))  # nothing stored
+
+
+def test_a_rosa_upload_is_listed_as_peft_rosa_and_served(live_server, demo_dir, tmp_path):
+    """A LoRA with a sparse part added to one module, written in peft-rosa's layout (`write_rosa`)."""
+    import dataclasses
+
+    from loraplex.adapters_store.formats import load_peft_lora
+    from loraplex.adapters_store.peft_export import write_rosa
+    from loraplex.adapters_store.sparse_format import from_dense
+
+    lora = load_peft_lora(demo_dir / "adapters" / "alpha", "alpha", None, 16)
+    key = sorted(lora.modules)[0]
+    module = lora.modules[key]
+    gen = torch.Generator().manual_seed(2)
+    shape = (module.b.shape[0], module.a.shape[1])
+    dense = torch.randn(*shape, generator=gen) * (torch.rand(*shape, generator=gen) < 0.01)
+    lora.modules[key] = dataclasses.replace(module, sparse=from_dense(dense))
+    path = write_rosa(lora, tmp_path / "rosa")
+    parts = [("files", (f, (path / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    resp = httpx.post(f"{live_server.url}/v1/adapters", headers=ADMIN, data={"name": "rosa-1"}, files=parts,
+                      timeout=60)
+    assert resp.status_code == 201, resp.text
+    info = resp.json()
+    assert (info["kind"], info["format"], info["nnz"]) == ("rosa", "peft-rosa", int((dense != 0).sum()))
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "model": "rosa-1"}
+    assert httpx.post(f"{live_server.url}/v1/completions", headers=USER, json=body, timeout=60).status_code == 200

@@ -1,7 +1,7 @@
-"""SparseSlotParts against a dense reference: y[t] += x[t] @ S[slot(t)]ᵀ by both of its paths (the gather
-over padded entry tables, and one sparse-dense product per slot), at densities from 0.01% to 5%, with
-empty rows, a row holding every column, slots without tokens, tokens without a slot, fused slices, and
-in fp32 and fp16."""
+"""SparseSlotParts and the SparsePool they share, against a dense reference: y[t] += x[t] @ S[slot(t)]ᵀ by both
+paths (the gather over the pool's entries, and one sparse-dense product per slot), at densities from 0.01% to
+5%, with empty rows, a row holding every column, slots without tokens, tokens without a slot, fused slices,
+two layers in one pool, ranges moved by compaction, and in fp32 and fp16."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 
 from loraplex.models import sparse_parts
 from loraplex.models.sparse_parts import SparseSlotParts
+from loraplex.models.sparse_pool import SparsePool
 
 SLICES = [0, 48, 64, 80]  # a fused q/k/v-like layer: three slices
 IN = 40
+CPU = torch.device("cpu")
 
 
 def random_csr(out: int, density: float, gen: torch.Generator, full_row: int | None = None) -> torch.Tensor:
@@ -23,6 +25,31 @@ def random_csr(out: int, density: float, gen: torch.Generator, full_row: int | N
     return (torch.randn(out, IN, generator=gen) * keep).to_sparse_csr()
 
 
+def put(pool: SparsePool, layers: list[SparseSlotParts], slot: int, csrs_per_layer: list[list]) -> None:
+    """What SlotPool._write does: one range for the slot, the layers' parts one after another in it."""
+    pool.allocate(slot, sum(SparseSlotParts.entries(csrs) for csrs in csrs_per_layer))
+    offset = 0
+    for layer, csrs in zip(layers, csrs_per_layer, strict=True):
+        offset += layer.write(slot, csrs, offset)
+
+
+def apply(parts: SparseSlotParts, y, x, token_slots) -> None:
+    order = torch.sort(token_slots, stable=True)
+    active = sorted({s for s in token_slots.tolist() if s >= 0})
+    starts = [int((token_slots < 0).sum())]
+    for s in active:
+        starts.append(starts[-1] + int((token_slots == s).sum()))
+    parts.add(y, x, token_slots, active, starts, order.indices.to(torch.int32))
+
+
+def expected_sum(y, x, token_slots, dense):
+    expected = y.float().clone()
+    for t, s in enumerate(token_slots.tolist()):
+        if s >= 0:
+            expected[t] += dense[s].to(x.dtype).float() @ x[t].float()
+    return expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("density", [0.0001, 0.01, 0.05])
 @pytest.mark.parametrize("path", ["gather", "per_slot"])
@@ -31,46 +58,78 @@ def test_sparse_parts_equal_the_dense_product(monkeypatch, dtype, density, path)
         monkeypatch.setattr(sparse_parts, "GATHER_LIMIT", 0)
     gen = torch.Generator().manual_seed(int(density * 1e4))
     max_loras = 5
-    parts = SparseSlotParts(max_loras, SLICES, IN, dtype, torch.device("cpu"))
+    pool = SparsePool(20_000, max_loras, dtype, CPU)
+    first = SparseSlotParts(pool, max_loras, [0, 24], IN)  # another layer in the same pool, before ours
+    parts = SparseSlotParts(pool, max_loras, SLICES, IN)
     dense = torch.zeros(max_loras, SLICES[-1], IN)
     for slot in (0, 2, 3):  # slot 1: LoRA only (no sparse part); slot 4: no tokens in the batch
+        csrs = []
         for i in range(3):
-            if slot == 3 and i == 1:
-                continue  # a slice left out
-            csr = random_csr(SLICES[i + 1] - SLICES[i], density, gen, full_row=0 if i == 0 else None)
-            parts.write(slot, i, csr)
-            dense[slot, SLICES[i]:SLICES[i + 1]] = csr.to_dense()
-    parts.write(4, 0, random_csr(48, density, gen))
+            csr = None if slot == 3 and i == 1 else random_csr(SLICES[i + 1] - SLICES[i], density, gen,
+                                                                 full_row=0 if i == 0 else None)
+            csrs.append(csr)  # slot 3: a slice left out
+            if csr is not None:
+                dense[slot, SLICES[i]:SLICES[i + 1]] = csr.to_dense()
+        put(pool, [first, parts], slot, [[random_csr(24, 0.1, gen)], csrs])
+    put(pool, [first, parts], 4, [[None], [random_csr(48, density, gen), None, None]])
     token_slots = torch.tensor([0, -1, 2, 2, 1, 3, 0, -1, 3, 3], dtype=torch.int32)
     x = torch.randn(len(token_slots), IN, generator=gen).to(dtype)
     y = torch.randn(len(token_slots), SLICES[-1], generator=gen).to(dtype)
-    expected = y.float().clone()
-    for t, s in enumerate(token_slots.tolist()):
-        if s >= 0:
-            expected[t] += dense[s].to(dtype).float() @ x[t].float()
-    order = torch.sort(token_slots, stable=True)
-    active = sorted({s for s in token_slots.tolist() if s >= 0})
-    counts = [int((token_slots == s).sum()) for s in active]
-    first = int((token_slots < 0).sum())
-    starts = [first]
-    for n in counts:
-        starts.append(starts[-1] + n)
-    assert parts.any(active) and not parts.any([1])
-    parts.add(y, x, token_slots, active, starts, order.indices.to(torch.int32))
+    expected = expected_sum(y, x, token_slots, dense)
+    assert parts.any([0, 2, 3]) and not parts.any([1])
+    apply(parts, y, x, token_slots)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_clearing_a_slot_removes_its_part():
-    parts = SparseSlotParts(2, [0, 8], IN, torch.float32, torch.device("cpu"))
-    csr = (torch.eye(8, IN) * 3).to_sparse_csr()
-    parts.write(0, 0, csr)
+    pool = SparsePool(100, 2, torch.float32, CPU)
+    parts = SparseSlotParts(pool, 2, [0, 8], IN)
+    put(pool, [parts], 0, [[(torch.eye(8, IN) * 3).to_sparse_csr()]])
     x = torch.ones(1, IN)
     y = torch.zeros(1, 8)
-    parts.add(y, x, torch.tensor([0], dtype=torch.int32), [0], [0, 1], torch.tensor([0], dtype=torch.int32))
+    apply(parts, y, x, torch.tensor([0], dtype=torch.int32))
     assert torch.equal(y, torch.full((1, 8), 3.0))
-    parts.write(0, 0, None)
+    pool.allocate(0, 0)
+    parts.clear(0)
     y.zero_()
-    assert not parts.any([0])
-    parts.add(y, x, torch.tensor([0], dtype=torch.int32), [0], [0, 1], torch.tensor([0], dtype=torch.int32))
+    assert not parts.any([0]) and pool.used == 0
+    apply(parts, y, x, torch.tensor([0], dtype=torch.int32))
     assert torch.equal(y, torch.zeros(1, 8))
+
+
+def test_the_pool_places_first_fit_and_compacts_when_only_the_sum_of_gaps_fits():
+    pool = SparsePool(10, 4, torch.float32, CPU)
+    assert [pool.allocate(s, 3) for s in range(3)] == [1, 4, 7]  # position 0: the zero entry
+    pool.release(1)
+    assert pool.allocate(3, 2) == 4 and pool.free == 2  # the first gap that fits
+    pool.release(0)  # free: 1..3 and 6 and 10: three entries, none contiguous beyond 3
+    with pytest.raises(RuntimeError):
+        pool.allocate(0, 6)
+    assert pool.allocate(0, 5) == 6 and pool.compactions == 1  # after moving 3 -> 1..2 and 2 -> 3..5
+    assert pool.ranges == {3: (1, 2), 2: (3, 3), 0: (6, 5)} and pool.used == 10
+    assert pool.base.tolist() == [6, 0, 3, 1, 0]
+
+
+def test_compaction_moves_entries_and_the_layers_still_read_their_own():
+    gen = torch.Generator().manual_seed(3)
+    csrs = [random_csr(16, 0.15, gen) for _ in range(3)]
+    big = random_csr(16, 0.3, gen)
+    sizes = [csr._nnz() for csr in csrs]
+    assert big._nnz() > sizes[0]
+    # after slot 0 leaves, exactly `big` entries are free: its old gap and the tail, neither big enough alone
+    pool = SparsePool(sum(sizes) + big._nnz() - sizes[0], 3, torch.float32, CPU)
+    parts = SparseSlotParts(pool, 3, [0, 16], IN)
+    for slot, csr in enumerate(csrs):
+        put(pool, [parts], slot, [[csr]])
+    pool.release(0)
+    parts.clear(0)
+    put(pool, [parts], 0, [[big]])
+    assert pool.compactions == 1 and pool.free == 0
+    dense = torch.stack([big.to_dense(), csrs[1].to_dense(), csrs[2].to_dense()])
+    token_slots = torch.tensor([2, 0, 1, -1], dtype=torch.int32)
+    x = torch.randn(4, IN, generator=gen)
+    y = torch.zeros(4, 16)
+    expected = expected_sum(y, x, token_slots, dense)
+    apply(parts, y, x, token_slots)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
