@@ -6,9 +6,10 @@ fused layer, the slices in output order) are contiguous there, sorted by output 
 Row -1 of each table (the last) belongs to token slot -1: no entries.
 
 Two ways to apply them, the same sum:
-  - gather (steps with few tokens, e.g. decodes): every token reads the entries of its slot, padded to the
-    longest among the batch's slots (padding points at the pool's zero entry), then
-    y[t, rows[e]] += vals[e] · x[t, cols[e]] (gathers, a multiply, a scatter-add; no loop over slots);
+  - gather (steps with few tokens, e.g. decodes): every token reads a window of the pool as wide as the
+    longest part among the batch's slots, starting at its slot's part (one contiguous copy per token,
+    through a strided view of the pool), the window's entries past the part masked out; then
+    y[t, rows[e]] += vals[e] · x[t, cols[e]] (a gather, a multiply, a scatter-add; no loop over slots);
   - per slot (steps whose tokens x entries would be large, e.g. long prefills): one sparse-dense product
     per active slot.
 The Triton backend reads the same tables (`csr_view`).
@@ -60,7 +61,7 @@ class SparseSlotParts:
             return 0
         row = torch.cat(rows)
         start = self.pool.start(slot) + offset
-        self.pool.write(start, row.to(torch.int32), torch.cat(cols).to(torch.int32), torch.cat(vals))
+        self.pool.write(start, row, torch.cat(cols), torch.cat(vals))  # (copy_ converts)
         per_row = torch.bincount(row, minlength=self.slice_offsets[-1])
         self.crow[slot, 0] = 0
         self.crow[slot, 1:] = per_row.cumsum(0).to(self.crow.device, torch.int32)
@@ -93,13 +94,22 @@ class SparseSlotParts:
         if width == 0:
             return
         pool = self.pool
+        last_start = max(pool.start(s) + self.offsets_host[s] for s in active_slots if self.counts_host[s])
         if x.shape[0] * width <= GATHER_LIMIT:
-            index = token_slots.long()  # -1: the last row (no entries)
-            step = torch.arange(width, device=x.device)
-            entries = self.starts()[index, None] + step  # [T, width]
-            entries.masked_fill_(step >= self.counts[index, None], 0)  # padding: the zero entry
-            contrib = x.gather(1, pool.cols[entries].long()) * pool.vals[entries]
-            y.scatter_add_(1, pool.rows[entries].long(), contrib.to(y.dtype))
+            index = token_slots.long()  # -1: the last row (start 0, no entries)
+            starts = self.starts()[index]  # [T]
+            padding = torch.arange(width, device=x.device) >= self.counts[index, None]  # [T, width]
+            if last_start + width <= pool.length:  # every window inside the pool
+                rows, cols, vals = (pool.windows(table, width).index_select(0, starts)
+                                    for table in (pool.rows, pool.cols, pool.vals))
+            else:
+                entries = (starts[:, None] + torch.arange(width, device=x.device)).clamp_(max=pool.length - 1)
+                rows, cols, vals = pool.rows[entries], pool.cols[entries], pool.vals[entries]
+            # past its part, a window holds other parts' entries: their values masked, their indices clamped
+            # into this layer's shape (they then add zeros)
+            cols = cols.long().clamp_(max=self.in_features - 1)
+            rows = rows.long().clamp_(max=self.slice_offsets[-1] - 1)
+            y.scatter_add_(1, rows, (x.gather(1, cols) * vals.masked_fill_(padding, 0)).to(y.dtype))
             return
         shape = (self.slice_offsets[-1], self.in_features)
         for a, slot in enumerate(active_slots):

@@ -1,7 +1,9 @@
 """One device pool for the sparse parts of every adapter in a slot (`--max-sparse-memory`).
 
-The pool is three flat tensors of entries, allocated once: output row (int32), input column (int32) and
-value (the model's dtype), 8 + 2 or 4 bytes an entry. Each slot holding an adapter with sparse parts owns
+The pool is three flat tensors of entries, allocated once: output row, input column and value (the
+model's dtype). The indices are int32 on CUDA (the Triton kernel reads them) and int64 on the CPU (torch's
+gather and scatter take no other, and converting them every step cost a fifth of the sparse term): an
+entry takes 8 + 2 or 4 bytes on CUDA, 16 + 4 on the CPU. Each slot holding an adapter with sparse parts owns
 one contiguous range of entries, its layers' entries one after another; each layer keeps where its part
 starts inside the range (`sparse_parts.SparseSlotParts`). Position 0 is a zero entry that is never
 allocated: padded lookups point there and add nothing.
@@ -17,11 +19,15 @@ import torch
 
 from loraplex.errors import invalid
 
-INDEX_BYTES = 8  # an entry's row and column, int32 each
 
 
-def entry_bytes(dtype: torch.dtype) -> int:
-    return INDEX_BYTES + dtype.itemsize
+def index_dtype(device: torch.device) -> torch.dtype:
+    return torch.int32 if device.type == "cuda" else torch.int64
+
+
+def entry_bytes(dtype: torch.dtype, device: torch.device) -> int:
+    """An entry's row, column and value."""
+    return 2 * index_dtype(device).itemsize + dtype.itemsize
 
 
 class SparsePool:
@@ -29,13 +35,13 @@ class SparsePool:
         if capacity < 1:
             raise invalid("max_sparse_memory", "leaves no room for a single sparse entry; give 0 to serve no "
                           "sparse adapters, or more memory")
-        if capacity >= 2**31 - 1:
+        if capacity >= 2**31 - 1:  # (int32 indices on CUDA)
             raise invalid("max_sparse_memory", f"holds {capacity} entries; at most 2^31 - 2 are addressable")
         self.capacity = capacity  # entries that ranges may take (position 0 aside)
         self.dtype, self.device = dtype, device
         # empty, not zeros: on the CPU untouched pages cost no memory until an adapter is written there
-        self.rows = torch.empty(capacity + 1, dtype=torch.int32, device=device)
-        self.cols = torch.empty(capacity + 1, dtype=torch.int32, device=device)
+        self.rows = torch.empty(capacity + 1, dtype=index_dtype(device), device=device)
+        self.cols = torch.empty(capacity + 1, dtype=index_dtype(device), device=device)
         self.vals = torch.empty(capacity + 1, dtype=dtype, device=device)
         self.rows[0], self.cols[0], self.vals[0] = 0, 0, 0.0
         self.ranges: dict[int, tuple[int, int]] = {}  # slot -> (start, entries)
@@ -45,11 +51,21 @@ class SparsePool:
 
     @classmethod
     def from_bytes(cls, budget: int, max_loras: int, dtype: torch.dtype, device: torch.device) -> SparsePool:
-        return cls(budget // entry_bytes(dtype) - 1, max_loras, dtype, device)
+        return cls(budget // entry_bytes(dtype, device) - 1, max_loras, dtype, device)
 
     @property
     def entry_bytes(self) -> int:
-        return entry_bytes(self.dtype)
+        return entry_bytes(self.dtype, self.device)
+
+    @property
+    def length(self) -> int:
+        """Entries in each table: the zero entry and the capacity."""
+        return self.capacity + 1
+
+    @staticmethod
+    def windows(table: torch.Tensor, width: int) -> torch.Tensor:
+        """A [length - width + 1, width] view of `table`: row p holds entries p .. p + width - 1."""
+        return table.as_strided((table.numel() - width + 1, width), (1, 1))
 
     @property
     def free(self) -> int:

@@ -108,7 +108,7 @@ def _pool_budget(demo_dir, paths, fits: list[str], max_loras: int) -> int:
     layers = [m for m in llm_free.engine.model.modules() if getattr(m, "lora", None) is not None]
     row_tables = sum((max_loras + 1) * (layer.out_features + 1) * 4 for layer in layers)
     need = sum(load_peft_lora(paths[name], name, None, 16).nnz for name in fits)
-    return row_tables + (need + 1) * entry_bytes(torch.float32)  # + the pool's zero entry
+    return row_tables + (need + 1) * entry_bytes(torch.float32, torch.device("cpu"))  # + the pool's zero entry
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -268,7 +268,7 @@ def test_a_sparse_delta_upload_is_listed_with_its_kind_and_density_and_served(li
     base = httpx.post(f"{live_server.url}/v1/completions", headers=USER, json={**body, "model": "demo"})
     assert on_it.status_code == 200 and on_it.json()["choices"][0]["text"] != base.json()["choices"][0]["text"]
     metrics = httpx.get(f"{live_server.url}/metrics").text  # resident in its slot, idle: its entries stay
-    used = f'loraplex_sparse_pool_bytes{{state="used"}} {float(nnz * 12)}'  # fp32: 8 index bytes + 4
+    used = f'loraplex_sparse_pool_bytes{{state="used"}} {float(nnz * 20)}'  # CPU, fp32: int64 row and column + 4
     assert used in metrics, [line for line in metrics.splitlines() if "sparse_pool" in line]
 
 
@@ -291,7 +291,7 @@ def test_a_sparse_upload_too_big_for_the_pool_is_refused_and_not_stored(demo_dir
     probe = LLM(**{k: v for k, v in engine_options(demo_dir, tmp_path / "probe").items() if k != "adapters"})
     layers = [m for m in probe.engine.model.modules() if getattr(m, "lora", None) is not None]
     row_tables = sum(5 * (layer.out_features + 1) * 4 for layer in layers)  # max_loras 4, + the row of slot -1
-    options = engine_options(demo_dir, tmp_path / "data", max_sparse_memory=row_tables + (nnz // 2) * 12)
+    options = engine_options(demo_dir, tmp_path / "data", max_sparse_memory=row_tables + (nnz // 2) * 20)
     with run_server(options, ServerConfig(api_key=API_KEY, admin_key=ADMIN_KEY)) as server:
         resp = httpx.post(f"{server.url}/v1/adapters", headers=ADMIN, data={"name": "too-big"}, files=parts,
                           timeout=60)

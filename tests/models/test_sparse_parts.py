@@ -133,3 +133,26 @@ def test_compaction_moves_entries_and_the_layers_still_read_their_own():
     expected = expected_sum(y, x, token_slots, dense)
     apply(parts, y, x, token_slots)
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_windows_that_would_run_past_the_pool_end_take_the_indexed_path(monkeypatch):
+    """The pool exactly full: slot 1's short part at its end, read with the width of slot 0's long part."""
+    gen = torch.Generator().manual_seed(4)
+    long, short = random_csr(16, 0.3, gen), random_csr(16, 0.05, gen)
+    pool = SparsePool(long._nnz() + short._nnz(), 2, torch.float32, CPU)
+    parts = SparseSlotParts(pool, 2, [0, 16], IN)
+    put(pool, [parts], 0, [[long]])
+    put(pool, [parts], 1, [[short]])
+    assert pool.start(1) + long._nnz() > pool.length  # a window of slot 1 would leave the pool
+    windows = []
+    monkeypatch.setattr(SparsePool, "windows", staticmethod(lambda t, w: windows.append(w) or t.as_strided(
+        (t.numel() - w + 1, w), (1, 1))))
+    token_slots = torch.tensor([1, 0, -1, 1], dtype=torch.int32)
+    x = torch.randn(4, IN, generator=gen)
+    y = torch.zeros(4, 16)
+    expected = expected_sum(y, x, token_slots, torch.stack([long.to_dense(), short.to_dense()]))
+    apply(parts, y, x, token_slots)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    assert not windows  # the indexed path
+    apply(parts, y.zero_(), x, torch.tensor([0, 0, -1, 0], dtype=torch.int32))  # slot 0 alone: windows fit
+    assert windows
