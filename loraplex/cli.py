@@ -91,6 +91,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    "dropped")
     g.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds a request body may "
                    "pause between two chunks; a body that stalls longer is answered 408")
+    g.add_argument("--allowed-origins", default="", metavar="ORIGIN[,ORIGIN...]", help="CORS: browser pages "
+                   "from these origins (https://app.example.com, or * for any) may call the API; off by default")
     g.add_argument("--max-connections", type=int, default=d.max_connections, help="open connections; a new one "
                    "beyond them is answered 503 and closed (kept below the open-file limit, which is raised to "
                    "its hard limit when needed)")
@@ -105,6 +107,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         timeout_keep_alive=args.timeout_keep_alive, header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         max_connections=args.max_connections,
+        allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
     )
 
 

@@ -149,6 +149,8 @@ class ServerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 1024
+    # CORS: origins whose browser pages may call the API ("*" for any); none by default (no CORS headers)
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or isinstance(self.port, bool):
@@ -175,6 +177,10 @@ class ServerConfig:
                 raise invalid(name, "use at least 8 printable characters without spaces")
         for name in ("max_adapter_size", "max_body_size"):
             parse_size(getattr(self, name), name)
+        if not isinstance(self.allowed_origins, tuple) or not all(
+                isinstance(o, str) and (o == "*" or re.fullmatch(r"https?://[^/\s]+", o)) for o in self.allowed_origins):
+            raise invalid("allowed_origins", f"must be origins such as https://app.example.com (scheme and host, "
+                          f"no path) or *, got {self.allowed_origins!r}")
 
     @property
     def max_adapter_bytes(self) -> int:
