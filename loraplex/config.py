@@ -6,13 +6,15 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loraplex.errors import invalid
 
+if TYPE_CHECKING:  # torch is imported where a device or dtype is resolved, so that `loraplex --help` needs none
+    import torch
+
 KERNEL_BACKENDS = ("auto", "torch", "triton")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20,
@@ -38,6 +40,8 @@ class EngineConfig:
     max_sparse_density: float = 0.05  # sparse adapter parts: nnz / (out·in), per module and over the adapter
     max_sparse_memory: str | int = "1GiB"  # device pool for the slots' sparse parts; 0 = no sparse adapters
     seed: int = 0
+    threads: int | None = None  # torch's CPU threads; None = every core this process may use (engine/threads.py)
+    chat_template: str | None = None  # a Jinja file that replaces the model's chat template
     served_model_name: str | None = None
     data_dir: str | None = None
 
@@ -69,6 +73,10 @@ class EngineConfig:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise invalid("max_sparse_density", f"must be in (0, 1], got {density!r}")
         self.sparse_memory_bytes()
+        if self.threads is not None and self.threads < 1:
+            raise invalid("threads", f"must be at least 1, got {self.threads}")
+        if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
+            raise invalid("chat_template", f"{self.chat_template} is not a file; give a Jinja chat template file")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise invalid("max_model_len", f"must be at least 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None:
@@ -83,6 +91,8 @@ class EngineConfig:
         return cls(**options)
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
@@ -91,9 +101,11 @@ class EngineConfig:
         return device
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir or os.environ.get("LORAPLEX_HOME") or Path.home() / ".cache" / "loraplex")
@@ -118,6 +130,8 @@ class EngineConfig:
             if device.type != "cuda":
                 raise invalid("kv_cache_memory", "a fraction applies to GPU memory only; on the CPU give "
                               "bytes, e.g. 2GiB")
+            import torch
+
             free, _ = torch.cuda.mem_get_info(device)
             return int(free * amount)
         return amount
@@ -177,8 +191,9 @@ class ServerConfig:
                 raise invalid(name, "use at least 8 printable characters without spaces")
         for name in ("max_adapter_size", "max_body_size"):
             parse_size(getattr(self, name), name)
-        if not isinstance(self.allowed_origins, tuple) or not all(
-                isinstance(o, str) and (o == "*" or re.fullmatch(r"https?://[^/\s]+", o)) for o in self.allowed_origins):
+        origins = self.allowed_origins
+        if not isinstance(origins, tuple) or not all(
+                isinstance(o, str) and (o == "*" or re.fullmatch(r"https?://[^/\s]+", o)) for o in origins):
             raise invalid("allowed_origins", f"must be origins such as https://app.example.com (scheme and host, "
                           f"no path) or *, got {self.allowed_origins!r}")
 

@@ -10,15 +10,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from loraplex.cache import TINY_MODEL_DIRNAME
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine, RequestOutput
 from loraplex.engine.sampling import SamplingParams
 from loraplex.errors import LoraplexError, invalid
 from loraplex.models.default_model import SERVED_NAME, default_model_dir
+from loraplex.preflight import check_model_path
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_DIRNAME = "demo-tiny"
+DEMO_MODEL_DIRNAME = TINY_MODEL_DIRNAME
 DEMO_SERVED_NAME = "demo"
 DEMO_ADAPTERS_DIR = Path(__file__).parent / "demo_adapters"  # trained for SmolLM2 by examples/train_demo_adapters.py
 DEMO_ADAPTER_NAMES = ("pirate", "shout", "json")
@@ -35,10 +37,8 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
     """The checkpoint to serve: `config.model`, or else SmolLM2-135M-Instruct with the demo adapters
     (made once in the data dir), or else, when SmolLM2 cannot be had, the tiny random demo model."""
     if config.model is not None:
+        check_model_path(config.model)
         path = Path(config.model).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model: {path} does not exist; pass a Hugging Face checkpoint directory or a "
-                                    ".gguf file")
         name = path.resolve().stem if path.is_file() else path.resolve().name
         return ResolvedModel(path, config.served_model_name or name, {})
     data_dir = config.resolved_data_dir()

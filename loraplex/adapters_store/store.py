@@ -99,7 +99,7 @@ class AdapterStore:
         self.catalog = self.root / "catalog.sqlite3"
         for directory in (self.root, self.blobs, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)
-        self._lock_file = self._hold(self.root / "lock") if exclusive else None
+        self._lock_file = self.hold(self.root / "lock") if exclusive else None
         for leftover in self.tmp.iterdir():
             _remove(leftover)
         with self._connect() as conn:
@@ -113,7 +113,8 @@ class AdapterStore:
             self._lock_file = None
 
     @staticmethod
-    def _hold(path: Path):
+    def hold(path: Path):
+        """An exclusive lock on `path`, held while the returned file stays open."""
         lock_file = open(path, "a+")  # noqa: SIM115 (held open: the lock lasts as long as the file is open)
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import json
 import logging
-import re
 import resource
 import signal
 import threading
@@ -26,10 +25,12 @@ from loraplex.api.errors import error_body
 from loraplex.api.metrics import Metrics
 from loraplex.api.registry import AdapterRegistry
 from loraplex.api.state import ServerState
+from loraplex.cache import STORES_DIRNAME
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncEngine, CallerThreadExecutor
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.llm import resolve_model
+from loraplex.preflight import store_slug
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,19 @@ def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executo
     cli_adapters = options.pop("adapters", None) or {}
     engine_config = EngineConfig.from_options(**options)
     resolved = resolve_model(engine_config)
-    engine = LLMEngine(engine_config, resolved.path)
-    if cli_adapters and engine.adapters is None:
+    if cli_adapters and engine_config.max_loras == 0:
         raise ValueError("--adapter: given, but --max-loras is 0; allow at least one adapter slot")
-    store_dir = engine_config.resolved_data_dir() / "adapters" / _slug(resolved.served_name)
+    store_dir = engine_config.resolved_data_dir() / STORES_DIRNAME / store_slug(resolved.served_name)
+    store = AdapterStore(store_dir, exclusive=True)  # before the model loads: a second server stops here
+    try:
+        engine = LLMEngine(engine_config, resolved.path)
+    except BaseException:
+        store.close()
+        raise
     async_engine = AsyncEngine(engine, step_executor)
     state = ServerState(
         engine=async_engine,
-        registry=AdapterRegistry(async_engine, AdapterStore(store_dir, exclusive=True), resolved.served_name),
+        registry=AdapterRegistry(async_engine, store, resolved.served_name),
         metrics=_metrics(engine, config),
         auth=Auth(config.api_key, config.admin_key),
         config=config,
@@ -66,11 +72,6 @@ def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executo
 def _metrics(engine: LLMEngine, config: ServerConfig) -> Metrics:
     drain = engine.adapters.drain_load_seconds if engine.adapters is not None else list
     return Metrics(engine.stats, drain, config.metrics_max_adapters)
-
-
-def _slug(name: str) -> str:
-    # The store is kept per base model: adapters are only valid for the model they were made for.
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
 
 
 class Server(uvicorn.Server):

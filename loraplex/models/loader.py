@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,23 +63,55 @@ def load_model(
         checkpoint = read_gguf(model_path)
         config = ModelConfig.from_dict(checkpoint.config, source=checkpoint.path.name)
         tensors = ((checkpoint.path, name, tensor) for name, tensor in checkpoint.tensors())
+        total = len(checkpoint.reader.tensors)
     else:
         config = ModelConfig.from_file(model_path / "config.json")
         files = find_weight_files(model_path)
         tensors = ((path, name, tensor) for path in files for name, tensor in _read_tensors(path))
+        total = sum(_count_tensors(path) for path in files)
     if isinstance(backend, str):
         backend = select_backend(backend, device, config.head_dim, dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, dtype)
     model.to_empty(device=device)
     unfilled = set(expected_tensor_names(model))
+    progress = LoadProgress(model_path.name, total)
     for path, name, tensor in tensors:
         _load_tensor(model, config, path, name, tensor, unfilled)
+        progress.step()
+    progress.done()
     if unfilled:
         names = ", ".join(sorted(unfilled)[:5])
         raise ValueError(f"{model_path}: checkpoint lacks {len(unfilled)} tensor(s) the model needs: {names}")
     model.model.rotary.build(device, config.max_position_embeddings)
     return model.eval().requires_grad_(False)
+
+
+class LoadProgress:
+    """Log lines while the weights load: tensors loaded / total, every PROGRESS_SECONDS, and when done."""
+
+    PROGRESS_SECONDS = 2.0
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.loaded = name, total, 0
+        self.start = self.last = time.monotonic()
+
+    def step(self) -> None:
+        self.loaded += 1
+        now = time.monotonic()
+        if now - self.last >= self.PROGRESS_SECONDS:
+            self.last = now
+            logger.info("loading weights of %s: %d/%d tensors (%.0f s)", self.name, self.loaded, self.total,
+                        now - self.start)
+
+    def done(self) -> None:
+        logger.info("loaded weights of %s: %d/%d tensors in %.1f s", self.name, self.loaded, self.total,
+                    time.monotonic() - self.start)
+
+
+def _count_tensors(path: Path) -> int:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return len(f.keys())
 
 
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,0 +1,36 @@
+"""How many CPU threads torch runs the engine's operators on (`--threads`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from loraplex.errors import invalid
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; cgroup quotas aside)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The default of --threads: every core the process may use. With OpenMP's passive wait policy (which
+    the CLI sets) this holds up when other programs share the cores; see BENCHMARKS.md, "A shared CPU"."""
+    return available_cores()
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: `default_threads()`), and one inter-op thread (the engine runs
+    no parallel graph), when torch still allows it. Returns the intra-op count in force."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise invalid("threads", f"must be a positive integer, got {threads!r}")
+    count = threads or default_threads()
+    torch.set_num_threads(count)
+    with contextlib.suppress(RuntimeError):  # only allowed before the process's first inter-op parallel work
+        torch.set_num_interop_threads(1)
+    return torch.get_num_threads()
