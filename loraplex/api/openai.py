@@ -54,8 +54,13 @@ async def _parse(request: Request, model: type[Body]) -> Body:
     raw = await request.body()
     try:
         return await asyncio.to_thread(_validate, model, raw)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    except json.JSONDecodeError as e:  # where it went wrong, not a field: there are no fields yet
+        raise APIError(400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
+                       f"(character {e.pos})") from None
+    except UnicodeDecodeError as e:  # JSON text is UTF-8 (or UTF-16/32, which json.loads detects)
+        line, column = _line_column(raw, e.start)
+        raise APIError(400, f"the body is not valid JSON: it is not {e.encoding.upper()} text at line {line} "
+                       f"column {column} (byte {e.start}: {e.reason})") from None
     except ValidationError as e:
         raise validation_error(e.errors()) from None
 
@@ -64,20 +69,25 @@ def _validate(model: type[Body], raw: bytes) -> Body:
     check_json_containers(raw)
     # json.loads, not pydantic's parser: it keeps a lone surrogate ("\\ud800"), which JSON allows, for the
     # field's own error to name.
-    return model.model_validate(json.loads(raw))
+    body = json.loads(raw)
+    if not isinstance(body, dict):
+        raise APIError(400, f"the body must be a JSON object, got {_JSON_TYPES.get(type(body), 'a value')}")
+    return model.model_validate(body)
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def _line_column(raw: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column (in bytes) of a byte offset."""
+    return raw.count(b"\n", 0, offset) + 1, offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, state: State):
     body = await _parse(request, CompletionRequest)
     adapter = await resolve_adapter(state, body)
-    _refuse_unsupported(body)
-    if body.echo:
-        raise APIError(400, "echo: not supported; the completion is returned without the prompt", param="echo")
-    if body.suffix is not None:
-        raise APIError(400, "suffix: not supported (no fill-in-the-middle)", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise APIError(400, "best_of: only best_of == n is supported; use n", param="best_of")
     prompts = _prompt_list(body.prompt)
     _check_choices(state, len(prompts) * body.n)
     params = _params(body, body.max_tokens, body.logprobs)
@@ -100,19 +110,16 @@ async def completions(request: Request, state: State):
 async def chat_completions(request: Request, state: State):
     body = await _parse(request, ChatCompletionRequest)
     adapter = await resolve_adapter(state, body)
-    _refuse_unsupported(body)
-    if body.tools:
-        raise APIError(400, "tools: tool calling is not supported", param="tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format: type {body.response_format.type!r} is not supported; only 'text'",
-                       param="response_format")
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
     _check_choices(state, body.n)  # the cheap checks before the template and the tokenizer run
     tokenizer = state.engine.engine.tokenizer
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        prompt = await state.engine.encode_chat(messages, body.add_generation_prompt)
+        if body.continues_final_message:  # a prefill: the final assistant message is left open and continued
+            prompt = await state.engine.encode_chat(messages, False, continue_final_message=True)
+        else:
+            prompt = await state.engine.encode_chat(messages, body.add_generation_prompt)
     except LoraplexError:
         raise  # the app's handler maps it (no chat template: 400 on messages)
     except Exception as e:  # the template's own raise_exception, or a template error
@@ -140,14 +147,6 @@ def _check_choices(state: ServerState, count: int) -> None:
     if count > state.config.max_choices:
         raise APIError(400, f"n: this request asks for {count} sequences (prompts x n); the server allows "
                        f"{state.config.max_choices} (--max-choices)", param="n")
-
-
-def _refuse_unsupported(body: SamplingFields) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise APIError(400, f"{name}: not supported; leave it at 0", param=name)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias: not supported", param="logit_bias")
 
 
 def _prompt_list(prompt: str | list) -> list[str | list[int]]:

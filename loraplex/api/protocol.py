@@ -1,6 +1,9 @@
-"""Request bodies of the OpenAI-compatible endpoints. Unknown fields are ignored, as OpenAI does;
-known fields with a wrong type or range are refused. Validators here raise LoraplexError, whose field
-the error handler reads (below the model's own place in the body).
+"""Request bodies of the OpenAI-compatible endpoints. Known fields with a wrong type or range are refused.
+A field that OpenAI or vLLM defines and loraplex does not implement is refused (400 naming it) when its
+value would change the output, and taken at its no-op value (`REFUSED` below); fields that never change
+the output are accepted (`ACCEPTED`). Fields in neither table are ignored, as OpenAI does, so that newer
+clients keep working. Validators here raise LoraplexError, whose field the error handler reads (below
+the model's own place in the body).
 
 Every list a body may carry is bounded, and every stop string, so that what one request costs (to
 validate, and again per sequence or per token) is bounded by the server, not by the client. Prompts and
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,11 +35,9 @@ from loraplex.errors import invalid
 MAX_STOP_STRINGS = 16  # OpenAI takes 4; each one is searched for after every token
 MAX_STOP_CHARS = 1024  # per stop string: a delimiter, not a document (searched for after every token)
 MAX_STOP_TOKEN_IDS = 1024  # a stop set beyond a thousand tokens of a vocabulary is not a stop condition
-MAX_LOGIT_BIAS = 300  # OpenAI's own limit (logit_bias is refused here, but read before it is refused)
 MAX_MESSAGES = 2048  # OpenAI's own limit on a conversation
 MAX_CONTENT_PARTS = 1024  # text parts of one message
 MAX_PROMPTS = 2048  # prompts of one completion request: far above --max-choices, which is checked next
-MAX_TOOLS = 128  # OpenAI's own limit (tools are refused here, but read before they are refused)
 MAX_MERGE_SOURCES = 16  # adapters one merge or one request's composition may name
 # Lists and objects in one body. Each costs a Python object to validate, in C that holds the GIL: four
 # million `[0]` lists (16 MiB) took 4.5 s. A body within the limits above needs a few thousand.
@@ -92,6 +94,14 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool | None = None  # vLLM's: usage in every chunk
+
+    @model_validator(mode="after")
+    def _no_continuous_usage(self) -> StreamOptions:
+        if self.continuous_usage_stats:
+            raise invalid("continuous_usage_stats", "not supported yet (usage is sent once, in the last chunk, "
+                          "with include_usage); omit it or send false")
+        return self
 
 
 class MergeSource(_Body):
@@ -126,6 +136,170 @@ class MergeOptions(_Body):
         return MergeParams(**fields)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Fields of OpenAI's and vLLM's request bodies that loraplex does not implement (OpenAI's API reference
+# and client types; vLLM's ChatCompletionRequest and CompletionRequest). Each is refused with a 400 naming
+# it unless its value is a no-op, which clients that send every default (LangChain) rely on; null is
+# always a no-op. Listed per endpoint where OpenAI or vLLM take it there.
+# ---------------------------------------------------------------------------------------------------
+
+BOTH = ("completions", "chat")
+CHAT = ("chat",)
+COMPLETIONS = ("completions",)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A field loraplex cannot honour: what it asks for that loraplex does not do, what to send instead,
+    and which values of it are no-ops (taken)."""
+
+    what: str
+    instead: str
+    noop: Callable[[Any, dict], bool]
+    endpoints: tuple[str, ...] = BOTH
+
+    def message(self) -> str:
+        return f"not supported yet ({self.what}); {self.instead}"
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """Equal, and of the same kind: `true` is not the number 1, nor `0` the boolean false."""
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return value is expected
+    if isinstance(expected, (int, float)):
+        return type(value) in (int, float) and value == expected
+    return type(value) is type(expected) and value == expected
+
+
+def _noop(*values: Any) -> Callable[[Any, dict], bool]:
+    """No-op when null or one of `values`."""
+    return lambda value, body: value is None or any(_same(value, v) for v in values)
+
+
+def _best_of_noop(value: Any, body: dict) -> bool:
+    n = body.get("n")
+    return value is None or _same(value, 1 if n is None else n)  # best of n out of n: every sequence
+
+
+def _text_format(value: Any, body: dict) -> bool:
+    return value is None or (isinstance(value, dict) and value.get("type") == "text")
+
+
+_GUIDED = ("no guided decoding of structured output", "omit it; ask for the format in the prompt and check the output")
+_TEMPLATE = "omit it; or render the prompt yourself and send it to /v1/completions"
+
+REFUSED: tuple[tuple[str, Refused], ...] = (
+    # OpenAI's
+    ("presence_penalty", Refused("the sampler has no presence penalty", "omit it or send 0", _noop(0))),
+    ("frequency_penalty", Refused("the sampler has no frequency penalty", "omit it or send 0", _noop(0))),
+    ("logit_bias", Refused("the sampler cannot bias logits", "omit it or send {}", _noop({}))),
+    ("best_of", Refused("sequences are not ranked; every one generated is returned", "omit it and ask for n "
+                        "sequences with n (best_of equal to n is taken)", _best_of_noop)),
+    ("echo", Refused("the prompt is not returned with the output", "omit it or send false; prepend the prompt "
+                     "yourself", _noop(False))),
+    ("suffix", Refused("no fill-in-the-middle", "omit it; or write the model's own fill-in-the-middle prompt",
+                       _noop(), COMPLETIONS)),
+    ("response_format", Refused("no structured (JSON) output", 'omit it or send {"type": "text"}; ask for JSON in '
+                                "the prompt and check the output", _text_format)),
+    ("tools", Refused("no tool calling", "omit it or send []; describe the tools in a system message", _noop([]),
+                      CHAT)),
+    ("tool_choice", Refused("no tool calling", 'omit it or send "none" or "auto"', _noop("none", "auto"), CHAT)),
+    ("functions", Refused("no function calling", "omit it or send []", _noop([]), CHAT)),
+    ("function_call", Refused("no function calling", 'omit it or send "none" or "auto"', _noop("none", "auto"),
+                              CHAT)),
+    ("audio", Refused("text output only", "omit it", _noop(), CHAT)),
+    ("modalities", Refused("text output only", 'omit it or send ["text"]', _noop(["text"]), CHAT)),
+    ("web_search_options", Refused("no web search", "omit it; put what you found in the messages", _noop(), CHAT)),
+    ("reasoning_effort", Refused("the chat template is not given a reasoning effort", "omit it", _noop(), CHAT)),
+    ("verbosity", Refused("no verbosity control", 'omit it or send "medium"', _noop("medium"), CHAT)),
+    ("moderation", Refused("no moderation of input or output", "omit it", _noop(), CHAT)),
+    # vLLM's sampling parameters
+    ("use_beam_search", Refused("no beam search", "omit it or send false", _noop(False))),
+    ("length_penalty", Refused("it weighs beam search, which loraplex does not do", "omit it or send 1.0",
+                               _noop(1))),
+    ("repetition_penalty", Refused("the sampler has no repetition penalty", "omit it or send 1.0", _noop(1))),
+    ("min_tokens", Refused("EOS and stop strings are never held back", "omit it or send 0; ignore_eos with "
+                           "max_tokens gives an exact length", _noop(0))),
+    ("truncate_prompt_tokens", Refused("prompts are never truncated; one too long is a 400", "omit it and "
+                                       "shorten the prompt", _noop())),
+    ("prompt_logprobs", Refused("no logprobs of the prompt's tokens", "omit it", _noop())),
+    ("allowed_token_ids", Refused("sampling cannot be limited to some tokens", "omit it", _noop())),
+    ("bad_words", Refused("words cannot be banned from the output", "omit it or send []", _noop([]))),
+    ("logits_processors", Refused("no custom logits processors", "omit it or send []", _noop([]))),
+    ("max_repetition_pattern_size", Refused("no stop on repeated token patterns", "omit it or send 0", _noop(0))),
+    ("min_repetition_pattern_size", Refused("no stop on repeated token patterns", "omit it or send 0", _noop(0))),
+    ("repetition_min_count", Refused("no stop on repeated token patterns", "omit it or send 0", _noop(0))),
+    # vLLM's structured output
+    ("guided_json", Refused(*_GUIDED, _noop())),
+    ("guided_regex", Refused(*_GUIDED, _noop())),
+    ("guided_choice", Refused(*_GUIDED, _noop())),
+    ("guided_grammar", Refused(*_GUIDED, _noop())),
+    ("structural_tag", Refused(*_GUIDED, _noop())),
+    ("structured_outputs", Refused(*_GUIDED, _noop())),
+    ("guided_decoding_backend", Refused("it configures guided decoding, which loraplex does not do", "omit it",
+                                        _noop())),
+    ("guided_whitespace_pattern", Refused("it configures guided decoding, which loraplex does not do", "omit it",
+                                          _noop())),
+    # vLLM's prompt and response options
+    ("add_special_tokens", Refused("a chat prompt holds the chat template's special tokens only", "omit it or send "
+                                   "false", _noop(False), CHAT)),
+    ("add_special_tokens", Refused("a text prompt always gets the tokenizer's special tokens (BOS)", "omit it or "
+                                   "send true; send token ids to choose every token", _noop(True), COMPLETIONS)),
+    ("prompt_embeds", Refused("prompts are text or token ids", "omit it", _noop([]), COMPLETIONS)),
+    ("include_reasoning", Refused("there is no reasoning parser: reasoning stays in the content", "omit it or "
+                                  "send true", _noop(True), CHAT)),
+    ("return_tokens_as_token_ids", Refused("logprobs name tokens by their text", "omit it or send false",
+                                           _noop(False))),
+    ("return_token_ids", Refused("responses carry no token ids", "omit it or send false", _noop(False))),
+    ("kv_transfer_params", Refused("no disaggregated prefill (KV transfer)", "omit it", _noop())),
+    ("vllm_xargs", Refused("no request extensions", "omit it or send {}", _noop({}))),
+    # Not the output, but a promise that would silently not be kept: requests on one adapter share
+    # prefix-cache blocks, so a salt asked for isolation that loraplex does not give.
+    ("cache_salt", Refused("the prefix cache cannot be salted per request", "omit it; start the server with "
+                           "--no-prefix-caching to share no cache", _noop())),
+    # vLLM's chat template options (continue_final_message is implemented)
+    ("chat_template", Refused("the server's chat template is used: the model's own, or --chat-template", _TEMPLATE,
+                              _noop(), CHAT)),
+    ("chat_template_kwargs", Refused("the chat template is given no extra variables", "omit it or send {}; or "
+                                     "render the prompt yourself and send it to /v1/completions", _noop({}), CHAT)),
+    ("documents", Refused("the chat template is given no documents", "omit it or send []; put the documents in "
+                          "the messages", _noop([]), CHAT)),
+    ("mm_processor_kwargs", Refused("text models only: there is no multimodal processor", "omit it or send {}",
+                                    _noop({}), CHAT)),
+)
+
+# Fields of OpenAI's or vLLM's that change nothing generated, taken and ignored (why, for docs/api.md).
+ACCEPTED: dict[str, str] = {
+    "user": "an end-user id for abuse monitoring",
+    "safety_identifier": "an end-user id for abuse monitoring",
+    "service_tier": "a billing and latency tier; every request is served alike",
+    "store": "OpenAI keeps completions for its dashboard; loraplex keeps none",
+    "metadata": "tags for stored completions; loraplex stores none",
+    "prompt_cache_key": "a cache routing hint; caching never changes the output",
+    "prompt_cache_retention": "a cache lifetime; caching never changes the output",
+    "prompt_cache_options": "cache breakpoints and lifetime; caching never changes the output",
+    "prediction": "predicted output only speeds generation up; the output is the model's either way",
+    "parallel_tool_calls": "only matters with tools, which are refused",
+    "priority": "scheduling order only (loraplex serves requests first come, first served)",
+    "request_id": "vLLM's request id; loraplex's is the X-Request-Id header",
+    "spaces_between_special_tokens": "vLLM applies it to slow (Python) tokenizers only; loraplex, like vLLM "
+                                     "with a fast tokenizer, decodes with tokenizer.json, whatever the value",
+}
+
+_REFUSED_ON = {endpoint: {field: refused for field, refused in REFUSED if endpoint in refused.endpoints}
+               for endpoint in BOTH}
+
+
+def refuse_unsupported(body: Any, endpoint: str) -> None:
+    """LoraplexError on the first field of `REFUSED` (in its order) that `body` sets to more than a no-op."""
+    if not isinstance(body, dict):
+        return  # not an object: the model's own validation says so
+    for field, refused in _REFUSED_ON[endpoint].items():
+        if field in body and not refused.noop(body[field], body):
+            raise invalid(field, refused.message())
+
+
+
 class SamplingFields(_Body):
     """What completions and chat share."""
 
@@ -138,9 +312,6 @@ class SamplingFields(_Body):
     stop: Annotated[StrictStr | list[StrictStr] | None, _at_most(MAX_STOP_STRINGS, "stop strings"),
                     BeforeValidator(_check_stop_chars)] = None
     seed: StrictInt | None = None
-    presence_penalty: Number = 0
-    frequency_penalty: Number = 0
-    logit_bias: Annotated[dict[str, Any], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: StrictStr | None = None
     # Beyond OpenAI, as vLLM takes them:
     top_k: StrictInt | None = None
@@ -153,6 +324,14 @@ class SamplingFields(_Body):
     adapters: Annotated[list[MergeSource], Field(min_length=1, max_length=MAX_MERGE_SOURCES)] | None = None
     merge: MergeOptions | None = None
 
+    ENDPOINT: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        refuse_unsupported(data, cls.ENDPOINT)
+        return data
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
@@ -161,13 +340,12 @@ class SamplingFields(_Body):
 
 
 class CompletionRequest(SamplingFields):
+    ENDPOINT = "completions"
+
     prompt: Annotated[StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
         list[TokenIds], Field(min_length=1)], _at_most(MAX_PROMPTS, "prompts", _num_prompts)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    echo: StrictBool = False
-    suffix: StrictStr | None = None
-    best_of: StrictInt | None = None
 
 
 class TextPart(_Body):
@@ -193,19 +371,36 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
-class ResponseFormat(_Body):
-    type: StrictStr
-
-
 class ChatCompletionRequest(SamplingFields):
+    ENDPOINT = "chat"
+
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
-    tools: Annotated[list[Any], Field(max_length=MAX_TOOLS)] | None = None
     add_generation_prompt: StrictBool = True
+    # vLLM's: the final (assistant) message is left open and continued (a prefill). Also what
+    # add_generation_prompt false means when the final message is the assistant's.
+    continue_final_message: StrictBool = False
+
+    @model_validator(mode="after")
+    def _continue_an_assistant_message(self) -> ChatCompletionRequest:
+        if not self.continue_final_message:
+            return self
+        if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+            raise invalid("continue_final_message", "continues the final message, so it cannot go with "
+                          "add_generation_prompt true, which starts a new one; send add_generation_prompt false")
+        if self.messages[-1].role != "assistant":
+            raise invalid("continue_final_message", f"the final message is the {self.messages[-1].role}'s; only "
+                          "an assistant message can be continued (send its start as the last message)")
+        return self
+
+    @property
+    def continues_final_message(self) -> bool:
+        """Whether the prompt leaves the final (assistant) message open for the model to continue."""
+        explicit = self.continue_final_message
+        return explicit or (not self.add_generation_prompt and self.messages[-1].role == "assistant")
 
 
 class MergeRequest(MergeOptions):

@@ -203,15 +203,18 @@ class AsyncEngine:
         by_text = dict(zip(texts, encoded, strict=True))
         return [by_text[p] if isinstance(p, str) else p for p in prompts]
 
-    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False) -> list[int]:
         """The conversation through the model's chat template, tokenized, off the event loop. Raises
         what the template raises (it may refuse a conversation). A conversation whose text alone could
-        never fit is refused before the template runs."""
+        never fit is refused before the template runs. `continue_final_message` (with
+        add_generation_prompt false): the final message is left open, for the model to continue it."""
         tokenizer = self.engine.tokenizer
 
         def render() -> list[int]:
             self.check_text_length("".join(m.get("content") or "" for m in messages), "messages")
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message)
             self.check_text_length(text, "messages")
             return tokenizer.encode_many([text], add_special_tokens=False)[0]  # the template has the specials
 

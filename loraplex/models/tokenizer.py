@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -124,12 +125,23 @@ class Tokenizer:
         return piece.replace("\u2581", " ").encode()
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
+        """The conversation as the model's chat template renders it. `continue_final_message`: the
+        final message is left open (nothing the template writes after its content, such as an
+        end-of-turn token), for the model to continue it (a prefill); as transformers renders it."""
         if not self.chat_template:
             raise invalid("messages", "this model has no chat template (tokenizer_config.json `chat_template` or "
                           "chat_template.jinja); send a plain prompt to the completions API instead")
         if self._compiled_template is None:
             self._compiled_template = _compile(self.chat_template)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise invalid("continue_final_message", "cannot go with add_generation_prompt, which starts a new "
+                              "message")
+            return self._render_open(messages, **kwargs)
+        return self._render(messages, add_generation_prompt, **kwargs)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any) -> str:
         return self._compiled_template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -137,6 +149,27 @@ class Tokenizer:
             eos_token=self.eos_token or "",
             **kwargs,
         )
+
+    def _render_open(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """The conversation rendered, then cut right after the final message's content. The content is
+        found by a marker appended to it (a random one, which no message holds), as transformers'
+        `continue_final_message` does: a template that trims the content trims the marker's trailing
+        space too, and then the text before it is trimmed as well."""
+        if not messages:
+            raise invalid("messages", "there is no final message to continue")
+        final = messages[-1]
+        content = final.get("content")
+        if not isinstance(content, str):  # None: an assistant turn without text, continued from its start
+            content = ""
+        marker = f"LORAPLEX_CONTINUE_{secrets.token_hex(8).upper()}"  # upper: survives an `upper` filter
+        text = self._render([*messages[:-1], {**final, "content": content + marker + " "}], False, **kwargs)
+        at = text.rfind(marker)
+        if at < 0:
+            raise invalid("messages", "the chat template does not write the final message's content, so it cannot "
+                          "be continued; render the prompt yourself and send it to /v1/completions")
+        if text.startswith(" ", at + len(marker)):
+            return text[:at]
+        return text[:at].rstrip()  # the template trimmed the content (and so the marker's space)
 
 
 def _byte_level_alphabet() -> dict[str, int]:
