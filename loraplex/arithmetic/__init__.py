@@ -12,7 +12,8 @@ from loraplex.arithmetic.params import METHODS, MergeParams  # torch-free: the C
 _EXPORTS = {
     "copa": "checkpoints", "mwa": "checkpoints", "mwa_weights": "checkpoints",
     "add": "compose", "cat": "compose", "negate": "compose", "scale": "compose", "svd": "compose",
-    "delta": "lowrank", "truncate": "lowrank", "merge": "merge",
+    "delta": "lowrank", "truncate": "lowrank", "merge": "methods",  # (not merge.py: a submodule named like
+    # the function would shadow it once imported)
 }
 __all__ = ["METHODS", "MergeParams", "add", "cat", "copa", "delta", "merge", "mwa", "mwa_weights", "negate",
            "scale", "svd", "truncate"]
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from loraplex.arithmetic.checkpoints import copa, mwa, mwa_weights
     from loraplex.arithmetic.compose import add, cat, negate, scale, svd
     from loraplex.arithmetic.lowrank import delta, truncate
-    from loraplex.arithmetic.merge import merge
+    from loraplex.arithmetic.methods import merge
 
 
 def __getattr__(name: str):
