@@ -20,7 +20,6 @@ import torch
 from loraplex.errors import invalid
 
 
-
 def index_dtype(device: torch.device) -> torch.dtype:
     return torch.int32 if device.type == "cuda" else torch.int64
 
