@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from loraplex.errors import ErrorKind, LoraplexError
 
@@ -60,6 +61,35 @@ def _encodable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def routing_error(request: Request, error: StarletteHTTPException) -> APIError:
+    """Starlette's HTTP errors (only its router raises them: no route of ours does) in OpenAI's shape:
+    an unknown route is a 404 saying which request it was, as OpenAI's "Invalid URL (GET /v1/nope)"
+    does, and a known route's wrong method a 405 whose `Allow` lists every method of its path."""
+    path = request.url.path
+    shown = f"{request.method} {path if len(path) <= 200 else path[:200] + '...'}"
+    if error.status_code == 404:
+        return APIError(404, f"Invalid URL ({shown}): no such endpoint; see /docs for the API", code="unknown_url",
+                        headers=error.headers)
+    if error.status_code == 405:
+        allowed = _allowed_methods(request) or (error.headers or {}).get("Allow")
+        headers = {**(error.headers or {}), "Allow": allowed} if allowed else error.headers
+        # The message stays Starlette's (clients and tests match it); `Allow` says what the endpoint takes.
+        return APIError(405, str(error.detail), code="method_not_allowed", headers=headers)
+    return APIError(error.status_code, str(error.detail), headers=error.headers)
+
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path takes: Starlette's `Allow` names only the first route whose path
+    matched, and one path may have several routes (GET and DELETE /v1/adapters/{name}). Asked of the
+    routes themselves (`matches`, which also sees into included routers), one method at a time."""
+    allowed = [method for method in _METHODS if any(
+        route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.router.routes)]
+    return ", ".join(allowed)
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error_body(error.status, error.message, error.param, error.code), status_code=error.status,
                         headers=error.headers)
@@ -80,7 +110,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(APIError(error.status_code, str(error.detail), headers=error.headers))
+        return error_response(routing_error(request, error))
 
     @app.exception_handler(UnicodeEncodeError)
     async def _unencodable(request: Request, error: UnicodeEncodeError) -> JSONResponse:

@@ -1,6 +1,6 @@
-"""ASGI middleware: a request id on every request and response, an access log line, and the body's
-limits: its size (checked on the declared length and again on the bytes that actually arrive) and
-the time it may stall."""
+"""ASGI middleware: a request id on every request and response, an access log line, CORS (Starlette's,
+its refusals in OpenAI's error shape), and the body's limits: its size (checked on the declared length
+and again on the bytes that actually arrive) and the time it may stall."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.api.errors import APIError, error_body
@@ -52,6 +55,22 @@ class RequestContext:
                 "status": status, "duration_s": round(time.perf_counter() - start, 4),
                 "client": (scope.get("client") or ("", 0))[0],
             }))
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORSMiddleware, with a refused preflight (an origin, method or header not allowed)
+    answered 400 in OpenAI's error shape and without any Access-Control-* header (Starlette's sends the
+    allowed methods and headers along with its refusal): a page on another origin learns nothing."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        refused = response.body.decode("latin-1").removeprefix("Disallowed CORS ")  # e.g. "origin, headers"
+        headers = {"Vary": response.headers["vary"]} if "vary" in response.headers else None
+        message = f"CORS preflight refused: {refused} not allowed (the origins: --allowed-origins)"
+        return JSONResponse(error_body(400, message, code="cors_preflight_refused"), status_code=400,
+                            headers=headers)
 
 
 class BodyLimit:
