@@ -7,7 +7,8 @@ The same requests (random token-id prompts, greedy, EOS ignored, spread round-ro
 model and the adapters) run twice: through `LLM.generate` in this process, then as concurrent
 streaming `/v1/completions` requests to `loraplex serve` running in a subprocess (its own process,
 as in production; the client here). Reported: generated tokens/s of each and their ratio, and the
-server's time to first token (median, p90) as the client saw it.
+server's time to first token (median, p90) as the client saw it. Both run with OMP_WAIT_POLICY=PASSIVE
+(as `loraplex serve` sets it) unless the environment sets another.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import torch
-from live_server import free_port, wait_until_serving
+# Both sides with the OpenMP wait policy that `loraplex serve` sets (cli.py), before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from live_server import free_port, wait_until_serving  # noqa: E402
 
 
 def make_prompts(vocab_size: int, num: int, length: int, seed: int) -> list[list[int]]:
