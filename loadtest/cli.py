@@ -60,12 +60,22 @@ def check_base_url(url: str, allow_remote: bool) -> str:
     return url.rstrip("/")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default in its help, unless the help says it or there is none (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loadtest",
         description="Load generator for OpenAI-compatible servers with many LoRA adapters (loraplex, vLLM, "
                     "SGLang, llama.cpp's server). See docs/loadtest.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("server")
     g.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the API's base URL, up to /v1")
     g.add_argument("--api-key", default=None,
