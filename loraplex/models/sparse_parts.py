@@ -94,7 +94,9 @@ class SparseSlotParts:
         if width == 0:
             return
         pool = self.pool
-        last_start = max(pool.start(s) + self.offsets_host[s] for s in active_slots if self.counts_host[s])
+        # every active slot's tokens read a window, those without entries in this layer too (from where their
+        # part would start: possibly the end of their range, the pool's end)
+        last_start = max(pool.ranges.get(s, (0, 0))[0] + self.offsets_host[s] for s in active_slots)
         if x.shape[0] * width <= GATHER_LIMIT:
             index = token_slots.long()  # -1: the last row (start 0, no entries)
             starts = self.starts()[index]  # [T]
@@ -105,10 +107,11 @@ class SparseSlotParts:
             else:
                 entries = (starts[:, None] + torch.arange(width, device=x.device)).clamp_(max=pool.length - 1)
                 rows, cols, vals = pool.rows[entries], pool.cols[entries], pool.vals[entries]
-            # past its part, a window holds other parts' entries: their values masked, their indices clamped
-            # into this layer's shape (they then add zeros)
-            cols = cols.long().clamp_(max=self.in_features - 1)
-            rows = rows.long().clamp_(max=self.slice_offsets[-1] - 1)
+            # past its part, a window holds other parts' entries, or entries never written (the pool is allocated
+            # empty: any value): their values masked, their indices clamped into this layer's shape (they then
+            # add zeros)
+            cols = cols.long().clamp_(0, self.in_features - 1)
+            rows = rows.long().clamp_(0, self.slice_offsets[-1] - 1)
             y.scatter_add_(1, rows, (x.gather(1, cols) * vals.masked_fill_(padding, 0)).to(y.dtype))
             return
         shape = (self.slice_offsets[-1], self.in_features)

@@ -134,6 +134,19 @@ def test_a_sparse_pool_for_one_adapter_serves_two_in_turn(demo_dir, peft_adapter
     assert_logprobs_match(reference, prompts, adapters, outputs, max_new)
 
 
+def test_a_full_pool_serves_adapters_whose_parts_skip_layers(demo_dir, peft_adapters, sparse):
+    """The pool exactly full, sp-attn's range last: in each MLP layer (where sp-attn has no entries) its part
+    would start at the end of its range, the end of the pool, while sp-mlp's part there sets the window."""
+    paths, reference = sparse
+    budget = _pool_budget(demo_dir, paths, list(SPARSE), max_loras=2)
+    prompts, adapters = make_requests(37, [("sp-mlp", 5), ("sp-attn", 5)])
+    llm = make_llm(demo_dir, paths, max_loras=2, max_sparse_memory=budget)
+    outputs = llm.generate(prompts, greedy(4), adapter=adapters)
+    pool = llm.engine.model.sparse_pool
+    assert pool.free == 0 and max(start + length for start, length in pool.ranges.values()) == pool.length
+    assert_tokens_match(reference, prompts, adapters, outputs, max_new=4)
+
+
 def test_a_sparse_adapter_larger_than_the_pool_is_refused_and_none_without_one(demo_dir, peft_adapters, sparse):
     paths, _ = sparse
     budget = _pool_budget(demo_dir, paths, ["sp-mlp"], max_loras=2)

@@ -156,3 +156,29 @@ def test_windows_that_would_run_past_the_pool_end_take_the_indexed_path(monkeypa
     assert not windows  # the indexed path
     apply(parts, y.zero_(), x, torch.tensor([0, 0, -1, 0], dtype=torch.int32))  # slot 0 alone: windows fit
     assert windows
+
+
+def test_a_slot_without_entries_in_a_layer_reads_no_window_past_the_pool():
+    """Slot 1's adapter has entries in the first layer only and ends the (full) pool: in the second layer its
+    part starts at the pool's end, and its tokens share the batch with slot 0's part there."""
+    pool = SparsePool(6, 2, torch.float32, CPU)
+    first, second = SparseSlotParts(pool, 2, [0, 4], IN), SparseSlotParts(pool, 2, [0, 4], IN)
+    three = torch.cat([torch.eye(3, IN), torch.zeros(1, IN)]).to_sparse_csr()
+    put(pool, [first, second], 0, [[None], [three]])
+    put(pool, [first, second], 1, [[three * 2], [None]])
+    assert pool.free == 0 and pool.start(1) + second.offsets_host[1] == pool.length
+    x, y = torch.ones(3, IN), torch.zeros(3, 4)
+    apply(second, y, x, torch.tensor([0, 1, -1], dtype=torch.int32))
+    assert y.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_entries_never_written_add_nothing_whatever_they_hold():
+    """The pool is allocated empty: a window reaching past the last range reads whatever the memory held."""
+    pool = SparsePool(200, 2, torch.float32, CPU)
+    pool.rows[1:], pool.cols[1:], pool.vals[1:] = -5, -(2**40), float("nan")
+    parts = SparseSlotParts(pool, 2, [0, 4], IN)
+    put(pool, [parts], 0, [[torch.cat([torch.ones(2, IN), torch.zeros(2, IN)]).to_sparse_csr()]])
+    put(pool, [parts], 1, [[torch.eye(4, IN).to_sparse_csr()]])  # then never-written entries
+    x, y = torch.ones(2, IN), torch.zeros(2, 4)
+    apply(parts, y, x, torch.tensor([1, 0], dtype=torch.int32))
+    assert y.tolist() == [[1, 1, 1, 1], [IN, IN, 0, 0]]
