@@ -41,7 +41,9 @@ def check_adapter_dirs(adapters: dict[str, str]) -> None:
 
 def check_port_free(host: str, port: int) -> None:
     """Nothing listens on host:port (a port of 0 takes any free one). Bound and released at once, as the
-    server binds it: SO_REUSEADDR, which lets a port in TIME_WAIT be taken but not one with a listener."""
+    server (uvicorn, through asyncio's create_server) binds it: every address the host resolves to, SO_REUSEADDR
+    (a port in TIME_WAIT may be taken, not one with a listener), IPv6 sockets IPv6-only, and an address whose
+    family this machine lacks skipped (EADDRNOTAVAIL) unless none is left."""
     if port == 0:
         return
     try:
@@ -49,21 +51,32 @@ def check_port_free(host: str, port: int) -> None:
     except socket.gaierror as e:
         raise invalid("host", f"{host!r} cannot be resolved ({e.strerror}); give an address such as 127.0.0.1 "
                       "or 0.0.0.0") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bound = 0
+    for family, kind, proto, _, address in dict.fromkeys(infos):
         try:
-            sock.bind(address)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise invalid("port", f"{host}:{port} is already in use (another server?); stop it, or pass "
-                              "another --port") from None
-            if e.errno == errno.EADDRNOTAVAIL:
-                raise invalid("host", f"{host} is not an address of this machine; give one of its addresses, "
-                              "127.0.0.1, or 0.0.0.0") from None
-            if e.errno == errno.EACCES:
-                raise invalid("port", f"port {port} needs privileges to listen on; pass a port above 1023") from None
-            raise
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine lacks (asyncio skips it too)
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise invalid("port", f"{host}:{port} is already in use (another server?); stop it, or pass "
+                                  "another --port") from None
+                if e.errno == errno.EADDRNOTAVAIL:
+                    continue
+                if e.errno == errno.EACCES:
+                    raise invalid("port", f"port {port} needs privileges to listen on; pass a port above 1023") \
+                        from None
+                raise
+            bound += 1
+    if not bound:
+        raise invalid("host", f"{host} is not an address of this machine; give one of its addresses, 127.0.0.1, "
+                      "or 0.0.0.0")
 
 
 def check_store_free(data_dir: Path, served_name: str) -> None:
