@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,18 +15,24 @@ from loraplex.models.default_model import SERVED_NAME as DEFAULT_MODEL_DIRNAME
 
 TINY_MODEL_DIRNAME = "demo-tiny"
 STORES_DIRNAME = "adapters"  # api/server.py keeps one store per base model under it
+_DELETING = ".deleting."  # an adapter store set aside by `clear`, being deleted
+# What loraplex leaves behind: an older version's downloads, and the temporary directories of an interrupted
+# download, conversion, tiny-model write or deletion. Anything else in the data dir is not loraplex's: listed,
+# never removed.
+_LEFTOVER_NAMES = {"downloads"}
+_LEFTOVER_PREFIXES = (".download.", f".{DEFAULT_MODEL_DIRNAME}.", f".{TINY_MODEL_DIRNAME}.", _DELETING)
 
 
 @dataclass(frozen=True)
 class Entry:
     path: Path
-    kind: str  # model | adapter store | leftover
+    kind: str  # model | adapter store | leftover | other (not loraplex's: never removed)
     what: str
     size: int  # bytes
 
     @property
     def regenerable(self) -> bool:
-        return self.kind != "adapter store"
+        return self.kind in ("model", "leftover")
 
 
 def entries(data_dir: Path) -> list[Entry]:
@@ -45,8 +52,10 @@ def entries(data_dir: Path) -> list[Entry]:
                 count = sum(1 for _ in blobs.iterdir()) if blobs.is_dir() else 0
                 found.append(Entry(store, "adapter store", f"uploaded adapters for {store.name} ({count} files)",
                                    _size(store)))
-        else:
+        elif path.name in _LEFTOVER_NAMES or path.name.startswith(_LEFTOVER_PREFIXES):
             found.append(Entry(path, "leftover", "not used by this version", _size(path)))
+        else:
+            found.append(Entry(path, "other", "not made by loraplex: kept", _size(path)))
     return found
 
 
@@ -55,11 +64,13 @@ def clear(data_dir: Path, adapter_stores: bool = False) -> list[Entry]:
     store that a running server holds). Returns what was removed."""
     removed = []
     for entry in entries(data_dir):
-        if not entry.regenerable:
+        if entry.kind == "adapter store":
             if not adapter_stores:
                 continue
-            _check_not_served(entry.path)
-        if entry.path.is_dir() and not entry.path.is_symlink():
+            _remove_store(entry.path, data_dir)
+        elif not entry.regenerable:
+            continue
+        elif entry.path.is_dir() and not entry.path.is_symlink():
             shutil.rmtree(entry.path)
         else:
             entry.path.unlink()
@@ -70,16 +81,19 @@ def clear(data_dir: Path, adapter_stores: bool = False) -> list[Entry]:
     return removed
 
 
-def _check_not_served(store: Path) -> None:
-    lock = store / "lock"
-    if not lock.exists():
-        return
-    with lock.open("a+") as f:
+def _remove_store(store: Path, data_dir: Path) -> None:
+    """Delete an adapter store no server holds. Its lock is held until the store has moved aside: a server
+    starting meanwhile either finds it held (and stops) or opens a new, empty store where it was, never one
+    being deleted."""
+    with (store / "lock").open("a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise conflict("data_dir", f"the adapter store {store} is in use by a running server; stop it "
                            "first") from None
+        aside = Path(tempfile.mkdtemp(prefix=_DELETING, dir=data_dir)) / store.name
+        store.rename(aside)
+    shutil.rmtree(aside.parent)
 
 
 def _size(path: Path) -> int:

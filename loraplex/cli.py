@@ -365,10 +365,14 @@ def _cache(args: argparse.Namespace) -> int:
         removed = cache.clear(data_dir, adapter_stores=args.adapter_stores)
         for entry in removed:
             print(f"removed {entry.path} ({cache.human(entry.size)})")
-        kept = [e for e in cache.entries(data_dir) if not e.regenerable]
+        left = cache.entries(data_dir)
+        kept = [e for e in left if e.kind == "adapter store"]
+        others = [e for e in left if e.kind == "other"]
         print(f"freed {cache.human(sum(e.size for e in removed))}" + (
             f"; kept {len(kept)} adapter store(s) ({cache.human(sum(e.size for e in kept))}): "
-            "--adapter-stores deletes them" if kept else ""))
+            "--adapter-stores deletes them" if kept else "") + (
+            f"; left {len(others)} entr{'y' if len(others) == 1 else 'ies'} not made by loraplex alone "
+            f"({', '.join(e.path.name for e in others)})" if others else ""))
         return 0
     found = cache.entries(data_dir)
     print(f"{data_dir}: {cache.human(sum(e.size for e in found))}" + ("" if found else " (empty)"))

@@ -19,6 +19,7 @@ import torch
 
 from loraplex import LLM
 from loraplex.cli import build_parser, main
+from loraplex.errors import LoraplexError
 
 ENGINE = ["--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory", "32MiB"]
 FAST_S = 5.0
@@ -93,6 +94,41 @@ def test_a_port_in_use_fails_fast(demo_dir):
         port = taken.getsockname()[1]
         code, err, seconds = run_cli("serve", "--model", str(demo_dir), "--port", str(port))
     assert_fails_fast(code, err, seconds, "port", str(port), "already in use")
+
+
+def ipv6_here() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_the_port_check_binds_as_the_server_does(monkeypatch):
+    """Every address the host resolves to, IPv6 sockets IPv6-only, an unavailable family skipped: as asyncio's
+    create_server (uvicorn) binds, so the check refuses no port the server could take, and misses none it could
+    not."""
+    from loraplex import preflight
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if ipv6_here():
+            preflight.check_port_free("::", port)  # an IPv6-only listener beside an IPv4 one is fine
+        real = socket.getaddrinfo
+
+        def resolves_to(*hosts):
+            return lambda host, p, *a, **k: [info for h in hosts for info in real(h, p, *a, **k)]
+
+        monkeypatch.setattr(preflight.socket, "getaddrinfo", resolves_to("2001:db8::1", "127.0.0.1"))
+        with pytest.raises(LoraplexError, match="already in use"):  # the second address is the taken one
+            preflight.check_port_free("localhost", port)
+    preflight.check_port_free("localhost", port)  # not this machine's IPv6 address: skipped, as asyncio does
+    monkeypatch.setattr(preflight.socket, "getaddrinfo", resolves_to("192.0.2.1"))
+    with pytest.raises(LoraplexError, match="not an address of this machine"):
+        preflight.check_port_free("elsewhere", port)
 
 
 def test_an_adapter_store_held_by_another_server_fails_fast(demo_dir, tmp_path):
@@ -216,6 +252,44 @@ def test_cache_info_and_clear_keep_adapter_stores_unless_asked(tmp_path, capsys)
         held.close()
     assert main(["cache", "clear", "--data-dir", str(home), "--adapter-stores"]) == 0
     assert list(home.iterdir()) == []
+
+
+def test_cache_clear_removes_only_what_loraplex_made(tmp_path, capsys):
+    """A data dir given by mistake (a models folder, a home directory): what loraplex did not make stays."""
+    home = tmp_path / "home"
+    fake_converted(home / "smollm2-135m-instruct")
+    (home / ".download.abc").mkdir()  # an interrupted first download
+    (home / "notes.txt").write_text("mine")
+    fake_converted(home / "my-llama")
+    assert main(["cache", "info", "--data-dir", str(home)]) == 0
+    assert "not made by loraplex" in capsys.readouterr().out
+    assert main(["cache", "clear", "--data-dir", str(home)]) == 0
+    assert sorted(p.name for p in home.iterdir()) == ["my-llama", "notes.txt"]
+    assert "my-llama, notes.txt" in capsys.readouterr().out
+
+
+def test_cache_clear_holds_a_stores_lock_until_it_is_set_aside(tmp_path, monkeypatch):
+    """A server starting while `clear --adapter-stores` deletes the store gets a store of its own (or finds it
+    held), never one that is being deleted under it."""
+    from loraplex import cache
+    from loraplex.adapters_store.store import AdapterStore
+
+    home = tmp_path / "home"
+    AdapterStore(home / "adapters" / "m").close()
+    real, servers = cache.shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):  # a server starts just before the deletion
+        servers.append(AdapterStore(home / "adapters" / "m", exclusive=True))
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache.shutil, "rmtree", rmtree)
+    try:
+        cache.clear(home, adapter_stores=True)
+        assert servers and servers[0].catalog.exists() and (home / "adapters" / "m" / "lock").exists()
+    finally:
+        for server in servers:
+            server.close()
+    assert sorted(p.name for p in home.iterdir()) == ["adapters"]  # nothing set aside is left behind
 
 
 # -- honest flags ----------------------------------------------------------------------------------
