@@ -81,6 +81,9 @@ def _write(merged: LoRAAdapter, output: Path, dtype: torch.dtype) -> None:
     if any(m.rank > 0 for m in merged.modules.values()):
         write_rosa(merged, output, dtype)  # low-rank + sparse
         return
+    if merged.nnz == 0:
+        raise invalid("sources", "every entry of the merged sparse delta is zero (the inputs cancel out, or the "
+                      "density keeps none): there is no adapter to write")
     write_sparse_delta({module_path(*key): m.sparse for key, m in merged.modules.items()}, output,
                        merged.config.get("base_model_name_or_path"), dtype)
 

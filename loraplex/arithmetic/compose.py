@@ -80,11 +80,14 @@ def scaled_sparse(delta: SparseDelta, weight: float) -> SparseDelta:
 
 
 def summed_sparse(parts: Sequence[tuple[float, SparseDelta]]) -> SparseDelta:
-    """Σ w_i S_i as one CSR matrix over the union of the patterns (never dense)."""
+    """Σ w_i S_i as one CSR matrix over the union of the patterns (never dense); entries that cancel to
+    zero are dropped."""
     shape = parts[0][1].shape
     coos = [w * d.to_torch(dtype=torch.float32).to_sparse_coo() for w, d in parts]
     total = torch.sparse_coo_tensor(torch.cat([c.indices() for c in coos], dim=1),
                                     torch.cat([c.values() for c in coos]), shape).coalesce()
+    keep = total.values() != 0
+    total = torch.sparse_coo_tensor(total.indices()[:, keep], total.values()[keep], shape, is_coalesced=True)
     csr = total.to_sparse_csr()
     return SparseDelta(crow=csr.crow_indices().long(), col=csr.col_indices().long(), values=csr.values().float(),
                        shape=shape)

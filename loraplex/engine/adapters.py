@@ -120,7 +120,10 @@ class SlotPool:
                 raise RuntimeError(f"adapter {name} cannot take a slot now: {where}")
             pool = self.sparse_pool
             while not self.free_slots or (adapter.nnz and adapter.nnz > pool.free):
-                victim, _ = self.idle.popitem(last=False)
+                # room in the pool, with a slot free: only an idle adapter holding entries makes it
+                holds_entries = self.free_slots and adapter.nnz > pool.free
+                victim = next(n for n in self.idle if not holds_entries or self.entries[n])
+                del self.idle[victim]
                 self._free(victim)
                 self.evictions += 1
             slot = self.free_slots.pop()

@@ -354,3 +354,29 @@ def test_an_offline_ties_merge_of_lora_and_sparse_writes_a_rosa_adapter_served_a
     outputs = llm.generate(prompts, greedy(12), adapter="ties-rosa")
     assert_tokens_match(reference, prompts, ["ties-rosa"] * 2, outputs, max_new=12)
     assert_logprobs_match(reference, prompts, ["ties-rosa"] * 2, outputs, 12)
+
+
+def test_room_in_the_pool_is_made_by_evicting_adapters_that_hold_entries(demo_dir, peft_adapters, sparse):
+    """A slot is free but the pool is not: the LRU idle LoRA (which holds no entries) stays resident;
+    the idle sparse delta goes."""
+    paths, _ = sparse
+    nnz = {name: load_peft_lora(paths[name], name, None, 16).nnz for name in SPARSE}
+    budget = _pool_budget(demo_dir, paths, [max(nnz, key=nnz.get)], max_loras=4)
+    llm = make_llm(demo_dir, {**paths, "q1": peft_adapters["q1"]}, max_loras=4, max_sparse_memory=budget)
+    prompts, _ = make_requests(39, [(None, 5)])
+    for name in ("q1", "sp-attn", "sp-mlp"):  # one after another: each idle when the next comes
+        llm.generate(prompts, greedy(2), adapter=name)
+    adapters = llm.engine.adapters
+    assert adapters.slots.resident(adapters.key("q1")) and adapters.slots.resident(adapters.key("sp-mlp"))
+    assert not adapters.slots.resident(adapters.key("sp-attn")) and adapters.slots.evictions == 1
+
+
+def test_a_merge_that_cancels_out_writes_nothing_and_says_so(sparse, tmp_path, capsys):
+    from loraplex.cli import main
+
+    paths, _ = sparse
+    out = tmp_path / "zero"
+    assert main(["merge", "--method", "cat", f"--adapter={paths['sp-attn']}", f"--adapter={paths['sp-attn']}:-1",
+                 "-o", str(out)]) == 2
+    assert "every entry of the merged sparse delta is zero" in capsys.readouterr().err
+    assert not (out / "adapter_model.safetensors").exists()
