@@ -61,7 +61,12 @@ def entries(data_dir: Path) -> list[Entry]:
 
 def clear(data_dir: Path, adapter_stores: bool = False) -> list[Entry]:
     """Remove the regenerable entries (and the adapter stores too with `adapter_stores`; refused for a
-    store that a running server holds). Returns what was removed."""
+    store that a running server holds). Refused while a server runs on this data dir (it may be reading
+    the models and adapters this would remove). Returns what was removed."""
+    for entry in entries(data_dir):
+        if entry.kind == "adapter store" and _held(entry.path):
+            raise conflict("data_dir", f"a loraplex server is running on {data_dir} (it holds {entry.path}); "
+                           "stop it first")
     removed = []
     for entry in entries(data_dir):
         if entry.kind == "adapter store":
@@ -94,6 +99,18 @@ def _remove_store(store: Path, data_dir: Path) -> None:
         aside = Path(tempfile.mkdtemp(prefix=_DELETING, dir=data_dir)) / store.name
         store.rename(aside)
     shutil.rmtree(aside.parent)
+
+
+def _held(store: Path) -> bool:
+    lock = store / "lock"
+    if not lock.exists():
+        return False
+    with lock.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 def _size(path: Path) -> int:

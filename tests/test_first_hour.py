@@ -243,11 +243,14 @@ def test_cache_info_and_clear_keep_adapter_stores_unless_asked(tmp_path, capsys)
     assert main(["cache", "clear", "--data-dir", str(home)]) == 0
     assert sorted(p.name for p in home.iterdir()) == ["adapters"]  # the store stays
     assert "kept 1 adapter store" in capsys.readouterr().out
+    fake_converted(home / "smollm2-135m-instruct")
     held = AdapterStore(home / "adapters" / "smollm2-135m-instruct", exclusive=True)  # a running server's
     try:
-        assert main(["cache", "clear", "--data-dir", str(home), "--adapter-stores"]) == 2
-        assert "in use by a running server" in capsys.readouterr().err
-        assert (home / "adapters" / "smollm2-135m-instruct").is_dir()
+        for flags in ([], ["--adapter-stores"]):  # nothing is removed while a server runs on the data dir
+            assert main(["cache", "clear", "--data-dir", str(home), *flags]) == 2
+            assert "a loraplex server is running" in capsys.readouterr().err
+            assert (home / "adapters" / "smollm2-135m-instruct").is_dir()
+            assert (home / "smollm2-135m-instruct" / "config.json").exists()
     finally:
         held.close()
     assert main(["cache", "clear", "--data-dir", str(home), "--adapter-stores"]) == 0
