@@ -144,6 +144,10 @@ class Attention(Module):
             config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.qkv_bias, dtype, backend
         )
         self.o_proj = AdaptableLinear(self.q_size, [config.hidden_size], config.o_bias, dtype, backend)
+        if config.qk_norm:  # Qwen3: each query and key head RMS-normalised before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        self.qk_norm = config.qk_norm
         self.backend = backend
         # [num_blocks, block_size, num_kv_heads, head_dim] each, bound by the model runner.
         self.k_cache: torch.Tensor | None = None
@@ -154,7 +158,10 @@ class Attention(Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, lora)  # [num_tokens, q_size + 2 * kv_size]
         heads = self.num_heads + self.num_kv_heads
-        qk = RotaryEmbedding.apply(rope, qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim))
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim)
+        if self.qk_norm:
+            qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
+        qk = RotaryEmbedding.apply(rope, qk)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # views of [num_tokens, heads, head_dim]
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)

@@ -7,11 +7,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# architecture -> (q/k/v projections carry a bias by default)
+@dataclass(frozen=True)
+class Family:
+    """What sets an architecture apart from Llama's."""
+
+    qkv_bias: bool = False  # q/k/v projections carry a bias whatever attention_bias says (and o_proj none)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (q_norm, k_norm)
+    sliding_opt_in: bool = False  # sliding_window applies only with use_sliding_window: true
+
+
 SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": False,
-    "MistralForCausalLM": False,
-    "Qwen2ForCausalLM": True,
+    "LlamaForCausalLM": Family(),
+    "MistralForCausalLM": Family(),
+    "Qwen2ForCausalLM": Family(qkv_bias=True, sliding_opt_in=True),
+    "Qwen3ForCausalLM": Family(qk_norm=True, sliding_opt_in=True),
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -34,6 +43,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -60,9 +70,9 @@ class ModelConfig:
         architecture = _architecture(raw, source)
         num_heads = _required(raw, "num_attention_heads", source)
         hidden_size = _required(raw, "hidden_size", source)
-        is_qwen2 = SUPPORTED_ARCHITECTURES[architecture]
+        family = SUPPORTED_ARCHITECTURES[architecture]
         sliding = raw.get("sliding_window")
-        if is_qwen2 and not raw.get("use_sliding_window", False):
+        if family.sliding_opt_in and not raw.get("use_sliding_window", False):
             sliding = None
         return cls(
             architecture=architecture,
@@ -78,9 +88,10 @@ class ModelConfig:
             rope_theta=_rope_theta(raw),
             rope_scaling=_rope_scaling(raw, source),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            qkv_bias=is_qwen2 or raw.get("attention_bias", False),
-            o_bias=(not is_qwen2) and raw.get("attention_bias", False),
+            qkv_bias=family.qkv_bias or raw.get("attention_bias", False),
+            o_bias=(not family.qkv_bias) and raw.get("attention_bias", False),
             mlp_bias=raw.get("mlp_bias", False),
+            qk_norm=family.qk_norm,
             sliding_window=sliding,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_tuple(raw.get("eos_token_id")),

@@ -1,4 +1,4 @@
-"""Model fixtures for the engine tests: the demo checkpoint plus tiny random Qwen2, Llama-3 and Mistral
+"""Model fixtures for the engine tests: the demo checkpoint plus tiny random Qwen2, Qwen3, Llama-3 and Mistral
 checkpoints written with `transformers.save_pretrained`, each paired with its Hugging Face reference."""
 
 from __future__ import annotations
@@ -142,6 +142,26 @@ def qwen2_model_dir(tmp_path_factory, demo_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    """Qwen3: per-head q/k RMSNorm before RoPE (random norm weights, so they must be applied), no qkv bias,
+    and a head_dim (32) that is not hidden_size / heads (16)."""
+    import transformers
+
+    config = transformers.Qwen3Config(
+        vocab_size=_vocab_size(demo_model_dir),
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        head_dim=32,
+        **TINY_SHAPE,
+        **SPECIAL_IDS,
+    )
+    return _write_tiny(tmp_path_factory.mktemp("parity") / "qwen3", demo_model_dir, config,
+                       transformers.Qwen3ForCausalLM, seed=4)
+
+
+@pytest.fixture(scope="session")
 def llama3_model_dir(tmp_path_factory, demo_model_dir) -> Path:
     import transformers
 
@@ -198,7 +218,7 @@ def _vocab_size(demo_dir: Path) -> int:
     return Tokenizer.from_file(str(demo_dir / "tokenizer.json")).get_vocab_size()
 
 
-PARITY_MODELS = ("demo", "qwen2", "llama3", "mistral")
+PARITY_MODELS = ("demo", "qwen2", "qwen3", "llama3", "mistral")
 
 
 @pytest.fixture(scope="session")
@@ -215,7 +235,8 @@ def _get(request, cache: dict[str, ParityModel], name: str) -> ParityModel:
 
 @pytest.fixture
 def load_parity_model(request, parity_cache):
-    """`load_parity_model(name)` -> the session's ParityModel for demo, qwen2, llama3, mistral, mistral_sliding."""
+    """`load_parity_model(name)` -> the session's ParityModel for demo, qwen2, qwen3, llama3, mistral,
+    mistral_sliding."""
     return lambda name: _get(request, parity_cache, name)
 
 
