@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
 @dataclass(frozen=True)
 class Family:
     """What sets an architecture apart from Llama's."""
