@@ -1,5 +1,5 @@
-"""GGUF checkpoints (llama.cpp's format) read with the `gguf` package: config from the `llama.*`
-metadata, tensors dequantized and renamed to Hugging Face names, the tokenizer rebuilt with
+"""GGUF checkpoints (llama.cpp's format) read with the `gguf` package: config from the `<architecture>.*`
+metadata (llama, qwen2, qwen3), tensors dequantized and renamed to Hugging Face names, the tokenizer rebuilt with
 `tokenizers` from `tokenizer.ggml.*`, and the chat template from `tokenizer.chat_template`."""
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF architecture -> the Hugging Face architecture it is read as
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# llama.cpp's converter interleaves the rotary halves of q/k rows for these only (the others rotate halves
+# as Hugging Face does, NeoX style)
+_PERMUTED_QK = ("llama",)
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 # GGUF tensor name -> Hugging Face name ({i} is the layer).
@@ -33,6 +37,11 @@ _TENSOR_NAMES = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",  # qwen2
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",  # qwen3
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -70,15 +79,16 @@ class GGUFCheckpoint:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, fp32 tensor), dequantized one at a time."""
         heads, kv_heads = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+        permuted = self.config["model_type"] in _PERMUTED_QK
         for t in self.reader.tensors:
             name = hf_tensor_name(t.name)
             if name is None:
                 raise ValueError(f"{self.path.name}: tensor {t.name!r} has no counterpart in a Llama model")
             weight = torch.from_numpy(np.array(_dequantize(self.path, t), dtype=np.float32))  # a writable copy
             weight = weight.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-            if name.endswith("q_proj.weight"):
+            if permuted and name.endswith("q_proj.weight"):
                 weight = unpermute_qk(weight, heads)
-            elif name.endswith("k_proj.weight"):
+            elif permuted and name.endswith("k_proj.weight"):
                 weight = unpermute_qk(weight, kv_heads)
             yield name, weight
 
@@ -132,8 +142,8 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     if "rope_freqs.weight" in tensor_names:
         raise ValueError(f"{path.name}: tensor 'rope_freqs.weight' (Llama 3.1 rope scaling) is not supported in "
                          "GGUF files yet; use the Hugging Face checkpoint")
-    tokenizer, tokenizer_config, generation_config = _tokenizer(path, meta)
-    config = _config(path, meta, tie="output.weight" not in tensor_names)
+    tokenizer, tokenizer_config, generation_config = _tokenizer(path, meta, arch)
+    config = _config(path, meta, arch, tie="output.weight" not in tensor_names)
     config.update(bos_token_id=generation_config.get("bos_token_id"), eos_token_id=generation_config["eos_token_id"])
     return GGUFCheckpoint(path, config, tokenizer, tokenizer_config, generation_config, reader)
 
@@ -150,36 +160,39 @@ def _metadata(reader) -> dict[str, Any]:
     return meta
 
 
-def _config(path: Path, meta: dict[str, Any], tie: bool) -> dict[str, Any]:
+def _config(path: Path, meta: dict[str, Any], arch: str, tie: bool) -> dict[str, Any]:
     def need(key: str) -> Any:
-        if f"llama.{key}" not in meta:
-            raise ValueError(f"{path.name}: metadata llama.{key} is missing")
-        return meta[f"llama.{key}"]
+        if f"{arch}.{key}" not in meta:
+            raise ValueError(f"{path.name}: metadata {arch}.{key} is missing")
+        return meta[f"{arch}.{key}"]
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
 
     heads = need("attention.head_count")
     hidden = need("embedding_length")
-    head_dim = meta.get("llama.rope.dimension_count", hidden // heads)
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [SUPPORTED_ARCHITECTURES[arch]], "model_type": arch,
         "hidden_size": hidden, "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": need("block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv", heads), "head_dim": head_dim,
-        "vocab_size": meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        "num_key_value_heads": get("attention.head_count_kv", heads), "head_dim": head_dim,
+        "vocab_size": get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": tie, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "torch_dtype": "float32",
     }
-    scaling = meta.get("llama.rope.scaling.type")
+    scaling = get("rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
-            raise ValueError(f"{path.name}: llama.rope.scaling.type {scaling!r} is not supported")
-        config["rope_scaling"] = {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+            raise ValueError(f"{path.name}: {arch}.rope.scaling.type {scaling!r} is not supported")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
     return config
 
 
-def _tokenizer(path: Path, meta: dict[str, Any]):
+def _tokenizer(path: Path, meta: dict[str, Any], arch: str):
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{path.name}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, "
@@ -209,7 +222,7 @@ def _tokenizer(path: Path, meta: dict[str, Any]):
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
         "unk_token": token("unknown"), "pad_token": token("padding"), "add_bos_token": add_bos,
-        "clean_up_tokenization_spaces": False, "model_max_length": meta.get("llama.context_length"),
+        "clean_up_tokenization_spaces": False, "model_max_length": meta.get(f"{arch}.context_length"),
     }
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
