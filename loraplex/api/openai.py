@@ -19,6 +19,7 @@ from loraplex.api.errors import APIError, error_body, validation_error
 from loraplex.api.generation import Generation, GenerationError, stopped_by_server
 from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_json_containers
 from loraplex.api.state import ServerState, State
+from loraplex.api.structured import compiled_guide
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.output import TokenLogprob
 from loraplex.engine.sampling import SamplingParams
@@ -91,6 +92,7 @@ async def completions(request: Request, state: State):
     prompts = _prompt_list(body.prompt)
     _check_choices(state, len(prompts) * body.n)
     params = _params(body, body.max_tokens, body.logprobs)
+    params.guide = await compiled_guide(state, body)  # structured output; a bad schema is a 400 here
     items = [(prompt, params.for_choice(j)) for prompt in prompts for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "cmpl", request.state.request_id)
     await generation.submit(items)
@@ -129,6 +131,7 @@ async def chat_completions(request: Request, state: State):
         max_tokens = max(state.engine.engine.max_model_len - len(prompt), 1)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _params(body, max_tokens, logprobs)
+    params.guide = await compiled_guide(state, body)  # structured output; a bad schema is a 400 here
     items = [(prompt, params.for_choice(j)) for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "chatcmpl", request.state.request_id)
     await generation.submit(items)

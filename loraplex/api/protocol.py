@@ -39,6 +39,7 @@ MAX_MESSAGES = 2048  # OpenAI's own limit on a conversation
 MAX_CONTENT_PARTS = 1024  # text parts of one message
 MAX_PROMPTS = 2048  # prompts of one completion request: far above --max-choices, which is checked next
 MAX_MERGE_SOURCES = 16  # adapters one merge or one request's composition may name
+MAX_GUIDED_CHOICES = 1024  # strings of one guided_choice (each becomes a branch of its grammar)
 # Lists and objects in one body. Each costs a Python object to validate, in C that holds the GIL: four
 # million `[0]` lists (16 MiB) took 4.5 s. A body within the limits above needs a few thousand.
 MAX_JSON_CONTAINERS = 65_536
@@ -181,11 +182,8 @@ def _best_of_noop(value: Any, body: dict) -> bool:
     return value is None or _same(value, 1 if n is None else n)  # best of n out of n: every sequence
 
 
-def _text_format(value: Any, body: dict) -> bool:
-    return value is None or (isinstance(value, dict) and value.get("type") == "text")
-
-
-_GUIDED = ("no guided decoding of structured output", "omit it; ask for the format in the prompt and check the output")
+_GUIDED = ("structural tags are not supported (structured outputs take a JSON schema, a regex, a choice or a "
+           "grammar)", "omit it; use guided_json, guided_regex, guided_choice or guided_grammar")
 _TEMPLATE = "omit it; or render the prompt yourself and send it to /v1/completions"
 
 REFUSED: tuple[tuple[str, Refused], ...] = (
@@ -199,8 +197,6 @@ REFUSED: tuple[tuple[str, Refused], ...] = (
                      "yourself", _noop(False))),
     ("suffix", Refused("no fill-in-the-middle", "omit it; or write the model's own fill-in-the-middle prompt",
                        _noop(), COMPLETIONS)),
-    ("response_format", Refused("no structured (JSON) output", 'omit it or send {"type": "text"}; ask for JSON in '
-                                "the prompt and check the output", _text_format)),
     ("tools", Refused("no tool calling", "omit it or send []; describe the tools in a system message", _noop([]),
                       CHAT)),
     ("tool_choice", Refused("no tool calling", 'omit it or send "none" or "auto"', _noop("none", "auto"), CHAT)),
@@ -230,16 +226,12 @@ REFUSED: tuple[tuple[str, Refused], ...] = (
     ("min_repetition_pattern_size", Refused("no stop on repeated token patterns", "omit it or send 0", _noop(0))),
     ("repetition_min_count", Refused("no stop on repeated token patterns", "omit it or send 0", _noop(0))),
     # vLLM's structured output
-    ("guided_json", Refused(*_GUIDED, _noop())),
-    ("guided_regex", Refused(*_GUIDED, _noop())),
-    ("guided_choice", Refused(*_GUIDED, _noop())),
-    ("guided_grammar", Refused(*_GUIDED, _noop())),
+    # (guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs are implemented)
     ("structural_tag", Refused(*_GUIDED, _noop())),
-    ("structured_outputs", Refused(*_GUIDED, _noop())),
-    ("guided_decoding_backend", Refused("it configures guided decoding, which loraplex does not do", "omit it",
-                                        _noop())),
-    ("guided_whitespace_pattern", Refused("it configures guided decoding, which loraplex does not do", "omit it",
-                                          _noop())),
+    ("guided_decoding_backend", Refused("structured outputs run on xgrammar only", 'omit it or send "xgrammar" '
+                                        'or "auto"', _noop("xgrammar", "auto"))),
+    ("guided_whitespace_pattern", Refused("JSON is written without free whitespace (one space after : and ,)",
+                                          "omit it", _noop())),
     # vLLM's prompt and response options
     ("add_special_tokens", Refused("a chat prompt holds the chat template's special tokens only", "omit it or send "
                                    "false", _noop(False), CHAT)),
@@ -300,7 +292,18 @@ def refuse_unsupported(body: Any, endpoint: str) -> None:
 
 
 
-class SamplingFields(_Body):
+class StructuredFields(_Body):
+    """Structured outputs: at most one of these per request (loraplex.api.structured reads them)."""
+
+    response_format: dict[StrictStr, Any] | None = None  # OpenAI's: text, json_object or json_schema
+    guided_json: dict[StrictStr, Any] | StrictStr | None = None  # vLLM's: a JSON schema
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_GUIDED_CHOICES)] | None = None
+    guided_grammar: StrictStr | None = None  # EBNF, as xgrammar reads it (GBNF-like)
+    structured_outputs: dict[StrictStr, Any] | None = None  # vLLM's newer: {"json" | "regex" | ...: ...}
+
+
+class SamplingFields(StructuredFields):
     """What completions and chat share."""
 
     model: StrictStr

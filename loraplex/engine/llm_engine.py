@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from loraplex.engine.adapters import AdapterManager, pinned
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.compositions import Recipe, builder
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.guided import Grammars
 from loraplex.engine.model_runner import ModelRunner, kv_cache_block_bytes
 from loraplex.engine.output import OutputState, RequestOutput, TokenLogprob
 from loraplex.engine.sampling import SamplingParams
@@ -85,6 +87,8 @@ class LLMEngine:
         self._requests: dict[str, OutputState] = {}  # unfinished, by request id
         self._serials = itertools.count()  # Sequence.serial
         self._next_id = 0
+        self._grammars: Grammars | None = None  # structured outputs: made at first use
+        self._grammars_lock = threading.Lock()
         logger.info("loaded %s (%s, %s, %s backend): %d KV blocks of %d tokens, max_model_len %d",
                     model_dir, model_config.architecture, self.dtype, backend.name, num_blocks,
                     config.block_size, self.max_model_len)
@@ -190,6 +194,15 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
+    @property
+    def grammars(self) -> Grammars:
+        """Compiled structured-output grammars for this model's tokenizer (a bounded cache); safe from any
+        thread, so that the API compiles a request's grammar (and refuses a bad one) before queueing it."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
+            return self._grammars
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -217,6 +230,8 @@ class LLMEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, token_ids, params, params.stop_token_set(self.tokenizer.eos_token_ids), generator,
                        serial=next(self._serials))
+        if params.guide is not None:  # compiled once per distinct guide, then from the cache
+            seq.matcher = self.grammars.matcher(params.guide)
         if adapter is not None:
             seq.adapter = adapter
             # The key also salts the prefix cache: KV computed under one registration is never
@@ -323,6 +338,8 @@ class LLMEngine:
             # Offline, text is only read at the end: without stop strings to watch for, the whole
             # output is decoded once when the sequence finishes instead of token by token.
             state.append(token, logprob, self.max_model_len, defer_text=finished_only and not seq.params.stop)
+            if seq.matcher is not None and not seq.is_finished:
+                self._advance_grammar(seq, token)
             if seq.is_finished or not finished_only:
                 outputs.append(state.make_output())
             if seq.is_finished:
@@ -330,6 +347,17 @@ class LLMEngine:
                 del self._requests[seq.request_id]
         return outputs
 
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> None:
+        """Structured outputs: move the sequence's grammar past `token`; a grammar that took a stop token
+        (the document is complete) ends the sequence with "stop"."""
+        matcher = seq.matcher
+        if not matcher.accept_token(token):  # only when every token was masked (min_tokens against EOS)
+            seq.finish("error", error=invalid("response_format", f"token {token} does not follow the "
+                       "requested structure: the grammar and the other sampling fields allow no token here"))
+        elif matcher.is_terminated():
+            seq.finish("stop", token)
 
     def _fail_nonfinite(self, seq: Sequence) -> RequestOutput:
         """End a sequence whose logits turned NaN or infinite: its output so far stands, its KV is not

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.guided import MaskFiller
 from loraplex.engine.sampling import Sampler, SampleResult
 from loraplex.engine.scheduler import SchedulerOutput
 from loraplex.engine.sequence import Sequence
@@ -62,12 +63,20 @@ class ModelRunner:
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.lora_buffers = LoRAMetaBuffers(max_num_batched_tokens, max_loras, device) if max_loras else None
+        self.masks: MaskFiller | None = None  # structured outputs: made at the first constrained request
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> StepResult:
         """Run one step: the sequences that sampled a token, what they sampled, and which of them had
         non-finite logits (their samples mean nothing)."""
         inputs = self.prepare(batch)
+        # Structured outputs: the token masks of constrained rows are filled in a worker thread while the
+        # forward pass runs, and applied to their logits before sampling; other rows are not touched.
+        masks = None
+        if any(seq.matcher is not None for seq in inputs.sampled_seqs):
+            if self.masks is None:
+                self.masks = MaskFiller(self.model.config.vocab_size)
+            masks = self.masks.start([seq.matcher for seq in inputs.sampled_seqs])
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)  # [num_tokens, hidden]
         if not inputs.sampled_seqs:
             return StepResult([], None, set())
@@ -79,6 +88,8 @@ class ModelRunner:
         # sampled from zeros so the sampler sees numbers; the engine ends its sequence.
         nonfinite = ~torch.isfinite(logits).all(dim=-1)  # [num_sampled]
         logits.masked_fill_(nonfinite.unsqueeze(1), 0.0)
+        if masks is not None:
+            self.masks.apply(masks, logits)  # -inf where a constrained row's grammar allows no token
         params = [seq.params for seq in inputs.sampled_seqs]
         generators = [seq.generator for seq in inputs.sampled_seqs]
         sampled = self.sampler(logits, params, generators)  # reads its tokens back: the step is done

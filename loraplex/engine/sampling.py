@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.engine.guided import Guide
 from loraplex.errors import invalid
 
 _EPS = 1e-5
@@ -27,6 +28,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = none; 0 = the chosen token's; k = plus the k most likely
     skip_special_tokens: bool = True
+    guide: Guide | None = None  # structured output: the grammar the output must follow (engine/guided.py)
     # {EOS ids: every id that ends a sequence}, built at first use; shared with the copies of `for_choice`.
     _stop_sets: dict[tuple[int, ...], frozenset[int]] = field(default_factory=dict, init=False, repr=False,
                                                                 compare=False)

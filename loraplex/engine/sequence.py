@@ -53,6 +53,7 @@ class Sequence:
         self.adapter_key: str | None = None
         self.lora_slot = -1  # the adapter's slot while running
         self.num_skips = 0  # scheduling rounds passed over while waiting for its adapter
+        self.matcher = None  # structured output: its xgrammar GrammarMatcher, when params.guide is set
 
     @property
     def num_tokens(self) -> int:
