@@ -13,10 +13,13 @@ from loraplex.api.errors import APIError, error_body
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 OPEN_PATHS = ("/health", "/metrics")
+INFERENCE_PATHS = ("/tokenize", "/detokenize")  # vLLM's, outside /v1/: they read the model's tokenizer
 
 
 def required_role(method: str, path: str) -> str | None:
     """'admin', 'inference', or None (open) for a request."""
+    if path in INFERENCE_PATHS:
+        return "inference"
     if not path.startswith("/v1/"):
         return None
     changes_adapters = method not in ("GET", "HEAD", "OPTIONS") and (

@@ -14,10 +14,18 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
+import loraplex
 from loraplex.api.compose import resolve_adapter
 from loraplex.api.errors import APIError, error_body, validation_error
 from loraplex.api.generation import Generation, GenerationError, stopped_by_server
-from loraplex.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_json_containers
+from loraplex.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    check_json_containers,
+)
 from loraplex.api.state import ServerState, State
 from loraplex.api.structured import compiled_guide
 from loraplex.engine.llm_engine import RequestOutput
@@ -27,7 +35,7 @@ from loraplex.errors import LoraplexError
 from loraplex.models.tokenizer import Tokenizer
 
 router = APIRouter()
-Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
+Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 @router.get("/v1/models")
@@ -39,6 +47,57 @@ async def list_models(state: State) -> dict[str, Any]:
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, state: State) -> dict[str, Any]:
     return _model_card(state, state.resolve(model))
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": loraplex.__version__}
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request, state: State) -> dict[str, Any]:
+    """vLLM's: a prompt's token ids (with the tokenizer's special tokens unless add_special_tokens is
+    false), or a conversation's through the chat template. An adapter's name works as `model`: adapters
+    share the base model's tokenizer."""
+    body = await _parse(request, TokenizeRequest)
+    if body.model is not None:
+        state.resolve(body.model)  # 404 for a model that is not served
+    engine = state.engine
+    tokenizer = engine.engine.tokenizer
+    if body.prompt is not None:
+        engine.check_text_length(body.prompt)
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special)
+    else:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            if body.continue_final_message:
+                tokens = await engine.encode_chat(messages, False, continue_final_message=True)
+            else:
+                tokens = await engine.encode_chat(messages, body.add_generation_prompt)
+        except LoraplexError:
+            raise
+        except Exception as e:  # the template's own raise_exception, or a template error
+            raise APIError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
+    out: dict[str, Any] = {"count": len(tokens), "max_model_len": engine.engine.max_model_len, "tokens": tokens}
+    if body.return_token_strs:
+        out["token_strs"] = [_token_text(tokenizer, t) for t in tokens]
+    return out
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request, state: State) -> dict[str, str]:
+    """vLLM's: token ids back to text, special tokens included."""
+    body = await _parse(request, DetokenizeRequest)
+    if body.model is not None:
+        state.resolve(body.model)
+    engine = state.engine.engine
+    vocab = engine.model.config.vocab_size
+    bad = next((t for t in body.tokens if t >= vocab), None)
+    if bad is not None:
+        raise APIError(400, f"tokens: token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+    text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens, False)
+    return {"prompt": text}
 
 
 def _model_card(state: ServerState, adapter: str | None) -> dict[str, Any]:
@@ -92,18 +151,30 @@ async def completions(request: Request, state: State):
     prompts = _prompt_list(body.prompt)
     _check_choices(state, len(prompts) * body.n)
     params = _params(body, body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None:
+        params.prompt_logprobs = body.logprobs  # (params is this request's own object)
     params.guide = await compiled_guide(state, body)  # structured output; a bad schema is a 400 here
     items = [(prompt, params.for_choice(j)) for prompt in prompts for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "cmpl", request.state.request_id)
     await generation.submit(items)
     tokenizer = state.engine.engine.tokenizer
     if body.stream:
-        return ClosingStreamingResponse(generation, "/v1/completions", _completion_chunks(generation, body, tokenizer))
+        chunks = _completion_chunks(generation, body, tokenizer, prompts)
+        return ClosingStreamingResponse(generation, "/v1/completions", chunks)
     outputs = await _collect(generation, request, "/v1/completions")
-    choices = [{"index": i, "text": out.text, "finish_reason": out.finish_reason,
-                "logprobs": _completion_logprobs(out.logprobs, tokenizer, TextOffsets())
-                if body.logprobs is not None else None}
-               for i, out in enumerate(outputs)]
+    choices = []
+    for i, out in enumerate(outputs):
+        offsets = TextOffsets()
+        text, logprobs = out.text, None
+        if body.echo:
+            prompt_text, prompt_logprobs = _echo(out, prompts[i // body.n], body.logprobs is not None, tokenizer,
+                                                 offsets)
+            text = prompt_text + text
+        if body.logprobs is not None:
+            logprobs = _completion_logprobs(out.logprobs, tokenizer, offsets)
+            if body.echo:
+                logprobs = {key: prompt_logprobs[key] + value for key, value in logprobs.items()}
+        choices.append({"index": i, "text": text, "finish_reason": out.finish_reason, "logprobs": logprobs})
     return {"id": generation.id, "object": "text_completion", "created": generation.created, "model": body.model,
             "choices": choices, "usage": generation.usage(body.n)}
 
@@ -175,7 +246,23 @@ def _params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) 
         include_stop_str_in_output=body.include_stop_str_in_output,
         logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=_logit_bias(body.logit_bias),
+        min_tokens=body.min_tokens or 0,
     )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings of decimal integers)."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not key.isascii() or not key.isdigit():
+            raise APIError(400, f"logit_bias: keys must be token ids (decimal integers), got {key!r}",
+                           param="logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 async def _collect(generation: Generation, request: Request, endpoint: str) -> list[RequestOutput]:
@@ -247,18 +334,26 @@ class ClosingStreamingResponse(StreamingResponse):
             self.generation.log(self.endpoint, self.status)
 
 
-async def _completion_chunks(generation: Generation, body: CompletionRequest,
-                             tokenizer: Tokenizer) -> AsyncIterator[dict[str, Any]]:
+async def _completion_chunks(generation: Generation, body: CompletionRequest, tokenizer: Tokenizer,
+                             prompts: list[str | list[int]]) -> AsyncIterator[dict[str, Any]]:
     sent_logprobs = [0] * len(generation.streams)
     offsets = [TextOffsets() for _ in generation.streams]
+    echo_pending = [bool(body.echo)] * len(generation.streams)  # the prompt goes in a choice's first chunk
     async for index, out in generation.outputs():
-        if not out.delta_text and not out.finished:
+        if not out.delta_text and not out.finished and not echo_pending[index]:
             continue
-        logprobs = None
+        text, logprobs, prompt_logprobs = out.delta_text, None, None
+        if echo_pending[index]:
+            echo_pending[index] = False
+            prompt_text, prompt_logprobs = _echo(out, prompts[index // body.n], body.logprobs is not None,
+                                                 tokenizer, offsets[index])
+            text = prompt_text + text
         if body.logprobs is not None and out.logprobs is not None:
             logprobs = _completion_logprobs(out.logprobs[sent_logprobs[index]:], tokenizer, offsets[index])
             sent_logprobs[index] = len(out.logprobs)
-        choice = {"index": index, "text": out.delta_text, "logprobs": logprobs,
+            if prompt_logprobs is not None:
+                logprobs = {key: prompt_logprobs[key] + value for key, value in logprobs.items()}
+        choice = {"index": index, "text": text, "logprobs": logprobs,
                   "finish_reason": out.finish_reason if out.finished else None}
         yield {"id": generation.id, "object": "text_completion", "created": generation.created,
                "model": body.model, "choices": [choice]}
@@ -323,6 +418,37 @@ def _completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokeniz
         top.append(alternatives)
         text_offset.append(offsets.advance(tokenizer.token_bytes(entry.token_id)))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
+
+
+def _echo(out: RequestOutput, prompt: str | list[int], with_logprobs: bool, tokenizer: Tokenizer,
+          offsets: TextOffsets) -> tuple[str, dict[str, Any] | None]:
+    """Completions' echo: the prompt's text (as sent, or its token ids decoded), and with logprobs the
+    prompt tokens' entries in the legacy shape (the first token's logprob and top_logprobs null, as in
+    OpenAI's and vLLM's answers); `offsets` moves past the prompt, so the output's offsets follow it."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        text = tokenizer.decode(list(prompt), skip_special_tokens=False)
+    if not with_logprobs:
+        offsets.offset += len(text)
+        return text, None
+    entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    tokens, token_logprobs, top, text_offset = [], [], [], []
+    for index, (token_id, entry) in enumerate(zip(out.prompt_token_ids, entries, strict=True)):
+        token_text = _token_text(tokenizer, token_id)
+        tokens.append(token_text)
+        # A BOS the tokenizer put before a text prompt is not in the echoed text: it takes no width.
+        unseen = index == 0 and isinstance(prompt, str) and not text.startswith(token_text)
+        text_offset.append(offsets.advance(b"" if unseen else tokenizer.token_bytes(token_id)))
+        if entry is None:
+            token_logprobs.append(None)
+            top.append(None)
+            continue
+        token_logprobs.append(entry.logprob)
+        alternatives = {_token_text(tokenizer, t): lp for t, lp in entry.top}
+        alternatives.setdefault(token_text, entry.logprob)
+        top.append(alternatives)
+    return text, {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}
 
 
 def _chat_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Tokenizer) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ MAX_STOP_TOKEN_IDS = 1024  # a stop set beyond a thousand tokens of a vocabulary
 MAX_MESSAGES = 2048  # OpenAI's own limit on a conversation
 MAX_CONTENT_PARTS = 1024  # text parts of one message
 MAX_PROMPTS = 2048  # prompts of one completion request: far above --max-choices, which is checked next
+MAX_LOGIT_BIAS = 300  # token ids one logit_bias may name (OpenAI's limit)
 MAX_MERGE_SOURCES = 16  # adapters one merge or one request's composition may name
 MAX_GUIDED_CHOICES = 1024  # strings of one guided_choice (each becomes a branch of its grammar)
 # Lists and objects in one body. Each costs a Python object to validate, in C that holds the GIL: four
@@ -73,6 +74,15 @@ def _at_most(limit: int, noun: str, count: Callable[[Any], int] = len) -> Before
     def check(value: Any) -> Any:
         if isinstance(value, list) and count(value) > limit:
             raise invalid(None, f"at most {limit} {noun}, got {count(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _at_most_keys(limit: int, noun: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, dict) and len(value) > limit:
+            raise invalid(None, f"at most {limit} {noun}, got {len(value)}")
         return value
 
     return BeforeValidator(check)
@@ -188,13 +198,10 @@ _TEMPLATE = "omit it; or render the prompt yourself and send it to /v1/completio
 
 REFUSED: tuple[tuple[str, Refused], ...] = (
     # OpenAI's
-    ("presence_penalty", Refused("the sampler has no presence penalty", "omit it or send 0", _noop(0))),
-    ("frequency_penalty", Refused("the sampler has no frequency penalty", "omit it or send 0", _noop(0))),
-    ("logit_bias", Refused("the sampler cannot bias logits", "omit it or send {}", _noop({}))),
     ("best_of", Refused("sequences are not ranked; every one generated is returned", "omit it and ask for n "
                         "sequences with n (best_of equal to n is taken)", _best_of_noop)),
-    ("echo", Refused("the prompt is not returned with the output", "omit it or send false; prepend the prompt "
-                     "yourself", _noop(False))),
+    ("echo", Refused("chat does not return the final message with the output (completions' echo is implemented)",
+                     "omit it or send false; prepend the message yourself", _noop(False), CHAT)),
     ("suffix", Refused("no fill-in-the-middle", "omit it; or write the model's own fill-in-the-middle prompt",
                        _noop(), COMPLETIONS)),
     ("tools", Refused("no tool calling", "omit it or send []; describe the tools in a system message", _noop([]),
@@ -213,9 +220,6 @@ REFUSED: tuple[tuple[str, Refused], ...] = (
     ("use_beam_search", Refused("no beam search", "omit it or send false", _noop(False))),
     ("length_penalty", Refused("it weighs beam search, which loraplex does not do", "omit it or send 1.0",
                                _noop(1))),
-    ("repetition_penalty", Refused("the sampler has no repetition penalty", "omit it or send 1.0", _noop(1))),
-    ("min_tokens", Refused("EOS and stop strings are never held back", "omit it or send 0; ignore_eos with "
-                           "max_tokens gives an exact length", _noop(0))),
     ("truncate_prompt_tokens", Refused("prompts are never truncated; one too long is a 400", "omit it and "
                                        "shorten the prompt", _noop())),
     ("prompt_logprobs", Refused("no logprobs of the prompt's tokens", "omit it", _noop())),
@@ -323,6 +327,13 @@ class SamplingFields(StructuredFields):
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    # Logits processing, per sequence (OpenAI's ranges; repetition_penalty and min_tokens are vLLM's)
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
+    logit_bias: Annotated[dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]],
+                          _at_most_keys(MAX_LOGIT_BIAS, "logit_bias entries")] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     # loraplex's own: a composition of served adapters instead of one (model names the base model)
     adapters: Annotated[list[MergeSource], Field(min_length=1, max_length=MAX_MERGE_SOURCES)] | None = None
     merge: MergeOptions | None = None
@@ -349,6 +360,7 @@ class CompletionRequest(SamplingFields):
         list[TokenIds], Field(min_length=1)], _at_most(MAX_PROMPTS, "prompts", _num_prompts)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    echo: StrictBool | None = None  # the prompt's text before the output
 
 
 class TextPart(_Body):
@@ -427,3 +439,35 @@ class UnloadLoRARequest(_Body):
 
     lora_name: StrictStr
     lora_int_id: StrictInt | None = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's POST /tokenize: a text prompt, or chat messages through the chat template."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_special_tokens: StrictBool | None = None  # default: true for a prompt, false for messages (vLLM)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    return_token_strs: StrictBool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise invalid("prompt", "send either prompt (a text) or messages (a conversation), not both or neither")
+        if self.messages is not None and self.add_special_tokens:
+            raise invalid("add_special_tokens", "messages get the chat template's special tokens only; omit it "
+                          "or send false")
+        if self.continue_final_message and self.add_generation_prompt and \
+                "add_generation_prompt" in self.model_fields_set:
+            raise invalid("continue_final_message", "cannot go with add_generation_prompt true; send "
+                          "add_generation_prompt false")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's POST /detokenize."""
+
+    model: StrictStr | None = None
+    tokens: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=1 << 20)]

@@ -60,6 +60,8 @@ class BlockManager:
             return 0
         hashes: list[bytes] = []
         max_blocks = (seq.num_tokens - 1) // self.block_size
+        if seq.params.prompt_logprobs is not None:  # positions still to give prompt logprobs are computed
+            max_blocks = min(max_blocks, len(seq.prompt_logprobs) // self.block_size)
         for i in range(max_blocks):
             h = self._hash(hashes[-1] if hashes else b"", seq, i)
             block_id = self.cached.get(h)

@@ -221,6 +221,11 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self._requests:
             raise conflict("request_id", f"{request_id!r} is already in use")
+        if params.logit_bias:
+            vocab = self.model.config.vocab_size
+            bad = [t for t in params.logit_bias if not 0 <= t < vocab]
+            if bad:
+                raise invalid("logit_bias", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if not isinstance(prompt, str):
             self._check_fits(len(prompt), params)  # before looking at every id of a huge list
         text, token_ids = self._tokenize(prompt)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import logging
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.guided import MaskFiller
+from loraplex.engine.logits_processors import process_logits
+from loraplex.engine.output import TokenLogprob
 from loraplex.engine.sampling import Sampler, SampleResult
 from loraplex.engine.scheduler import SchedulerOutput
 from loraplex.engine.sequence import Sequence
@@ -20,6 +22,7 @@ from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
+PROMPT_LOGPROBS_CHUNK = 512  # prompt positions whose vocabulary logits are made at once
 _ARRAY_CODES = {torch.int32: "i", torch.int64: "q"}
 
 
@@ -31,6 +34,9 @@ class StepInputs:
     lora: LoRABatch | None
     sample_indices: torch.Tensor | None  # [num_sampled]: rows of the hidden states that give logits; None: all
     sampled_seqs: list[Sequence]
+    # (sequence, row of its first position, first position, end position): prompt positions whose
+    # logprobs of the next prompt token are asked for (params.prompt_logprobs)
+    prompt_rows: list[tuple[Sequence, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +84,8 @@ class ModelRunner:
                 self.masks = MaskFiller(self.model.config.vocab_size)
             masks = self.masks.start([seq.matcher for seq in inputs.sampled_seqs])
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)  # [num_tokens, hidden]
+        if inputs.prompt_rows:
+            self._record_prompt_logprobs(hidden, inputs.prompt_rows)
         if not inputs.sampled_seqs:
             return StepResult([], None, set())
         if inputs.sample_indices is not None:
@@ -92,9 +100,33 @@ class ModelRunner:
             self.masks.apply(masks, logits)  # -inf where a constrained row's grammar allows no token
         params = [seq.params for seq in inputs.sampled_seqs]
         generators = [seq.generator for seq in inputs.sampled_seqs]
-        sampled = self.sampler(logits, params, generators)  # reads its tokens back: the step is done
+        processed = process_logits(logits, inputs.sampled_seqs)  # min_tokens, logit_bias, penalties
+        sampled = self.sampler(processed, params, generators,  # reads its tokens back: the step is done
+                               raw_logits=None if processed is logits else logits)
         bad_rows = set(nonfinite.nonzero().flatten().tolist()) if nonfinite.any() else set()
         return StepResult(inputs.sampled_seqs, sampled, bad_rows)
+
+    def _record_prompt_logprobs(self, hidden: torch.Tensor, rows: list[tuple[Sequence, int, int, int]]) -> None:
+        """Append to each sequence's `prompt_logprobs` the logprob of prompt token p + 1 given the
+        positions up to p, for p in [first, end), with the k most likely; the vocabulary's logits are
+        made PROMPT_LOGPROBS_CHUNK positions at a time, so a long prompt costs bounded memory."""
+        for seq, row, first, end in rows:
+            k = seq.params.prompt_logprobs or 0
+            for start in range(first, end, PROMPT_LOGPROBS_CHUNK):
+                stop = min(end, start + PROMPT_LOGPROBS_CHUNK)
+                h = hidden[row + start - first : row + stop - first]
+                logprobs = self.model.compute_logits(h).log_softmax(dim=-1)
+                targets = seq.token_ids[start + 1 : stop + 1]
+                index = torch.tensor(targets, dtype=torch.int64, device=logprobs.device).unsqueeze(1)
+                chosen = logprobs.gather(1, index).squeeze(1).tolist()
+                if k:
+                    values, indices = logprobs.topk(k, dim=-1)
+                    tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(),
+                                                                          strict=True)]
+                else:
+                    tops = [[] for _ in targets]
+                seq.prompt_logprobs.extend(TokenLogprob(t, lp, top)
+                                           for t, lp, top in zip(targets, chosen, tops, strict=True))
 
     def prepare(self, batch: SchedulerOutput) -> StepInputs:
         input_ids: list[int] = []
@@ -104,6 +136,7 @@ class ModelRunner:
         query_lens: list[int] = []
         sample_indices: list[int] = []
         sampled: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, int, int, int]] = []
         num_tokens = 0
         for seq, num_new in batch.scheduled:
             start = seq.num_computed_tokens
@@ -116,6 +149,11 @@ class ModelRunner:
                 input_ids.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
                 slots.extend(self.block_manager.slots(seq, start, end))
+            if seq.params.prompt_logprobs is not None:
+                first = max(start, len(seq.prompt_logprobs))  # recomputed positions are not recorded again
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows.append((seq, num_tokens + first - start, first, last))
             seq_lens.append(end)
             query_lens.append(num_new)
             num_tokens += num_new
@@ -156,6 +194,7 @@ class ModelRunner:
             # Decode-only steps sample every row: no copy of the hidden states.
             sample_indices=None if len(sample_indices) == num_tokens else as_tensor(sample_indices, torch.int64),
             sampled_seqs=sampled,
+            prompt_rows=prompt_rows,
         )
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:

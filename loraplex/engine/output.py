@@ -39,6 +39,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     adapter: str | None = None  # None = the base model
     error: LoraplexError | None = None  # finish_reason "error" through the request's fault: what to tell it
+    # With params.prompt_logprobs, once the prompt is computed: one entry per prompt token, the first None
+    # (nothing comes before it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class OutputState:
@@ -82,6 +85,8 @@ class OutputState:
     def _check_stop_strings(self, previous_len: int) -> bool:
         """Finish at the earliest stop string in the new text; True if one was found."""
         seq, text = self.seq, self.text
+        if seq.num_output_tokens < seq.params.min_tokens:
+            return False  # vLLM: stop strings are not looked for before min_tokens
         found: tuple[int, str] | None = None
         for stop in seq.params.stop:
             # Only the new text, plus enough before it for a stop string that straddles the boundary.
@@ -125,4 +130,11 @@ class OutputState:
             num_cached_tokens=seq.num_cached_tokens,
             adapter=seq.adapter,
             error=seq.error,
+            prompt_logprobs=self._prompt_logprobs(),
         )
+
+    def _prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        seq = self.seq
+        if seq.params.prompt_logprobs is None or len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
+            return None
+        return [None, *seq.prompt_logprobs]

@@ -29,6 +29,13 @@ class SamplingParams:
     logprobs: int | None = None  # None = none; 0 = the chosen token's; k = plus the k most likely
     skip_special_tokens: bool = True
     guide: Guide | None = None  # structured output: the grammar the output must follow (engine/guided.py)
+    # Logits processing (loraplex.engine.logits_processors), per sequence:
+    presence_penalty: float = 0.0  # OpenAI's: -= presence * (count > 0), over the output
+    frequency_penalty: float = 0.0  # OpenAI's: -= frequency * count, over the output
+    repetition_penalty: float = 1.0  # vLLM's (CTRL): tokens of the prompt and output, logit / p if > 0 else * p
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop token ids cannot be sampled before this many output tokens
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs (and k most likely): completions' echo
     # {EOS ids: every id that ends a sequence}, built at first use; shared with the copies of `for_choice`.
     _stop_sets: dict[tuple[int, ...], frozenset[int]] = field(default_factory=dict, init=False, repr=False,
                                                                 compare=False)
@@ -54,6 +61,25 @@ class SamplingParams:
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")
+        self._check_logits_processing()
+
+    def _check_logits_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and math.isfinite(value), name, f"must be a finite number, got {value!r}")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
+               f"must be in [-2, 2], got {self.frequency_penalty}")
+        _check(self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be an integer in [0, max_tokens ({self.max_tokens})], got {self.min_tokens!r}")
+        _check(self.prompt_logprobs is None or _is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20,
+               "prompt_logprobs", "must be between 0 and 20")
+        bias = self.logit_bias
+        _check(isinstance(bias, dict) and all(_is_int(t) and t >= 0 for t in bias), "logit_bias",
+               "must map token ids (integers >= 0) to biases")
+        _check(all(_is_number(v) and -100 <= v <= 100 for v in bias.values()), "logit_bias",
+               "biases must be numbers in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -142,15 +168,16 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> SampleResult:
-        """logits: [n, vocab] fp32, one row per sequence that samples this step."""
+                 generators: list[torch.Generator | None], raw_logits: torch.Tensor | None = None) -> SampleResult:
+        """logits: [n, vocab] fp32, one row per sequence that samples this step. raw_logits: the model's
+        own, when `logits` were processed (penalties, logit_bias): logprobs are of the model's."""
         if all(p.greedy for p in params):
             token_ids = _argmax(logits)
         else:
             token_ids = self._sample(logits, params, generators)
         result = SampleResult(token_ids.tolist())
         if any(p.logprobs is not None for p in params):
-            self._add_logprobs(result, logits, token_ids, params)
+            self._add_logprobs(result, logits if raw_logits is None else raw_logits, token_ids, params)
         return result
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], generators) -> torch.Tensor:

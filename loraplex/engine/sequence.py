@@ -54,6 +54,12 @@ class Sequence:
         self.lora_slot = -1  # the adapter's slot while running
         self.num_skips = 0  # scheduling rounds passed over while waiting for its adapter
         self.matcher = None  # structured output: its xgrammar GrammarMatcher, when params.guide is set
+        # Output token counts on the device, for penalties (loraplex.engine.logits_processors): made at the
+        # first step that needs them, dropped on preemption and rebuilt from token_ids.
+        self.penalty_state = None
+        # With params.prompt_logprobs: the logprob entries (TokenLogprob) of prompt tokens 1.. so far; kept
+        # across preemption (the recomputed positions are not recorded again).
+        self.prompt_logprobs: list = []
 
     @property
     def num_tokens(self) -> int:

@@ -165,7 +165,7 @@ def test_unknown_model_is_a_404(live_server):
 
 
 @pytest.mark.parametrize(("field", "value"), [("temperature", 5), ("max_tokens", 0), ("n", 0), ("top_p", 0),
-                                              ("logprobs", 50), ("stop", 3), ("presence_penalty", 0.5)])
+                                              ("logprobs", 50), ("stop", 3), ("presence_penalty", 2.5)])
 def test_bad_parameters_are_a_400_naming_the_field(live_server, field, value):
     with pytest.raises(openai.BadRequestError) as info:
         live_server.client().completions.create(model="demo", prompt="x", **{field: value})
