@@ -28,6 +28,7 @@ from loraplex.api.protocol import (
 )
 from loraplex.api.state import ServerState, State
 from loraplex.api.structured import compiled_guide
+from loraplex.api.tools import ToolPlan, plan_tools, tool_call_chunks, tool_choices
 from loraplex.engine.llm_engine import RequestOutput
 from loraplex.engine.output import TokenLogprob
 from loraplex.engine.sampling import SamplingParams
@@ -187,12 +188,14 @@ async def chat_completions(request: Request, state: State):
         raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
     _check_choices(state, body.n)  # the cheap checks before the template and the tokenizer run
     tokenizer = state.engine.engine.tokenizer
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    tool_plan: ToolPlan | None = plan_tools(body, tokenizer.chat_template)  # a 400 when tools cannot be rendered
+    tools = tool_plan.tools if tool_plan is not None else None
+    messages = [m.for_template() for m in body.messages]
     try:
         if body.continues_final_message:  # a prefill: the final assistant message is left open and continued
-            prompt = await state.engine.encode_chat(messages, False, continue_final_message=True)
+            prompt = await state.engine.encode_chat(messages, False, continue_final_message=True, tools=tools)
         else:
-            prompt = await state.engine.encode_chat(messages, body.add_generation_prompt)
+            prompt = await state.engine.encode_chat(messages, body.add_generation_prompt, tools=tools)
     except LoraplexError:
         raise  # the app's handler maps it (no chat template: 400 on messages)
     except Exception as e:  # the template's own raise_exception, or a template error
@@ -203,15 +206,22 @@ async def chat_completions(request: Request, state: State):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _params(body, max_tokens, logprobs)
     params.guide = await compiled_guide(state, body)  # structured output; a bad schema is a 400 here
+    if tool_plan is not None and tool_plan.guide is not None:  # tool_choice required or a named function
+        params.guide = await tool_plan.compiled_guide(state, params.guide)
     items = [(prompt, params.for_choice(j)) for j in range(body.n)]
     generation = Generation(state, body.model, adapter, "chatcmpl", request.state.request_id)
     await generation.submit(items)
     if body.stream:
-        return ClosingStreamingResponse(generation, "/v1/chat/completions", _chat_chunks(generation, body, tokenizer))
+        chunks = _chat_chunks(generation, body, tokenizer)
+        if tool_plan is not None:
+            chunks = tool_call_chunks(tool_plan, chunks)
+        return ClosingStreamingResponse(generation, "/v1/chat/completions", chunks)
     outputs = await _collect(generation, request, "/v1/chat/completions")
     choices = [{"index": i, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason,
                 "logprobs": {"content": _chat_logprobs(out.logprobs, tokenizer)} if body.logprobs else None}
                for i, out in enumerate(outputs)]
+    if tool_plan is not None:
+        tool_choices(tool_plan, choices)
     return {"id": generation.id, "object": "chat.completion", "created": generation.created, "model": body.model,
             "choices": choices, "usage": generation.usage(body.n)}
 

@@ -12,6 +12,8 @@ and the whole body by --max-body-size."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ MAX_CONTENT_PARTS = 1024  # text parts of one message
 MAX_PROMPTS = 2048  # prompts of one completion request: far above --max-choices, which is checked next
 MAX_LOGIT_BIAS = 300  # token ids one logit_bias may name (OpenAI's limit)
 MAX_MERGE_SOURCES = 16  # adapters one merge or one request's composition may name
+MAX_TOOLS = 128  # tools of one chat request (OpenAI's limit)
 MAX_GUIDED_CHOICES = 1024  # strings of one guided_choice (each becomes a branch of its grammar)
 # Lists and objects in one body. Each costs a Python object to validate, in C that holds the GIL: four
 # million `[0]` lists (16 MiB) took 4.5 s. A body within the limits above needs a few thousand.
@@ -204,9 +207,7 @@ REFUSED: tuple[tuple[str, Refused], ...] = (
                      "omit it or send false; prepend the message yourself", _noop(False), CHAT)),
     ("suffix", Refused("no fill-in-the-middle", "omit it; or write the model's own fill-in-the-middle prompt",
                        _noop(), COMPLETIONS)),
-    ("tools", Refused("no tool calling", "omit it or send []; describe the tools in a system message", _noop([]),
-                      CHAT)),
-    ("tool_choice", Refused("no tool calling", 'omit it or send "none" or "auto"', _noop("none", "auto"), CHAT)),
+    # (tools and tool_choice are implemented: loraplex.api.tools)
     ("functions", Refused("no function calling", "omit it or send []", _noop([]), CHAT)),
     ("function_call", Refused("no function calling", 'omit it or send "none" or "auto"', _noop("none", "auto"),
                               CHAT)),
@@ -275,7 +276,7 @@ ACCEPTED: dict[str, str] = {
     "prompt_cache_retention": "a cache lifetime; caching never changes the output",
     "prompt_cache_options": "cache breakpoints and lifetime; caching never changes the output",
     "prediction": "predicted output only speeds generation up; the output is the model's either way",
-    "parallel_tool_calls": "only matters with tools, which are refused",
+    "parallel_tool_calls": "with tool_choice auto or required the model may make several calls either way",
     "priority": "scheduling order only (loraplex serves requests first come, first served)",
     "request_id": "vLLM's request id; loraplex's is the X-Request-Id header",
     "spaces_between_special_tokens": "vLLM applies it to slow (Python) tokenizers only; loraplex, like vLLM "
@@ -372,6 +373,8 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[StrictStr | list[TextPart] | None, _at_most(MAX_CONTENT_PARTS, "parts")] = None
     name: StrictStr | None = None
+    tool_calls: Annotated[list[dict[StrictStr, Any]], Field(max_length=MAX_TOOLS)] | None = None  # assistant's
+    tool_call_id: StrictStr | None = None  # a tool message's: the call it answers
 
     @model_validator(mode="after")
     def _content_given(self) -> ChatMessage:
@@ -385,11 +388,35 @@ class ChatMessage(_Body):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool calls and the call a tool answers included)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [_parsed_arguments(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call with its arguments as an object (OpenAI sends them as JSON text; templates write them
+    out with tojson, as transformers expects)."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        with contextlib.suppress(ValueError):
+            function = {**function, "arguments": json.loads(function["arguments"])}
+        return {**call, "function": function}
+    return call
+
 
 class ChatCompletionRequest(SamplingFields):
     ENDPOINT = "chat"
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    tools: Annotated[list[dict[StrictStr, Any]], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: StrictStr | dict[StrictStr, Any] | None = None  # "none" | "auto" | "required" | a function
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False

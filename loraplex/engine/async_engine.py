@@ -204,7 +204,7 @@ class AsyncEngine:
         return [by_text[p] if isinstance(p, str) else p for p in prompts]
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False) -> list[int]:
+                          continue_final_message: bool = False, tools: list[dict] | None = None) -> list[int]:
         """The conversation through the model's chat template, tokenized, off the event loop. Raises
         what the template raises (it may refuse a conversation). A conversation whose text alone could
         never fit is refused before the template runs. `continue_final_message` (with
@@ -213,8 +213,9 @@ class AsyncEngine:
 
         def render() -> list[int]:
             self.check_text_length("".join(m.get("content") or "" for m in messages), "messages")
+            extra = {} if tools is None else {"tools": tools}  # only a template that reads them gets them
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 continue_final_message=continue_final_message)
+                                                 continue_final_message=continue_final_message, **extra)
             self.check_text_length(text, "messages")
             return tokenizer.encode_many([text], add_special_tokens=False)[0]  # the template has the specials
 

@@ -28,8 +28,7 @@ REFUSED = [
     ("best_of", BOTH, 3, [1, None]),
     ("echo", (CHAT,), True, [False, None]),  # completions' echo is implemented
     ("suffix", (COMPLETIONS,), " and so on.", [None]),
-    ("tools", (CHAT,), [TOOL], [[], None]),
-    ("tool_choice", (CHAT,), "required", ["none", "auto", None]),
+    # (tools and tool_choice are implemented: tests/e2e/test_tool_calls.py)
     ("functions", (CHAT,), [TOOL["function"]], [[], None]),
     ("function_call", (CHAT,), {"name": "lookup"}, ["none", "auto", None]),
     ("audio", (CHAT,), {"voice": "alloy", "format": "wav"}, [None]),
