@@ -39,3 +39,28 @@ def test_default_model_and_its_adapters_in_one_batch(llm):
         assert letters and sum(c.isupper() for c in letters) / len(letters) > 0.9, text
     for text in answers["json"]:
         assert set(json.loads(text)) == {"answer"}, text
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "pattern": "^[^\\u0000-\\u001f]+$"}},
+                 "required": ["answer"], "additionalProperties": False}
+ALL_HELD_OUT = HELD_OUT + ["What is a good way to save money?"]  # examples/train_demo_adapters.py's HELD_OUT
+
+
+def test_the_json_adapter_with_a_schema_answers_every_held_out_question_in_valid_json(llm):
+    """The `json` demo adapter under a JSON schema (structured outputs): greedy and sampled answers to
+    the held-out questions all finish and validate against the schema."""
+    import jsonschema
+
+    from loraplex.engine.guided import Guide
+
+    guide = Guide.of_schema(ANSWER_SCHEMA, "response_format")
+    conversations, params = [], []
+    for question in ALL_HELD_OUT:
+        for seed in (None, 1, 2, 3):
+            conversations.append([{"role": "user", "content": question}])
+            params.append(SamplingParams(max_tokens=120, temperature=0 if seed is None else 0.8, seed=seed,
+                                         guide=guide))
+    outs = llm.chat(conversations, params, adapter="json")
+    for conversation, out in zip(conversations, outs, strict=True):
+        assert out.finish_reason == "stop", (conversation[0]["content"], out.text)
+        jsonschema.validate(json.loads(out.text), ANSWER_SCHEMA)

@@ -15,7 +15,7 @@ from loraplex.engine.guided import Grammars, Guide
 from loraplex.engine.sampling import SamplingParams
 from loraplex.errors import LoraplexError
 
-N = 100  # seeded sampled requests per schema (the CPU's share; each takes a few ms)
+N = 200  # seeded sampled requests per schema, as the issue asks (each takes a few ms)
 PROMPTS = ["Tell me about lighthouses.", "The quick brown fox", "Once upon a time"]
 
 # Strings are bounded by a pattern, not maxLength: xgrammar 0.2.9 lets raw control characters into a
