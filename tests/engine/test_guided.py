@@ -60,6 +60,25 @@ def test_sampled_outputs_follow_the_schema(demo_llm, name):
     assert len({out.text for out in outputs}) > 1  # sampled, not one answer
 
 
+@pytest.fixture(scope="module")
+def smollm2_llm(smollm2_home):
+    from loraplex import LLM
+
+    return LLM(data_dir=str(smollm2_home), dtype="float32", device="cpu", max_model_len=512, kv_cache_memory="256MiB")
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_sampled_outputs_of_smollm2_follow_the_schema(smollm2_llm, name):
+    """The same on a real model (SmolLM2-135M-Instruct, 49,152 tokens), its json demo adapter on half of them."""
+    schema = SCHEMAS[name]
+    params = sampled(Guide.of_schema(schema, "guided_json"), N)
+    adapters = ["json" if i % 2 else None for i in range(N)]
+    outputs = smollm2_llm.generate([PROMPTS[i % len(PROMPTS)] for i in range(N)], params, adapter=adapters)
+    for out in outputs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
+
+
 def test_unconstrained_output_of_the_demo_model_is_not_json(demo_llm):
     """What the masks change: the same seeds without a schema give no valid document."""
     outputs = generate(demo_llm, sampled(None, 20, max_tokens=40))
