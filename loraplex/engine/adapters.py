@@ -41,6 +41,7 @@ class HostCache:
         self.capacity = capacity
         self.pin_memory = pin_memory
         self.entries: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self.sparse_entries: dict[str, int] = {}  # name -> its adapter's nnz, counted once (scheduling reads it)
         self.evictions = 0
 
     def __contains__(self, name: str) -> bool:
@@ -58,14 +59,16 @@ class HostCache:
         if self.pin_memory:
             adapter = pinned(adapter)
         self.entries[adapter.name] = adapter
+        self.sparse_entries[adapter.name] = adapter.nnz
         self.entries.move_to_end(adapter.name)
         evictable = [name for name in self.entries if name not in keep and name != adapter.name]
         for name in evictable[: max(len(self.entries) - self.capacity, 0)]:
-            del self.entries[name]
+            del self.entries[name], self.sparse_entries[name]
             self.evictions += 1
 
     def drop(self, name: str) -> None:
         self.entries.pop(name, None)
+        self.sparse_entries.pop(name, None)
 
 
 def pinned(adapter: LoRAAdapter) -> LoRAAdapter:
@@ -115,13 +118,14 @@ class SlotPool:
         can (`can_place`, and the adapter resident or in `host`)."""
         if name not in self.slot_of:
             adapter = host.get(name)
-            if adapter is None or not self.can_place(name, adapter.nnz):
+            need = host.sparse_entries.get(name, 0)
+            if adapter is None or not self.can_place(name, need):
                 where = "every slot is in use" if adapter is not None else "it is not in host memory"
                 raise RuntimeError(f"adapter {name} cannot take a slot now: {where}")
             pool = self.sparse_pool
-            while not self.free_slots or (adapter.nnz and adapter.nnz > pool.free):
+            while not self.free_slots or (need and need > pool.free):
                 # room in the pool, with a slot free: only an idle adapter holding entries makes it
-                holds_entries = self.free_slots and adapter.nnz > pool.free
+                holds_entries = self.free_slots and need > pool.free
                 victim = next(n for n in self.idle if not holds_entries or self.entries[n])
                 del self.idle[victim]
                 self._free(victim)
@@ -130,7 +134,7 @@ class SlotPool:
             self._write(slot, adapter)
             self.loads += 1
             self.slot_of[name] = slot
-            self.entries[name] = adapter.nnz
+            self.entries[name] = need
         self.idle.pop(name, None)
         self.users[name] = self.users.get(name, 0) + 1
         return self.slot_of[name]
@@ -179,11 +183,12 @@ class SlotPool:
                                            weights.scale, weights.magnitude)
             linear.lora.write(slot, shard, weights.a, weights.b, weights.scale, factors)
         if self.sparse_pool is not None:
-            self.sparse_pool.allocate(slot, adapter.nnz)
+            need = adapter.nnz
+            self.sparse_pool.allocate(slot, need)
             offset = 0
             for linear, csrs in sparse_parts.values():
                 offset += linear.lora.sparse.write(slot, csrs, offset)
-            assert offset == adapter.nnz, f"{adapter.name}: {offset} sparse entries written, {adapter.nnz} counted"
+            assert offset == need, f"{adapter.name}: {offset} sparse entries written, {need} counted"
 
 
 class AdapterManager:
@@ -391,8 +396,7 @@ class AdapterManager:
 
     def can_place(self, key: str) -> bool:
         """Whether the adapter (resident, or in host memory) can take a slot now."""
-        adapter = self.host.entries.get(key)  # a look, not a use
-        return self.slots.can_place(key, 0 if adapter is None else adapter.nnz)
+        return self.slots.can_place(key, self.host.sparse_entries.get(key, 0))  # a look, not a use
 
     def acquire(self, key: str) -> int:
         """A slot holding the adapter, for one more running sequence (see `SlotPool.acquire`)."""
