@@ -4,14 +4,22 @@
 #   benchmarks/gpu_suite.sh                 # results in $OUT/gpu_suite.txt, or benchmarks/gpu_results/
 #   GPU_SUITE_SKIP_BENCH=1 benchmarks/gpu_suite.sh    # the tests only
 #
-# What it runs, on CUDA (about 5 minutes on one H100/H200; budget: 8):
-#   1. the tests marked `gpu`: the transformers and peft parity suites in fp32 on both kernel backends
-#      (greedy tokens identical to the fp32 references), the bf16 engine against the fp32 reference
-#      (tests/engine/test_bf16_parity.py states the tolerance and the greedy-agreement rate), and the
-#      Triton kernels' bf16 tests against their torch twins;
-#   2. every kernel test on CUDA (fp32/fp16 against the twins: tests/kernels picks CUDA when it is there);
-#   3. the GPU benchmarks of benchmarks/BENCHMARKS.md: offline throughput against transformers.generate
-#      and multi-adapter throughput against peft, in bf16.
+# What it runs, on CUDA, in this order (each step under its own time limit; SUITE_BUDGET seconds in all,
+# default 500: a step that would not fit in what is left is skipped and said so):
+#   1. tests: every test marked `gpu` (the transformers and peft parity suites in fp32 on both kernel
+#      backends, greedy tokens identical; the bf16 engine against the fp32 reference with the tolerance
+#      and greedy-agreement rate tests/engine/test_bf16_parity.py states; DoRA, sparse, Qwen3, merges
+#      on CUDA; the kernels' bf16 tests), then every other kernel test on CUDA (fp32/fp16 against the
+#      torch twins), each in parallel worker processes;
+#   2. decode: a Llama-3-8B-shaped model with random bf16 weights (--load-format dummy, nothing
+#      downloaded), decode tokens/s at batch 1, 32, 128 against the bandwidth floor, base and 16 adapters
+#      (benchmarks/decode_floor.py);
+#   3. sweep: the same model behind `loraplex serve`, the load generator over 1, 16, 128, 1000 rank-16
+#      adapters (Zipf popularity, 64 closed-loop streaming clients, host cache and slots smaller than
+#      the adapter count, so adapters load while serving);
+#   4. bench: the offline benchmarks of BENCHMARKS.md in bf16: throughput against transformers.generate,
+#      multi-adapter throughput against peft on a SmolLM2-135M-shaped random model.
+# STEPS="tests decode sweep bench" (the default) picks steps.
 # On a machine without a CUDA GPU it says so and exits 77 (the "skipped" status of automake and
 # meson), running nothing.
 #
@@ -55,20 +63,66 @@ run 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohe
 run 60 "$PY" -c 'import torch, triton, transformers, peft; print("python", __import__("sys").version.split()[0],
 "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
-section "tests marked gpu (parity in fp32 on both backends, bf16 against fp32, kernels in bf16)"
-run 300 "$PY" -m pytest -q -rP -m gpu -p no:cacheprovider tests/engine/test_hf_parity.py tests/engine/test_bf16_parity.py \
-    tests/adapters/test_peft_parity.py tests/kernels
+STEPS=${STEPS:-tests decode sweep bench}
+BUDGET=${SUITE_BUDGET:-500}
+SECONDS=0
+has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+# fits LIMIT: is there time left for a step of LIMIT seconds?
+fits() {
+    if [ $((SECONDS + $1)) -gt "$BUDGET" ]; then
+        echo "gpu_suite: skipped, $1 s would not fit in the $((BUDGET - SECONDS)) s left of SUITE_BUDGET" | tee -a "$RESULTS"
+        status=1; return 1
+    fi
+}
+WORKERS=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 6" || echo "")
 
-section "kernel tests on CUDA (fp32/fp16 against the torch twins)"
-run 180 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider tests/kernels
+if has tests; then
+    section "tests marked gpu (parity in fp32 on both backends, bf16 against fp32, kernels in bf16)"
+    fits 200 && run 200 "$PY" -m pytest -q -rfE $WORKERS -m gpu -p no:cacheprovider tests
+    section "kernel tests on CUDA (fp32/fp16 against the torch twins)"
+    fits 120 && run 120 "$PY" -m pytest -q -rfE $WORKERS -m "not gpu" -p no:cacheprovider tests/kernels
+fi
 
-if [ -z "${GPU_SUITE_SKIP_BENCH:-}" ]; then
+work=$(mktemp -d)
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
+if has decode || has sweep; then
+    "$PY" benchmarks/shaped_model.py "$work/llama3-8b" >/dev/null
+fi
+
+if has decode; then
+    section "decode against the bandwidth floor: Llama-3-8B shape, random bf16 weights"
+    fits 150 && run 150 "$PY" benchmarks/decode_floor.py "$work/llama3-8b" --device cuda --dtype bfloat16 \
+        --batches 1,32,128 --adapters 16 --json "$RESULTS_DIR/decode_floor.json"
+fi
+
+if has sweep && fits 200; then
+    section "load-test sweep: Llama-3-8B shape behind loraplex serve, 1 -> 1000 rank-16 adapters"
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$PY" -m loraplex.cli serve --model "$work/llama3-8b" --load-format dummy --data-dir "$work/home" \
+        --port "$port" --device cuda --dtype bfloat16 --max-loras 32 --max-cpu-adapters 128 --max-lora-rank 16 \
+        --max-num-seqs 128 --allowed-local-adapter-dir "$work" --log-level warning >"$RESULTS_DIR/server.log" 2>&1 &
+    server=$!
+    for _ in $(seq 300); do
+        "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null && break
+        sleep 0.5
+    done
+    mkdir -p "$work/loadtest"
+    run 170 "$PY" -m loadtest --base-url "http://127.0.0.1:$port/v1" --adapters-from "$work/llama3-8b/adapters/r16" \
+        --register vllm --sweep "adapters=${SWEEP:-1,16,128,1000}" --popularity zipf:1.0 --arrival concurrency \
+        --concurrency 64 --prompt-len 128 --output-len 128 --ignore-eos --duration "${DURATION:-20}" \
+        --slo-ttft 1.0 --output "$work/loadtest/sweep_adapters.json" --plots "$work/loadtest" --quiet
+    kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; server=""
+    tar -C "$work" -czf "$RESULTS_DIR/loadtest.tgz" loadtest
+fi
+
+if has bench; then
     section "benchmark: offline throughput, loraplex against transformers.generate (bf16)"
-    run 120 "$PY" benchmarks/offline_throughput.py --device cuda --dtype bfloat16 --num-requests 64 \
+    fits 100 && run 100 "$PY" benchmarks/offline_throughput.py --device cuda --dtype bfloat16 --num-requests 64 \
         --prompt-len 128 --output-len 128 --repeats 3
-    section "benchmark: multi-adapter throughput, loraplex against peft (bf16)"
-    run 150 "$PY" benchmarks/multi_lora_throughput.py --device cuda --dtype bfloat16 --num-requests 256 \
-        --output-len 64 --repeats 3 --adapter-counts 1,8,64,256 --peft-adapters 8,64
+    section "benchmark: multi-adapter throughput, loraplex against peft (bf16, SmolLM2-135M shape)"
+    fits 150 && run 150 "$PY" benchmarks/multi_lora_throughput.py --shape smollm2-135m --device cuda \
+        --dtype bfloat16 --num-requests 256 --output-len 64 --repeats 3 --adapter-counts 1,8,64,256 --peft-adapters 8,64
 fi
 
 section "done: $([ $status -eq 0 ] && echo 'every step passed' || echo 'some step FAILED (see above)')"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex import __version__
-from loraplex.config import KERNEL_BACKENDS, EngineConfig, ServerConfig
+from loraplex.config import KERNEL_BACKENDS, LOAD_FORMATS, EngineConfig, ServerConfig
 
 LINE_FIELDS = {"prompt", "adapter"}
 
@@ -47,6 +47,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-backend", default=defaults.kernel_backend, choices=list(KERNEL_BACKENDS),
                    help="auto: the Triton kernels on CUDA, torch elsewhere; triton on the CPU runs the Triton "
                         "kernels in Triton's interpreter (slow: for testing that path)")
+    g.add_argument("--load-format", default=defaults.load_format, choices=list(LOAD_FORMATS),
+                   help="auto: the checkpoint's weights; dummy: random weights of config.json's shapes, no "
+                        "weight files read (to benchmark a model shape nobody has downloaded)")
     g.add_argument("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit)")
     g.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
                    help="sequences running at once")
@@ -136,7 +139,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model, "data_dir": args.data_dir, "dtype": args.dtype, "device": args.device,
-        "kernel_backend": args.kernel_backend,
+        "kernel_backend": args.kernel_backend, "load_format": args.load_format,
         "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
         "kv_cache_memory": args.kv_cache_memory, "enable_prefix_caching": not args.no_prefix_caching,

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # torch is imported where a device or dtype is resolved, so t
     import torch
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights of the checkpoint's shapes, none read (benchmarks)
 DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
@@ -27,6 +28,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     kernel_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton (interpreted on the CPU)
+    load_format: str = "auto"  # auto: the checkpoint's weights | dummy: random weights of config.json's shapes
     max_model_len: int | None = None  # prompt + output tokens; None = the model's own limit
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
@@ -56,6 +58,8 @@ class EngineConfig:
             raise invalid("dtype", f"{self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise invalid("kernel_backend", f"{self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise invalid("load_format", f"{self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise invalid("device", f"{self.device!r} must be auto, cpu, cuda or cuda:N")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank", "max_cpu_adapters",

@@ -65,7 +65,7 @@ class LLMEngine:
         self.threads = configure_threads(config.threads)
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
-        self.model = load_model(model_dir, self.dtype, self.device, config.kernel_backend)
+        self.model = load_model(model_dir, self.dtype, self.device, config.kernel_backend, config.load_format)
         backend = self.model.backend
         model_config = self.model.config
         self.tokenizer = Tokenizer.from_path(model_dir, model_config.eos_token_ids)

@@ -53,10 +53,15 @@ def is_gguf(path: Path) -> bool:
 
 
 def load_model(
-    model_path: Path, dtype: torch.dtype, device: torch.device, backend: str | TorchBackend = "auto"
+    model_path: Path, dtype: torch.dtype, device: torch.device, backend: str | TorchBackend = "auto",
+    load_format: str = "auto",
 ) -> LlamaForCausalLM:
     """Build the model from a Hugging Face checkpoint directory or a GGUF file. `backend` is a kernel
-    backend, or the name of one (auto | torch | triton) to choose for the device and head size."""
+    backend, or the name of one (auto | torch | triton) to choose for the device and head size.
+    `load_format="dummy"` reads config.json only and fills the weights with seeded random values of
+    the right shapes (for benchmarks of model shapes nobody has downloaded)."""
+    if load_format == "dummy":
+        return _dummy_model(model_path, dtype, device, backend)
     if is_gguf(model_path):
         from loraplex.models.gguf import read_gguf
 
@@ -83,6 +88,29 @@ def load_model(
     if unfilled:
         names = ", ".join(sorted(unfilled)[:5])
         raise ValueError(f"{model_path}: checkpoint lacks {len(unfilled)} tensor(s) the model needs: {names}")
+    model.model.rotary.build(device, config.max_position_embeddings)
+    return model.eval().requires_grad_(False)
+
+
+def _dummy_model(model_path: Path, dtype: torch.dtype, device: torch.device,
+                 backend: str | TorchBackend) -> LlamaForCausalLM:
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{model_path}: --load-format dummy needs the model's config.json (and a tokenizer) there")
+    config = ModelConfig.from_file(config_file)
+    if isinstance(backend, str):
+        backend = select_backend(backend, device, config.head_dim, dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend, dtype)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)  # RMSNorm gains at their usual scale
+        else:  # a trained model's scale: activations neither vanish nor overflow across layers
+            param.data.normal_(0.0, 0.02, generator=generator)
+    logger.info("%s: random weights (--load-format dummy), %d parameters", model_path.name,
+                sum(p.numel() for p in model.parameters()))
     model.model.rotary.build(device, config.max_position_embeddings)
     return model.eval().requires_grad_(False)
 
