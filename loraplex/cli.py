@@ -57,7 +57,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="tokens per step, prefill chunks and decodes together")
     g.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV-cache block")
     g.add_argument("--kv-cache-memory", help="KV cache size: bytes (4GiB, 512MB) or a fraction of free "
-                   "GPU memory (0.85); default 1GiB on the CPU, 0.85 on CUDA")
+                   "GPU memory (0.85; a share is capped at what max-num-seqs sequences of max-model-len hold); default "
+                   "1GiB on the CPU, 0.85 on CUDA")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between "
                    "requests with the same prefix")
     g.add_argument("--served-model-name", help="the base model's name in requests and /v1/models (default: "

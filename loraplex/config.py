@@ -124,6 +124,12 @@ class EngineConfig:
             raise invalid("max_sparse_memory", f"must be a size such as 512MiB, or 0; got {value!r}")
         return amount
 
+    def kv_cache_is_share(self, device: torch.device) -> bool:
+        """Whether the KV cache is a share of free GPU memory (the default on CUDA), not a size."""
+        if self.kv_cache_memory is None:
+            return device.type == "cuda"
+        return isinstance(parse_memory(self.kv_cache_memory), float)
+
     def kv_cache_bytes(self, device: torch.device) -> int:
         """Bytes for the KV cache: as given, or a share of the device's free memory."""
         value = self.kv_cache_memory

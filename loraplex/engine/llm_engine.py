@@ -109,6 +109,10 @@ class LLMEngine:
         block_bytes = kv_cache_block_bytes(self.model, self.config.block_size, self.dtype)
         num_blocks = self.config.kv_cache_bytes(self.device) // block_bytes - 1  # one pads block tables
         needed = -(-self.max_model_len // self.config.block_size)
+        if self.config.kv_cache_is_share(self.device):
+            # A share of a large GPU would give a small model millions of blocks (seconds to set up, memory
+            # nothing can use): no more than every sequence running at max_model_len can hold at once.
+            num_blocks = min(num_blocks, self.config.max_num_seqs * needed)
         if num_blocks < needed:
             raise invalid(
                 "kv_cache_memory", f"{num_blocks * block_bytes} bytes hold {num_blocks} blocks of "
