@@ -19,7 +19,7 @@
 #      the adapter count, so adapters load while serving);
 #   4. bench: the offline benchmarks of BENCHMARKS.md in bf16: throughput against transformers.generate,
 #      multi-adapter throughput against peft on a SmolLM2-135M-shaped random model.
-# STEPS="tests decode sweep bench" (the default) picks steps.
+# STEPS="tests kernels decode sweep bench" (the default) picks steps.
 # On a machine without a CUDA GPU it says so and exits 77 (the "skipped" status of automake and
 # meson), running nothing.
 #
@@ -63,7 +63,7 @@ run 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,nohe
 run 60 "$PY" -c 'import torch, triton, transformers, peft; print("python", __import__("sys").version.split()[0],
 "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
-STEPS=${STEPS:-tests decode sweep bench}
+STEPS=${STEPS:-tests kernels decode sweep bench}
 BUDGET=${SUITE_BUDGET:-500}
 SECONDS=0
 has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
@@ -76,11 +76,15 @@ fits() {
 }
 WORKERS=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 6" || echo "")
 
+# a test that hangs fails alone (pytest-timeout, where installed) instead of using up the step
+PER_TEST=$("$PY" -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 120" || echo "")
 if has tests; then
     section "tests marked gpu (parity in fp32 on both backends, bf16 against fp32, kernels in bf16)"
-    fits 200 && run 200 "$PY" -m pytest -q -rfE $WORKERS -m gpu -p no:cacheprovider tests
+    fits 180 && run 180 "$PY" -m pytest -q -rfE --durations 8 $WORKERS $PER_TEST -m gpu -p no:cacheprovider tests
+fi
+if has kernels; then
     section "kernel tests on CUDA (fp32/fp16 against the torch twins)"
-    fits 120 && run 120 "$PY" -m pytest -q -rfE $WORKERS -m "not gpu" -p no:cacheprovider tests/kernels
+    fits 120 && run 120 "$PY" -m pytest -q -rfE $WORKERS $PER_TEST -m "not gpu" -p no:cacheprovider tests/kernels
 fi
 
 work=$(mktemp -d)
@@ -96,7 +100,7 @@ if has decode; then
         --batches 1,32,128 --adapters 16 --json "$RESULTS_DIR/decode_floor.json"
 fi
 
-if has sweep && fits 200; then
+if has sweep && fits 180; then
     section "load-test sweep: Llama-3-8B shape behind loraplex serve, 1 -> 1000 rank-16 adapters"
     port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     "$PY" -m loraplex.cli serve --model "$work/llama3-8b" --load-format dummy --data-dir "$work/home" \
@@ -108,7 +112,7 @@ if has sweep && fits 200; then
         sleep 0.5
     done
     mkdir -p "$work/loadtest"
-    run 170 "$PY" -m loadtest --base-url "http://127.0.0.1:$port/v1" --adapters-from "$work/llama3-8b/adapters/r16" \
+    run 160 "$PY" -m loadtest --base-url "http://127.0.0.1:$port/v1" --adapters-from "$work/llama3-8b/adapters/r16" \
         --register vllm --sweep "adapters=${SWEEP:-1,16,128,1000}" --popularity zipf:1.0 --arrival concurrency \
         --concurrency 64 --prompt-len 128 --output-len 128 --ignore-eos --duration "${DURATION:-20}" \
         --slo-ttft 1.0 --output "$work/loadtest/sweep_adapters.json" --plots "$work/loadtest" --quiet
