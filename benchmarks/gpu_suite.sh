@@ -25,7 +25,8 @@
 #
 # On the device machine (python 3.12, torch 2.11, triton 3.6, transformers and peft in the image),
 # nothing is installed: loraplex runs from this checkout through PYTHONPATH, and wheels carried in
-# .whl/ (see the device README) are unpacked into /tmp/site first when there are any.
+# .whl/ are unpacked into /tmp/site first when there are any: benchmarks/gpu_wheels.sh downloads the
+# ones the server needs (name .whl in the device call's carry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -75,12 +76,16 @@ fits() {
     fi
 }
 WORKERS=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 6" || echo "")
+# Six test processes on 16 cores: two CPU threads each, waiting passively (each process taking every core,
+# spinning, is what made the first device run's tests crawl; see BENCHMARKS.md, "A shared CPU")
+export OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE
 
 # a test that hangs fails alone (pytest-timeout, where installed) instead of using up the step
 PER_TEST=$("$PY" -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 120" || echo "")
 if has tests; then
     section "tests marked gpu (parity in fp32 on both backends, bf16 against fp32, kernels in bf16)"
-    fits 180 && run 180 "$PY" -m pytest -q -rfE --durations 8 $WORKERS $PER_TEST -m gpu -p no:cacheprovider tests
+    # -v: each test's outcome is in the results file as it ends, even when the step runs out of time
+    fits 180 && run 180 "$PY" -m pytest -v -rfE --durations 8 $WORKERS $PER_TEST -m gpu -p no:cacheprovider tests
 fi
 if has kernels; then
     section "kernel tests on CUDA (fp32/fp16 against the torch twins)"
@@ -102,6 +107,7 @@ fi
 
 if has sweep && fits 180; then
     section "load-test sweep: Llama-3-8B shape behind loraplex serve, 1 -> 1000 rank-16 adapters"
+    "$PY" -c 'import loraplex.api.server, loadtest.cli' 2>&1 | tail -1 | tee -a "$RESULTS"  # a missing wheel, said at once
     port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     "$PY" -m loraplex.cli serve --model "$work/llama3-8b" --load-format dummy --data-dir "$work/home" \
         --port "$port" --device cuda --dtype bfloat16 --max-loras 32 --max-cpu-adapters 128 --max-lora-rank 16 \

@@ -36,13 +36,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> tup
 # -- threads ----------------------------------------------------------------------------------------
 
 
-def test_the_thread_setting_reaches_torch(demo_dir):
+def test_the_thread_setting_reaches_torch(demo_dir, monkeypatch):
     before = torch.get_num_threads()
+    options = dict(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=128, kv_cache_memory="16MiB")
     try:
-        LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=128, kv_cache_memory="16MiB", threads=1)
+        LLM(**options, threads=1)
         assert torch.get_num_threads() == 1
-        llm = LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=128, kv_cache_memory="16MiB")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        llm = LLM(**options)
         assert torch.get_num_threads() == llm.engine.threads == len(os.sched_getaffinity(0))  # the default
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a process's share, set by whoever runs several
+        assert LLM(**options).engine.threads == torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert LLM(**options, threads=2).engine.threads == 2  # the option wins
     finally:
         torch.set_num_threads(before)
 

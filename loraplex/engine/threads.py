@@ -19,8 +19,13 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """The default of --threads: every core the process may use. With OpenMP's passive wait policy (which
-    the CLI sets) this holds up when other programs share the cores; see BENCHMARKS.md, "A shared CPU"."""
+    """The default of --threads: $OMP_NUM_THREADS when it is set to a positive integer (the usual way to
+    give several processes on one machine their share), else every core the process may use. With
+    OpenMP's passive wait policy (which the CLI sets) the latter holds up when other programs share the
+    cores; see BENCHMARKS.md, "A shared CPU"."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     return available_cores()
 
 
