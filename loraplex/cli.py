@@ -65,8 +65,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "'smollm2-135m-instruct' for the default model, else the --model directory's or .gguf file's "
                    "name; 'demo' for the tiny fallback model)")
     g.add_argument("--threads", type=int, help="CPU threads for torch's operators (default: $OMP_NUM_THREADS if "
-                   "set, else every core this process may use, with OpenMP's passive wait, which holds up when other programs share the "
-                   "cores; lower it to leave cores to them)")
+                   "set; else, for serve, every core but one, which its HTTP thread needs, and for generate every "
+                   "core this process may use; with OpenMP's passive wait, which holds up when other programs "
+                   "share the cores; lower it to leave cores to them)")
     g.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template that replaces the model's")
     a = parser.add_argument_group("adapters")
     a.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",

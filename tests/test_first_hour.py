@@ -53,6 +53,31 @@ def test_the_thread_setting_reaches_torch(demo_dir, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_a_server_leaves_a_core_to_its_http_thread(demo_dir, tmp_path, monkeypatch):
+    """`loraplex serve`'s engine runs on every core but one by default (its HTTP thread needs one);
+    --threads and $OMP_NUM_THREADS still win."""
+    from loraplex.api.server import build_app
+    from loraplex.config import ServerConfig
+
+    before = torch.get_num_threads()
+    options = dict(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=128, kv_cache_memory="16MiB",
+                   max_loras=0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for index, (threads, env, expected) in enumerate([(None, None, max(1, len(os.sched_getaffinity(0)) - 1)),
+                                                           (2, None, 2), (None, "1", 1)]):
+            if env is not None:
+                monkeypatch.setenv("OMP_NUM_THREADS", env)
+            app = build_app({**options, "threads": threads, "data_dir": str(tmp_path / f"home{index}")},
+                            ServerConfig())
+            try:
+                assert app.state.loraplex.engine.engine.threads == torch.get_num_threads() == expected
+            finally:
+                app.state.loraplex.registry.store.close()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_cli_passes_threads_and_asks_openmp_to_wait_passively(demo_dir, tmp_path):
     """In a fresh process: --threads 1 is what torch runs with, and OMP_WAIT_POLICY is PASSIVE unless the
     user set it."""

@@ -18,6 +18,11 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools missing: uvicorn's h11 protocol serves instead
+    HttpToolsProtocol = None
+
 from loraplex.adapters_store.store import AdapterStore
 from loraplex.api.app import create_app
 from loraplex.api.auth import Auth
@@ -28,6 +33,7 @@ from loraplex.api.state import ServerState
 from loraplex.cache import STORES_DIRNAME
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncEngine, CallerThreadExecutor
+from loraplex.engine.threads import serving_threads
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.llm import resolve_model
 from loraplex.preflight import store_slug
@@ -40,6 +46,8 @@ def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executo
     `step_executor` (default: a thread of their own)."""
     options = dict(engine_options)
     cli_adapters = options.pop("adapters", None) or {}
+    if options.get("threads") is None:  # a server leaves a core to its HTTP thread
+        options["threads"] = serving_threads()
     engine_config = EngineConfig.from_options(**options)
     resolved = resolve_model(engine_config)
     if cli_adapters and engine_config.max_loras == 0:
@@ -89,7 +97,7 @@ def make_server(app, config: ServerConfig) -> Server:
     """uvicorn over `app` with the connection guards of `config`, its flood-prone loggers rate-limited."""
     for name in FLOOD_LOGGERS:
         install_log_filter(logging.getLogger(name))
-    protocol = functools.partial(GuardedH11Protocol, max_connections=connection_cap(config.max_connections),
+    protocol = functools.partial(http_protocol(), max_connections=connection_cap(config.max_connections),
                                  header_timeout=config.header_timeout)
     return Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                                  timeout_graceful_shutdown=config.shutdown_grace, lifespan="on", http=protocol,
@@ -128,12 +136,17 @@ def _busy_response() -> bytes:
 _BUSY = _busy_response()
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with the two guards it lacks. A connection beyond `max_connections` is
-    answered 503 and closed at once: uvicorn's own limit (limit_concurrency) looks only when a request
-    arrives, so connections that send nothing pile up and hold their file descriptors. And a request's
-    headers must all arrive within `header_timeout` seconds of the connection opening or of their first
-    byte (uvicorn has no header timeout): a client that sends nothing, or trickles them, is dropped."""
+class ConnectionGuards:
+    """The two guards uvicorn's HTTP protocols lack, mixed into either. A connection beyond
+    `max_connections` is answered 503 and closed at once: uvicorn's own limit (limit_concurrency) looks
+    only when a request arrives, so connections that send nothing pile up and hold their file
+    descriptors. And a request's headers must all arrive within `header_timeout` seconds of the
+    connection opening or of their first byte (uvicorn has no header timeout): a client that sends
+    nothing, or trickles them, is dropped."""
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    connections: set
 
     def __init__(self, *args: Any, max_connections: int, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -148,13 +161,6 @@ class GuardedH11Protocol(H11Protocol):
             transport.close()
             return
         self._await_headers()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self._await_headers()  # a request begun, its headers incomplete
-        else:
-            self._stop_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
@@ -172,6 +178,36 @@ class GuardedH11Protocol(H11Protocol):
     def _headers_timed_out(self) -> None:
         self.header_timer = None
         self.transport.close()
+
+
+class GuardedH11Protocol(ConnectionGuards, H11Protocol):
+    """uvicorn's pure-Python HTTP/1.1 protocol (h11), guarded: where httptools is not installed."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._await_headers()  # a request begun, its headers incomplete
+        else:
+            self._stop_header_timer()
+
+
+class GuardedHttpToolsProtocol(ConnectionGuards, HttpToolsProtocol):
+    """uvicorn's protocol over httptools (llhttp, in C), guarded: the default. Each streamed event costs
+    less here than through h11's Python state machine, and the server's HTTP thread shares the GIL with
+    the engine's steps (benchmarks/BENCHMARKS.md, "The server against the engine")."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._await_headers()  # a request begun, its headers incomplete
+
+    def on_headers_complete(self) -> None:
+        self._stop_header_timer()
+        super().on_headers_complete()
+
+
+def http_protocol() -> type[ConnectionGuards]:
+    """The guarded protocol over httptools when it is installed (a dependency), else over h11."""
+    return GuardedHttpToolsProtocol if HttpToolsProtocol is not None else GuardedH11Protocol
 
 
 # Where one bad client can make the same line thousands of times a second: asyncio (accept failing when

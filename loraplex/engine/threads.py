@@ -29,6 +29,18 @@ def default_threads() -> int:
     return available_cores()
 
 
+def serving_threads() -> int:
+    """The default of --threads for `loraplex serve`: $OMP_NUM_THREADS when set, else every core but one.
+    The server's HTTP thread (and, on one machine, its clients) needs a core while the engine steps: with
+    torch's threads on every core, each of their parallel operators waits for the thread whose core the
+    HTTP work took. On 2 cores, the server with one engine thread ran at 0.91x of the offline engine
+    (at its two), against 0.80x with two (BENCHMARKS.md, "The server against the engine")."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, available_cores() - 1)
+
+
 def configure_threads(threads: int | None) -> int:
     """Set torch's intra-op threads (None: `default_threads()`), and one inter-op thread (the engine runs
     no parallel graph), when torch still allows it. Returns the intra-op count in force."""

@@ -11,7 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from loraplex.api import server as server_module
-from loraplex.api.server import FD_RESERVE, FLOOD_LOGGERS, GuardedH11Protocol, RepeatFilter, connection_cap, make_server
+from loraplex.api.server import (FD_RESERVE, FLOOD_LOGGERS, GuardedHttpToolsProtocol, RepeatFilter, connection_cap,
+                                 make_server)
 from loraplex.config import ServerConfig
 
 
@@ -19,7 +20,7 @@ def test_connection_options_reach_uvicorn():
     config = ServerConfig(timeout_keep_alive=2.5, header_timeout=3.0, max_connections=7, shutdown_grace=4.0)
     uvicorn_config = make_server(FastAPI(), config).config
     assert uvicorn_config.timeout_keep_alive == 2.5 and uvicorn_config.timeout_graceful_shutdown == 4.0
-    assert uvicorn_config.http.func is GuardedH11Protocol
+    assert uvicorn_config.http.func is GuardedHttpToolsProtocol  # httptools is a dependency
     assert uvicorn_config.http.keywords == {"max_connections": 7, "header_timeout": 3.0}
     for name in FLOOD_LOGGERS:
         assert sum(isinstance(f, RepeatFilter) for f in logging.getLogger(name).filters) == 1

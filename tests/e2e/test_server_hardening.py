@@ -229,9 +229,17 @@ def test_a_lone_surrogate_in_text_is_a_400(live_server, path, body):
     assert complete(live_server, "demo").status_code == 200
 
 
-def test_idle_connections_are_capped_and_dropped_and_health_still_answers(demo_dir, tmp_path):
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_idle_connections_are_capped_and_dropped_and_health_still_answers(demo_dir, tmp_path, monkeypatch, parser):
     """Slowloris and fd exhaustion: connections that send nothing (or half a header) are refused beyond
-    --max-connections and dropped after --header-timeout; then a fresh /health is answered."""
+    --max-connections and dropped after --header-timeout; then a fresh /health is answered. Under both
+    of uvicorn's HTTP protocols: httptools (the default) and h11 (where httptools is not installed)."""
+    from loraplex.api import server as server_module
+
+    if parser == "h11":
+        monkeypatch.setattr(server_module, "HttpToolsProtocol", None)
+    assert server_module.http_protocol().__name__ == {"httptools": "GuardedHttpToolsProtocol",
+                                                      "h11": "GuardedH11Protocol"}[parser]
     config = ServerConfig(max_connections=8, header_timeout=1.0, timeout_keep_alive=1.0)
     with run_server(engine_options(demo_dir, tmp_path / "home", adapters={}), config) as server:
         port = int(server.url.rsplit(":", 1)[1])
