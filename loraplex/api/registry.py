@@ -7,7 +7,7 @@ import asyncio
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from loraplex.adapters_store.formats import LoRAAdapter
 from loraplex.adapters_store.store import AdapterStore, StoredAdapter, StoreError
@@ -51,11 +51,23 @@ def _describe(adapter: LoRAAdapter) -> dict[str, Any]:
             "target_modules": adapter.target_modules, "sha256": adapter.sha256}
 
 
+class Publisher(Protocol):
+    """Where a registry's stored changes go besides its own store: the cluster's catalog, for a replica
+    (loraplex/distributed). `publish` runs after the change is validated and served here, and before it is
+    acknowledged; if it raises, the change is undone here and the request fails."""
+
+    async def publish(self, record: StoredAdapter) -> None: ...
+
+    async def unpublish(self, name: str) -> None: ...
+
+
 class AdapterRegistry:
-    def __init__(self, engine: AsyncEngine, store: AdapterStore, base_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, store: AdapterStore, base_name: str,
+                 publisher: Publisher | None = None) -> None:
         self.engine = engine
         self.store = store
         self.base_name = base_name
+        self.publisher = publisher  # None: one server, its store is the catalog
         self.infos: dict[str, AdapterInfo] = {}
         self.unavailable: set[str] = set()  # stored, but not served since the restart (files gone)
         self._lock = asyncio.Lock()  # one change at a time: checks, store and engine stay in step
@@ -128,10 +140,11 @@ class AdapterRegistry:
         return await self.add_staged(name, staged, "merge", replace, recipe=recipe)
 
     async def add_staged(self, name: str, staged: Path, source: str, replace: bool = False,
-                         recipe: dict[str, Any] | None = None) -> AdapterInfo:
-        """Validate an upload staged in the store's tmp dir, store it durably, then serve it. A refusal
-        raises LoraplexError (the app answers it as its kind says) or APIError. On any error the staged
-        files are discarded and the catalog, the engine and the list stay as they were."""
+                         recipe: dict[str, Any] | None = None, publish: bool = True) -> AdapterInfo:
+        """Validate an upload staged in the store's tmp dir, store it durably, then serve it (and, with a
+        publisher, publish it; `publish=False` for a change that came from the publisher's catalog). A
+        refusal raises LoraplexError (the app answers it as its kind says) or APIError. On any error the
+        staged files are discarded and the catalog, the engine and the list stay as they were."""
         try:
             async with self._lock:
                 self._check_name(name, replace)
@@ -145,6 +158,12 @@ class AdapterRegistry:
                 except BaseException:
                     await asyncio.to_thread(self._restore_row, name, previous)
                     raise
+                if publish and self.publisher is not None:
+                    try:
+                        await self.publisher.publish(record)
+                    except BaseException:
+                        await self._undo_add(name, previous)
+                        raise
                 self.infos[name] = self._stored_info(record)
                 self.unavailable.discard(name)
                 logger.info("adapter %s stored (%s, rank %d, %d bytes)", name, source, adapter.rank,
@@ -153,19 +172,32 @@ class AdapterRegistry:
         finally:
             self.store.discard(staged)
 
+    async def _undo_add(self, name: str, previous: StoredAdapter | None) -> None:
+        """Serve what was served before an add whose publication failed (or nothing)."""
+        await asyncio.to_thread(self._restore_row, name, previous)
+        if previous is None:
+            await self.engine.remove_adapter(name)
+            self.infos.pop(name, None)
+        else:
+            await self.engine.add_adapter(name, previous.path, checksums=previous.files)
+            self.infos[name] = self._stored_info(previous)
+
     def _restore_row(self, name: str, previous: StoredAdapter | None) -> None:
         if previous is None:
             self.store.delete(name)
         else:
             self.store.reinstate(previous)
 
-    async def delete(self, name: str) -> AdapterInfo | None:
+    async def delete(self, name: str, publish: bool = True) -> AdapterInfo | None:
         """Requests already accepted on the adapter finish; new ones get 404. Returns what was served
-        (None for a stored adapter that was not served since the restart)."""
+        (None for a stored adapter that was not served since the restart). With a publisher, the
+        catalog's copy goes first (`publish=False`: the delete came from the catalog)."""
         async with self._lock:
             info = self.infos.get(name)
             if info is None and name not in self.unavailable:
                 raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
+            if publish and self.publisher is not None and (info is None or info.stored):
+                await self.publisher.unpublish(name)
             if info is None or info.stored:  # the catalog first: if it fails, nothing else has changed
                 try:
                     await asyncio.to_thread(self.store.delete, name)

@@ -28,7 +28,7 @@ from loraplex.api.app import create_app
 from loraplex.api.auth import Auth
 from loraplex.api.errors import error_body
 from loraplex.api.metrics import Metrics
-from loraplex.api.registry import AdapterRegistry
+from loraplex.api.registry import AdapterRegistry, Publisher
 from loraplex.api.state import ServerState
 from loraplex.cache import STORES_DIRNAME
 from loraplex.config import EngineConfig, ServerConfig
@@ -41,9 +41,11 @@ from loraplex.preflight import store_slug
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executor: Executor | None = None):
+def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executor: Executor | None = None,
+              store_dir: Path | None = None, publisher: Publisher | None = None):
     """The app, with the model loaded: everything but the listening socket. Engine steps run on
-    `step_executor` (default: a thread of their own)."""
+    `step_executor` (default: a thread of their own). A cluster's replica passes its own `store_dir` (a
+    mirror of the catalog) and the `publisher` its changes go to (loraplex/distributed)."""
     options = dict(engine_options)
     cli_adapters = options.pop("adapters", None) or {}
     if options.get("threads") is None:  # a server leaves a core to its HTTP thread
@@ -52,7 +54,7 @@ def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executo
     resolved = resolve_model(engine_config)
     if cli_adapters and engine_config.max_loras == 0:
         raise ValueError("--adapter: given, but --max-loras is 0; allow at least one adapter slot")
-    store_dir = engine_config.resolved_data_dir() / STORES_DIRNAME / store_slug(resolved.served_name)
+    store_dir = store_dir or engine_config.resolved_data_dir() / STORES_DIRNAME / store_slug(resolved.served_name)
     store = AdapterStore(store_dir, exclusive=True)  # before the model loads: a second server stops here
     try:
         engine = LLMEngine(engine_config, resolved.path)
@@ -62,7 +64,7 @@ def build_app(engine_options: dict[str, Any], config: ServerConfig, step_executo
     async_engine = AsyncEngine(engine, step_executor)
     state = ServerState(
         engine=async_engine,
-        registry=AdapterRegistry(async_engine, store, resolved.served_name),
+        registry=AdapterRegistry(async_engine, store, resolved.served_name, publisher),
         metrics=_metrics(engine, config),
         auth=Auth(config.api_key, config.admin_key),
         config=config,

@@ -1,0 +1,87 @@
+"""Building and starting the cluster application: the catalog and metrics-board actors, N replicas,
+the ingress. `loraplex serve --replicas N` calls `serve_cluster`; a `serve deploy` config names
+`loraplex.distributed.cluster:app_builder` with the same options as arguments (docs/scaling.md)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from loraplex.config import EngineConfig, ServerConfig
+from loraplex.distributed.board import METRICS_BOARD_ACTOR, MetricsBoard
+from loraplex.distributed.catalog import CATALOG_ACTOR, AdapterCatalog
+from loraplex.distributed.ingress import Ingress
+from loraplex.distributed.replica import replica_deployment
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "loraplex"
+APP_NAME = "loraplex"
+
+
+def catalog_root(engine_options: dict[str, Any]) -> Path:
+    """The catalog's store: beside a single server's stores, in the data dir of the node it runs on."""
+    config = EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
+    return config.resolved_data_dir() / "cluster-catalog"
+
+
+def shared_actors(engine_options: dict[str, Any]) -> tuple[Any, Any]:
+    """The catalog and the metrics board: created once per cluster, found again by name (so an ingress or
+    replica restart, or a second deploy, uses the same catalog). Restarted by Ray if their process dies."""
+    options = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1, num_cpus=0)
+    catalog = ray.remote(AdapterCatalog).options(name=CATALOG_ACTOR, max_concurrency=1, **options).remote(
+        str(catalog_root(engine_options)))
+    board = ray.remote(MetricsBoard).options(name=METRICS_BOARD_ACTOR, **options).remote()
+    return catalog, board
+
+
+def application(engine_options: dict[str, Any], config: ServerConfig, replicas: int,
+                replica_cpus: float = 1.0, replica_gpus: float | None = None) -> Any:
+    """The Serve application (not yet running)."""
+    engine_config = EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
+    if replica_gpus is None:
+        replica_gpus = 1.0 if engine_config.device.startswith("cuda") else 0.0
+    catalog, board = shared_actors(engine_options)
+    replica = replica_deployment(engine_config.max_cpu_adapters + 1).options(
+        num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
+        max_ongoing_requests=max(config.max_waiting, 1), health_check_period_s=2, health_check_timeout_s=30)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
+        replica.bind(engine_options, config, catalog, board), board, config)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For `serve deploy` / `serve run` config files: `args` holds `engine` (engine options, as
+    `loraplex serve`'s flags name them with underscores), `server` (server options), `replicas`,
+    and optionally `replica_cpus` and `replica_gpus`."""
+    server = dict(args.get("server", {}))
+    if "allowed_origins" in server:
+        server["allowed_origins"] = tuple(server["allowed_origins"])
+    return application(dict(args.get("engine", {})), ServerConfig(**server), int(args.get("replicas", 1)),
+                       float(args.get("replica_cpus", 1.0)), args.get("replica_gpus"))
+
+
+def serve_cluster(engine_options: dict[str, Any], config: ServerConfig, replicas: int,
+                  ray_address: str | None = None, replica_cpus: float = 1.0) -> int:
+    """Start (or join, with `ray_address`) a Ray cluster, deploy the application on config.host:port, and
+    serve until SIGINT/SIGTERM."""
+    ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(application(engine_options, config, replicas, replica_cpus), name=APP_NAME, route_prefix="/")
+    logger.info("ready: %d replica(s); point an OpenAI client at base_url=http://%s:%d/v1", replicas,
+                config.host, config.port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logger.info("stopping the cluster application")
+    serve.delete(APP_NAME)
+    serve.shutdown()
+    ray.shutdown()
+    return 0

@@ -1,0 +1,109 @@
+"""The cluster's ingress: one OpenAI endpoint in front of the replicas.
+
+Every request but /metrics is carried to a replica whole (method, path, headers, body) and answered
+there by the same app as `loraplex serve`'s, so routes, keys, errors and streaming are the single
+server's. The request's `model` (read from a completion or chat body) is Serve's multiplexed model id:
+Serve sends the request to a replica that served that adapter recently. A replica that dies before it
+answers is tried once more elsewhere; if that fails too, 503 with Retry-After (never a hang). /metrics
+merges every replica's metrics under a `replica` label.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route methods' annotations (Request) at
+# import, through Serve's wrapper, and cannot resolve them as strings there.
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from loraplex.api.errors import error_body
+from loraplex.config import ServerConfig
+from loraplex.distributed.forward import ForwardedRequest, ResponseStart
+from loraplex.distributed.metrics import merge_replica_metrics
+
+logger = logging.getLogger(__name__)
+
+ROUTED_BY_MODEL = ("/v1/completions", "/v1/chat/completions")
+MULTIPART_OVERHEAD = 1 << 20
+RETRY_AFTER_SECONDS = "2"
+
+app = FastAPI(title="loraplex (cluster)", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def multiplexed_id(path: str, body: bytes) -> str:
+    """The request's model for routing ("" where there is none: any replica)."""
+    if path not in ROUTED_BY_MODEL or not body:
+        return ""
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return ""  # the replica answers the malformed body
+    return model if isinstance(model, str) else ""
+
+
+def _unavailable(message: str) -> JSONResponse:
+    return JSONResponse(error_body(503, message, code="replica_unavailable"), status_code=503,
+                        headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+async def _rest(stream: Any) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    except Exception as e:  # a replica dying mid-stream: the client sees the stream end early
+        logger.warning("replica failed mid-response: %s", e)
+
+
+@serve.deployment(name="LoraplexIngress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, replicas: Any, board: Any, config: ServerConfig) -> None:
+        self.replicas = replicas
+        self.board = board
+        self.config = config
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        texts = await self.board.texts.remote()
+        return Response(merge_replica_metrics(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
+    async def forward(self, request: Request, path: str) -> Response:
+        limit = (self.config.max_adapter_bytes + MULTIPART_OVERHEAD if request.url.path == "/v1/adapters"
+                 else self.config.max_body_bytes)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return JSONResponse(error_body(413, f"the request body is over {limit} bytes", code="too_large"),
+                                    status_code=413)
+        client = (request.client.host, request.client.port) if request.client else None
+        forwarded = ForwardedRequest(request.method, request.url.path, request.url.query.encode(),
+                                     [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()],
+                                     bytes(body), client)
+        model_id = multiplexed_id(request.url.path, forwarded.body)
+        for attempt in range(2):
+            stream = self.replicas.options(multiplexed_model_id=model_id, stream=True).handle.remote(forwarded)
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                return _unavailable("the replica ended the request without an answer; retry")
+            except Exception as e:  # the replica died or was being replaced before it answered
+                logger.warning("replica failed before answering (attempt %d): %s", attempt + 1, e)
+                continue
+            if not isinstance(first, ResponseStart):
+                return _unavailable("the replica's answer began without a status; retry")
+            # Serve's proxy sets its own x-request-id (the client's, when given, as the replica's is)
+            headers = [(k, v) for k, v in first.headers if k.lower() != b"x-request-id"]
+            if dict(headers).get(b"content-type", b"").startswith(b"text/event-stream"):
+                response: Response = StreamingResponse(_rest(stream), status_code=first.status)
+            else:  # a whole answer: one message to the client
+                response = Response(b"".join([chunk async for chunk in _rest(stream)]), status_code=first.status)
+            response.raw_headers = headers
+            return response
+        return _unavailable("no replica could take the request (one is restarting); retry in a moment")
+

@@ -1,0 +1,81 @@
+"""A replica's copy of the cluster's adapter catalog (catalog.py), and where its own changes go.
+
+`sync()` runs before every request a replica handles: one actor call when nothing changed; otherwise the
+listing, then each new or replaced adapter's files (sha256 checked) through the registry's usual path
+(validated by this replica's engine, stored in its local store), and each deleted one removed. As the
+registry's publisher, it sends the adapters this replica stores to the catalog, and removes the ones it
+deletes, before the request that made the change is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from loraplex.adapters_store.store import StoredAdapter
+from loraplex.api.errors import APIError
+from loraplex.api.registry import AdapterRegistry
+from loraplex.distributed.catalog import CatalogEntry
+
+logger = logging.getLogger(__name__)
+
+
+class CatalogMirror:
+    def __init__(self, catalog: Any) -> None:
+        self.catalog = catalog  # the catalog actor's handle (or anything with the same .remote methods)
+        self.registry: AdapterRegistry | None = None  # set once the app exists
+        self.versions: dict[str, str] = {}  # adapters copied from (or published to) the catalog
+        self.seen: str | None = None  # the catalog generation this copy matches
+        self._lock = asyncio.Lock()
+
+    async def sync(self) -> None:
+        generation = await self.catalog.generation.remote()
+        if generation == self.seen:
+            return
+        async with self._lock:
+            generation, listing = await self.catalog.listing.remote()
+            if generation == self.seen:
+                return
+            for name in [n for n in self.versions if n not in listing]:
+                await self._drop(name)
+            for name, version in listing.items():
+                if self.versions.get(name) != version:
+                    await self._copy(name)
+            self.seen = generation
+
+    async def _copy(self, name: str) -> None:
+        entry: CatalogEntry | None = await self.catalog.fetch.remote(name)
+        if entry is None:  # deleted since the listing: the next sync drops it
+            return
+        entry.verify()
+        registry = self.registry
+        staged = registry.store.staging_dir()
+        for file_name, data in entry.files.items():
+            (staged / file_name).write_bytes(data)
+        try:
+            await registry.add_staged(name, staged, str(entry.info.get("source", "upload")), replace=True,
+                                      recipe=entry.info.get("recipe"), publish=False)
+        except Exception:  # one bad adapter must not stop the others: not served here, said in the log
+            logger.exception("adapter %s from the catalog is not served on this replica", name)
+            return
+        self.versions[name] = entry.version
+
+    async def _drop(self, name: str) -> None:
+        self.versions.pop(name, None)
+        try:
+            await self.registry.delete(name, publish=False)
+        except APIError as e:
+            if e.status != 404:
+                raise
+
+    # -- Publisher ---------------------------------------------------------------------------------------
+
+    async def publish(self, record: StoredAdapter) -> None:
+        files = {file_name: (record.path / file_name).read_bytes() for file_name in record.files}
+        self.versions[record.name] = await self.catalog.publish.remote(record.name, record.format, record.info,
+                                                                       files)
+
+    async def unpublish(self, name: str) -> None:
+        await self.catalog.delete.remote(name)
+        self.versions.pop(name, None)

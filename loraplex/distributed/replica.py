@@ -1,0 +1,94 @@
+"""The replica deployment: one engine with the whole single-server app (routes, auth, errors,
+streaming, metrics), a mirror of the cluster's catalog, and Serve's model multiplexing keyed by the
+request's `model` (an adapter's name, or the base model's), so that Serve routes a request to a replica
+that served its adapter recently (whose host cache and slots likely hold it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from loraplex.config import ServerConfig
+from loraplex.distributed.board import REPORT_SECONDS
+from loraplex.distributed.forward import ForwardedRequest, ResponseStart, run_asgi
+from loraplex.distributed.mirror import CatalogMirror
+
+logger = logging.getLogger(__name__)
+
+
+class LoraplexReplica:
+    def __init__(self, engine_options: dict[str, Any], config: ServerConfig, catalog: Any, board: Any) -> None:
+        from loraplex.api.server import build_app
+
+        self.mirror = CatalogMirror(catalog)
+        self.board = board
+        store_dir = Path(tempfile.mkdtemp(prefix="loraplex-replica-")) / "store"  # the catalog's local copy
+        self.app = build_app(engine_options, config, store_dir=store_dir, publisher=self.mirror)
+        self.state = self.app.state.loraplex
+        self.mirror.registry = self.state.registry
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (tests of the class itself)
+            self.replica_id = f"pid{os.getpid()}"
+        self._lifespan: contextlib.AbstractAsyncContextManager | None = None
+        self._start_lock = asyncio.Lock()
+        self._reporter: asyncio.Task | None = None
+
+    async def _start(self) -> None:
+        if self._lifespan is not None:
+            return
+        async with self._start_lock:
+            if self._lifespan is None:
+                lifespan = self.app.router.lifespan_context(self.app)
+                await lifespan.__aenter__()  # the engine's loop, the startup adapters
+                self._lifespan = lifespan
+                await self.mirror.sync()
+                self._reporter = asyncio.create_task(self._report_metrics())
+
+    async def _report_metrics(self) -> None:
+        while True:
+            try:
+                await self.board.report.remote(self.replica_id, self.state.metrics.render().decode())
+            except Exception:  # the board restarting: report again next time
+                logger.debug("metrics report failed", exc_info=True)
+            await asyncio.sleep(REPORT_SECONDS)
+
+    async def ready(self) -> str:
+        await self._start()
+        return self.replica_id
+
+    async def load(self, model_id: str) -> str:
+        """Serve's multiplexing loader: what it caches per replica is the name; the engine's host cache
+        and slots hold the weights (and evict them by their own policy)."""
+        await self.mirror.sync()
+        return model_id
+
+    async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
+        await self._start()
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self.load(model_id)
+        await self.mirror.sync()  # every request: a delete acknowledged anywhere is seen here first
+        first = True
+        async for item in run_asgi(self.app, request):
+            if first and isinstance(item, ResponseStart):
+                item = ResponseStart(item.status, [*item.headers, (b"x-loraplex-replica", self.replica_id.encode())])
+                first = False
+            yield item
+
+
+def replica_deployment(max_models_per_replica: int) -> Any:
+    """LoraplexReplica as a Serve deployment, its multiplexing cache sized like the host cache
+    (--max-cpu-adapters, plus one for the base model)."""
+    cls = type("LoraplexReplica", (LoraplexReplica,), {
+        "load": serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(LoraplexReplica.load),
+    })
+    return serve.deployment(cls, name="LoraplexReplica")
