@@ -98,6 +98,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    "'Authorization: Bearer KEY' (default: $LORAPLEX_API_KEY; none = open)")
     g.add_argument("--admin-key", default=os.environ.get("LORAPLEX_ADMIN_KEY"), help="adapter uploads and "
                    "deletes need this key (default: $LORAPLEX_ADMIN_KEY; none = the API key's rules)")
+    g.add_argument("--replicas", type=int, default=0, help="serve with N engine replicas behind one endpoint on "
+                   "Ray Serve, requests routed to a replica that holds their adapter (pip install 'loraplex[ray]'; "
+                   "docs/scaling.md); 0: one process, no Ray")
+    g.add_argument("--ray-address", help="with --replicas: join this Ray cluster (e.g. ray://head:10001 or auto) "
+                   "instead of starting a local one")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="with --replicas: CPUs Ray reserves per "
+                   "replica (each replica takes one GPU on CUDA)")
     g.add_argument("--max-adapter-size", default=d.max_adapter_size, help="largest adapter upload, uncompressed")
     g.add_argument("--max-body-size", default=d.max_body_size, help="largest request body (other than uploads)")
     g.add_argument("--max-waiting", type=int, default=d.max_waiting, help="queued sequences before new "
@@ -251,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             options, config = engine_options(args), server_config(args)
             _preflight(options, config)
+            if args.replicas:
+                return _serve_cluster(args, options, config)
             from loraplex.api.server import serve
 
             return serve(options, config)
@@ -268,6 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"loraplex {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _serve_cluster(args: argparse.Namespace, options: dict[str, Any], config: ServerConfig) -> int:
+    if args.replicas < 0:
+        raise ValueError(f"--replicas must be 0 (one process) or more, got {args.replicas}")
+    if config.port == 0:
+        raise ValueError("--replicas needs a fixed --port (Ray Serve's proxy listens on it)")
+    try:
+        from loraplex.distributed.cluster import serve_cluster
+    except ImportError as e:
+        raise RuntimeError(f"--replicas needs Ray Serve ({e}); install it with pip install 'loraplex[ray]'") from e
+    return serve_cluster(options, config, args.replicas, args.ray_address, args.replica_cpus)
 
 
 def add_merge_args(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +69,18 @@ def serve_cluster(engine_options: dict[str, Any], config: ServerConfig, replicas
                   ray_address: str | None = None, replica_cpus: float = 1.0) -> int:
     """Start (or join, with `ray_address`) a Ray cluster, deploy the application on config.host:port, and
     serve until SIGINT/SIGTERM."""
+    # Ray's core installs its own SIGTERM handler (which exits at once, 15): block both signals in every thread
+    # (threads inherit the mask) and wait for them here instead, so that a stop is graceful.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application(engine_options, config, replicas, replica_cpus), name=APP_NAME, route_prefix="/")
     logger.info("ready: %d replica(s); point an OpenAI client at base_url=http://%s:%d/v1", replicas,
                 config.host, config.port)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    logger.info("stopping the cluster application")
+    received = signal.sigwait(stop_signals)
+    logger.info("%s: stopping the cluster application", signal.Signals(received).name)
     serve.delete(APP_NAME)
     serve.shutdown()
     ray.shutdown()
