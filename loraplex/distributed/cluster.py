@@ -40,9 +40,15 @@ def shared_actors(engine_options: dict[str, Any]) -> tuple[Any, Any]:
     return catalog, board
 
 
+ROUTINGS = ("multiplexed", "random")
+
+
 def application(engine_options: dict[str, Any], config: ServerConfig, replicas: int,
-                replica_cpus: float = 1.0, replica_gpus: float | None = None) -> Any:
-    """The Serve application (not yet running)."""
+                replica_cpus: float = 1.0, replica_gpus: float | None = None, routing: str = "multiplexed") -> Any:
+    """The Serve application (not yet running). `routing`: multiplexed (by the request's model, the
+    default) or random (Serve's choice without the model: the baseline of benchmarks/cluster_routing.py)."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
     engine_config = EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
     if replica_gpus is None:
         replica_gpus = 1.0 if engine_config.device.startswith("cuda") else 0.0
@@ -51,18 +57,19 @@ def application(engine_options: dict[str, Any], config: ServerConfig, replicas: 
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         max_ongoing_requests=max(config.max_waiting, 1), health_check_period_s=2, health_check_timeout_s=30)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
-        replica.bind(engine_options, config, catalog, board), board, config)
+        replica.bind(engine_options, config, catalog, board), board, config, routing)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For `serve deploy` / `serve run` config files: `args` holds `engine` (engine options, as
     `loraplex serve`'s flags name them with underscores), `server` (server options), `replicas`,
-    and optionally `replica_cpus` and `replica_gpus`."""
+    and optionally `replica_cpus`, `replica_gpus` and `routing`."""
     server = dict(args.get("server", {}))
     if "allowed_origins" in server:
         server["allowed_origins"] = tuple(server["allowed_origins"])
     return application(dict(args.get("engine", {})), ServerConfig(**server), int(args.get("replicas", 1)),
-                       float(args.get("replica_cpus", 1.0)), args.get("replica_gpus"))
+                       float(args.get("replica_cpus", 1.0)), args.get("replica_gpus"),
+                       str(args.get("routing", "multiplexed")))
 
 
 def serve_cluster(engine_options: dict[str, Any], config: ServerConfig, replicas: int,

@@ -61,10 +61,11 @@ async def _rest(stream: Any) -> AsyncIterator[bytes]:
 @serve.deployment(name="LoraplexIngress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, replicas: Any, board: Any, config: ServerConfig) -> None:
+    def __init__(self, replicas: Any, board: Any, config: ServerConfig, routing: str = "multiplexed") -> None:
         self.replicas = replicas
         self.board = board
         self.config = config
+        self.by_model = routing == "multiplexed"  # else "random": Serve's default choice, blind to adapters
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -85,7 +86,7 @@ class Ingress:
         forwarded = ForwardedRequest(request.method, request.url.path, request.url.query.encode(),
                                      [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()],
                                      bytes(body), client)
-        model_id = multiplexed_id(request.url.path, forwarded.body)
+        model_id = multiplexed_id(request.url.path, forwarded.body) if self.by_model else ""
         for attempt in range(2):
             stream = self.replicas.options(multiplexed_model_id=model_id, stream=True).handle.remote(forwarded)
             try:

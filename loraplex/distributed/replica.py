@@ -61,6 +61,11 @@ class LoraplexReplica:
                 logger.debug("metrics report failed", exc_info=True)
             await asyncio.sleep(REPORT_SECONDS)
 
+    async def check_health(self) -> None:
+        """Serve's health check (every 2 s): starts the app at the first one, so a new replica has its engine
+        running, its catalog copy made and its metrics reported before its first request."""
+        await self._start()
+
     async def ready(self) -> str:
         await self._start()
         return self.replica_id
