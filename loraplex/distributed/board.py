@@ -21,6 +21,10 @@ class MetricsBoard:
     def report(self, replica: str, text: str) -> None:
         self._reports[replica] = (time.monotonic(), text)
 
+    def forget(self, replica: str) -> None:
+        """A replica that stops gracefully leaves at once (one that dies drops out after STALE_SECONDS)."""
+        self._reports.pop(replica, None)
+
     def texts(self) -> dict[str, str]:
         now = time.monotonic()
         for replica in [r for r, (at, _) in self._reports.items() if now - at > STALE_SECONDS]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.distributed.board import METRICS_BOARD_ACTOR, MetricsBoard
@@ -40,22 +41,28 @@ def shared_actors(engine_options: dict[str, Any]) -> tuple[Any, Any]:
     return catalog, board
 
 
-ROUTINGS = ("multiplexed", "random")
+ROUTINGS = ("affinity", "multiplexed", "random")
+AFFINITY_ROUTER = "loraplex.distributed.routing:AdapterAffinityRouter"
 
 
 def application(engine_options: dict[str, Any], config: ServerConfig, replicas: int,
-                replica_cpus: float = 1.0, replica_gpus: float | None = None, routing: str = "multiplexed") -> Any:
-    """The Serve application (not yet running). `routing`: multiplexed (by the request's model, the
-    default) or random (Serve's choice without the model: the baseline of benchmarks/cluster_routing.py)."""
+                replica_cpus: float = 1.0, replica_gpus: float | None = None, routing: str = "affinity") -> Any:
+    """The Serve application (not yet running). `routing`: affinity (each adapter's requests to its home
+    replica by rendezvous hashing, routing.py; the default), multiplexed (Serve's own: a replica that
+    loaded the adapter recently), or random (Serve's choice blind to the adapter). Compared in
+    benchmarks/cluster_routing.py."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
     engine_config = EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
     if replica_gpus is None:
         replica_gpus = 1.0 if engine_config.device.startswith("cuda") else 0.0
     catalog, board = shared_actors(engine_options)
+    router = {"request_router_config": RequestRouterConfig(request_router_class=AFFINITY_ROUTER)} \
+        if routing == "affinity" else {}
     replica = replica_deployment(engine_config.max_cpu_adapters + 1).options(
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
-        max_ongoing_requests=max(config.max_waiting, 1), health_check_period_s=2, health_check_timeout_s=30)
+        max_ongoing_requests=max(config.max_waiting, 1), health_check_period_s=2, health_check_timeout_s=30,
+        **router)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
         replica.bind(engine_options, config, catalog, board), board, config, routing)
 
@@ -69,7 +76,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         server["allowed_origins"] = tuple(server["allowed_origins"])
     return application(dict(args.get("engine", {})), ServerConfig(**server), int(args.get("replicas", 1)),
                        float(args.get("replica_cpus", 1.0)), args.get("replica_gpus"),
-                       str(args.get("routing", "multiplexed")))
+                       str(args.get("routing", "affinity")))
 
 
 def serve_cluster(engine_options: dict[str, Any], config: ServerConfig, replicas: int,

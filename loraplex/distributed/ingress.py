@@ -61,11 +61,11 @@ async def _rest(stream: Any) -> AsyncIterator[bytes]:
 @serve.deployment(name="LoraplexIngress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, replicas: Any, board: Any, config: ServerConfig, routing: str = "multiplexed") -> None:
+    def __init__(self, replicas: Any, board: Any, config: ServerConfig, routing: str = "affinity") -> None:
         self.replicas = replicas
         self.board = board
         self.config = config
-        self.by_model = routing == "multiplexed"  # else "random": Serve's default choice, blind to adapters
+        self.by_model = routing != "random"  # random: Serve's default choice, blind to adapters
 
     @app.get("/metrics")
     async def metrics(self) -> Response:

@@ -1,0 +1,34 @@
+"""The replicas' request router: each adapter has a home replica, found by rendezvous hashing of its name
+with the replicas' ids, so that its requests meet its weights in that replica's host cache and slots.
+
+Serve's own multiplexing prefers a replica that *recently* loaded the adapter, which with a skewed
+workload soon means every replica for the popular ones and any replica for the rest. Here the ranking
+is fixed by the name: the home replica first, then the next replica in the adapter's hash order (its
+second home, when the first is full: Serve moves down a rank when a replica has max_ongoing_requests),
+then the rest. A replica added or removed moves only the adapters homed on it. Requests for the base
+model, or with no model, go to the least loaded replicas (Serve's power of two choices over all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+
+def rendezvous_order(key: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
+    """The replicas by descending hash of (key, replica id): a fixed order for each key."""
+    def weight(replica: RunningReplica) -> bytes:
+        return hashlib.blake2b(f"{key}\0{replica.replica_id.unique_id}".encode(), digest_size=8).digest()
+
+    return sorted(replicas, key=weight, reverse=True)
+
+
+class AdapterAffinityRouter(FIFOMixin, RequestRouter):
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        model = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not model or not candidate_replicas:
+            return [candidate_replicas]
+        order = rendezvous_order(model, candidate_replicas)
+        return [[order[0]], order[1:2], order[2:]] if len(order) > 2 else [[r] for r in order]
