@@ -46,11 +46,13 @@ AFFINITY_ROUTER = "loraplex.distributed.routing:AdapterAffinityRouter"
 
 
 def application(engine_options: dict[str, Any], config: ServerConfig, replicas: int,
-                replica_cpus: float = 1.0, replica_gpus: float | None = None, routing: str = "affinity") -> Any:
+                replica_cpus: float = 1.0, replica_gpus: float | None = None, routing: str = "affinity",
+                autoscaling: dict[str, Any] | None = None) -> Any:
     """The Serve application (not yet running). `routing`: affinity (each adapter's requests to its home
     replica by rendezvous hashing, routing.py; the default), multiplexed (Serve's own: a replica that
     loaded the adapter recently), or random (Serve's choice blind to the adapter). Compared in
-    benchmarks/cluster_routing.py."""
+    benchmarks/cluster_routing.py. `autoscaling`: Serve's autoscaling_config for the replicas
+    (min_replicas, max_replicas, target_ongoing_requests, ...) instead of a fixed `replicas`."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
     engine_config = EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
@@ -59,8 +61,9 @@ def application(engine_options: dict[str, Any], config: ServerConfig, replicas: 
     catalog, board = shared_actors(engine_options)
     router = {"request_router_config": RequestRouterConfig(request_router_class=AFFINITY_ROUTER)} \
         if routing == "affinity" else {}
+    count = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
     replica = replica_deployment(engine_config.max_cpu_adapters + 1).options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
+        **count, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         max_ongoing_requests=max(config.max_waiting, 1), health_check_period_s=2, health_check_timeout_s=30,
         **router)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
@@ -70,13 +73,14 @@ def application(engine_options: dict[str, Any], config: ServerConfig, replicas: 
 def app_builder(args: dict[str, Any]) -> Any:
     """For `serve deploy` / `serve run` config files: `args` holds `engine` (engine options, as
     `loraplex serve`'s flags name them with underscores), `server` (server options), `replicas`,
-    and optionally `replica_cpus`, `replica_gpus` and `routing`."""
+    and optionally `replica_cpus`, `replica_gpus`, `routing` and `autoscaling` (Serve's autoscaling_config,
+    which then sets the number of replicas between its bounds)."""
     server = dict(args.get("server", {}))
     if "allowed_origins" in server:
         server["allowed_origins"] = tuple(server["allowed_origins"])
     return application(dict(args.get("engine", {})), ServerConfig(**server), int(args.get("replicas", 1)),
                        float(args.get("replica_cpus", 1.0)), args.get("replica_gpus"),
-                       str(args.get("routing", "affinity")))
+                       str(args.get("routing", "affinity")), args.get("autoscaling"))
 
 
 def serve_cluster(engine_options: dict[str, Any], config: ServerConfig, replicas: int,

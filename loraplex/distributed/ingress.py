@@ -2,10 +2,10 @@
 
 Every request but /metrics is carried to a replica whole (method, path, headers, body) and answered
 there by the same app as `loraplex serve`'s, so routes, keys, errors and streaming are the single
-server's. The request's `model` (read from a completion or chat body) is Serve's multiplexed model id:
-Serve sends the request to a replica that served that adapter recently. A replica that dies before it
-answers is tried once more elsewhere; if that fails too, 503 with Retry-After (never a hang). /metrics
-merges every replica's metrics under a `replica` label.
+server's. The request's `model` (read from a completion or chat body), unless it is the base model, is
+Serve's multiplexed model id: the replicas' router (routing.py) sends it to that adapter's home replica.
+A replica that dies before it answers is tried once more elsewhere; if that fails too, 503 with
+Retry-After (never a hang). /metrics merges every replica's metrics under a `replica` label.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations (Request) at
@@ -66,6 +66,7 @@ class Ingress:
         self.board = board
         self.config = config
         self.by_model = routing != "random"  # random: Serve's default choice, blind to adapters
+        self.base: str | None = None  # the base model's name, asked of a replica once: its requests are spread
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -87,6 +88,14 @@ class Ingress:
                                      [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()],
                                      bytes(body), client)
         model_id = multiplexed_id(request.url.path, forwarded.body) if self.by_model else ""
+        if model_id:
+            if self.base is None:
+                try:
+                    self.base = await self.replicas.base_name.remote()
+                except Exception:  # no replica up yet: route by the name this once
+                    logger.warning("could not ask a replica for the base model's name", exc_info=True)
+            if model_id == self.base:
+                model_id = ""  # every replica serves the base model: the less loaded of two takes it
         for attempt in range(2):
             stream = self.replicas.options(multiplexed_model_id=model_id, stream=True).handle.remote(forwarded)
             try:

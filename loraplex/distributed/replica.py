@@ -73,6 +73,10 @@ class LoraplexReplica:
         running, its catalog copy made and its metrics reported before its first request."""
         await self._start()
 
+    async def base_name(self) -> str:
+        """The base model's served name (the ingress spreads its requests instead of routing them by model)."""
+        return self.state.base_name
+
     async def ready(self) -> str:
         await self._start()
         return self.replica_id

@@ -6,12 +6,13 @@ workload soon means every replica for the popular ones and any replica for the r
 is fixed by the name: the home replica first, then the next replica in the adapter's hash order (its
 second home, when the first is full: Serve moves down a rank when a replica has max_ongoing_requests),
 then the rest. A replica added or removed moves only the adapters homed on it. Requests for the base
-model, or with no model, go to the least loaded replicas (Serve's power of two choices over all).
+model, or with no model, go to the less loaded of two replicas drawn at random (power of two choices).
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
@@ -28,7 +29,9 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         model = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        if not model or not candidate_replicas:
-            return [candidate_replicas]
+        if not model or not candidate_replicas:  # power of two choices: two at random, the shorter queue first
+            pair = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
+            rest = [r for r in candidate_replicas if r not in pair]
+            return [pair, rest] if rest else [pair]
         order = rendezvous_order(model, candidate_replicas)
         return [[order[0]], order[1:2], order[2:]] if len(order) > 2 else [[r] for r in order]

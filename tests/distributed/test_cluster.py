@@ -24,6 +24,8 @@ from loraplex.models.demo import DEMO_ADAPTERS  # noqa: E402
 PROMPTS = ["Once upon a time", "The capital of", "1 2 3 4"]
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_TOKENS = 8
+COMPOSITION = [("alpha", 0.7), ("beta", -0.5)]
+EXPRESSION = "alpha*0.7+beta*-0.5"
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engine(demo_dir):
-    llm = LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=256, kv_cache_memory="32MiB",
-              max_loras=2, adapters={name: str(demo_dir / "adapters" / name) for name in DEMO_ADAPTERS})
-    return llm
+def engine(demo_dir, tmp_path_factory):
+    """The single engine, with the demo adapters and `cat-offline`: the offline cat merge of the composition
+    the tests request (`loraplex merge`'s code), which one server serves equal to the composition."""
+    from loraplex.arithmetic import MergeParams
+    from loraplex.merging import Source, merge_directories
+
+    merged = tmp_path_factory.mktemp("merged") / "cat"
+    merge_directories([Source(name=n, path=demo_dir / "adapters" / n, weight=w) for n, w in COMPOSITION],
+                      MergeParams("cat"), merged)
+    adapters = {name: str(demo_dir / "adapters" / name) for name in DEMO_ADAPTERS} | {"cat-offline": str(merged)}
+    return LLM(model=str(demo_dir), dtype="float32", device="cpu", max_model_len=256, kv_cache_memory="32MiB",
+               max_loras=2, adapters=adapters)
 
 
 def expected(engine: LLM, model: str, prompt: str) -> str:
@@ -89,10 +99,13 @@ def test_outputs_equal_the_single_engine(cluster, engine):
             response = complete(cluster, model, prompt)
             assert response.status_code == 200, response.text
             assert response.json()["choices"][0]["text"] == expected(engine, model, prompt)
-    # a composition (model expression) is composed on the replica as on one server
-    composed = complete(cluster, "alpha*0.7+beta*-0.5").json()["choices"][0]["text"]
-    assert composed not in (expected(engine, base, PROMPTS[0]), expected(engine, "alpha", PROMPTS[0]))
-    assert complete(cluster, "alpha*0.7+beta*-0.5").json()["choices"][0]["text"] == composed
+    # a composition (model expression) is composed on the replica as on one server: equal to the offline merge
+    for prompt in PROMPTS:
+        composed = complete(cluster, EXPRESSION, prompt)
+        assert composed.status_code == 200, composed.text
+        assert composed.json()["choices"][0]["text"] == expected(engine, "cat-offline", prompt)
+    assert expected(engine, "cat-offline", PROMPTS[0]) not in (expected(engine, base, PROMPTS[0]),
+                                                                expected(engine, "alpha", PROMPTS[0]))
 
 
 def test_streaming_through_the_ingress_equals_the_whole_answer(cluster, engine):
@@ -167,3 +180,22 @@ def test_a_replica_killed_mid_run_is_replaced_and_no_request_hangs(cluster):
     else:
         raise AssertionError(f"the replica was not replaced: {status}")
     assert complete(cluster, "alpha").status_code == 200
+
+
+def test_the_ingress_restarting_loses_no_adapter(cluster, demo_dir: Path):
+    parts = [("files", (f, (demo_dir / "adapters" / "gamma" / f).read_bytes())) for f in FILES]
+    assert httpx.post(f"{cluster}/v1/adapters", data={"name": "kept"}, files=parts, timeout=60).status_code == 201
+    ingress = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "LoraplexIngress" in a["name"] and a["name"].startswith("SERVE_REPLICA"))
+    ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            listed = httpx.get(f"{cluster}/v1/adapters", timeout=10)
+            if listed.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    assert "kept" in [a["id"] for a in listed.json()["data"]]
+    assert complete(cluster, "kept").status_code == 200

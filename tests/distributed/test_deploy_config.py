@@ -29,3 +29,8 @@ def test_the_deploy_config_is_valid_for_serve_and_for_loraplex():
     ServerConfig(**args["server"])
     assert args["routing"] in ROUTINGS and args["replicas"] >= 1
     assert args["engine"]["max_cpu_adapters"] >= args["engine"]["max_loras"]
+    # the autoscaling bounds are ones Serve accepts
+    from ray.serve.config import AutoscalingConfig
+
+    bounds = AutoscalingConfig(**args["autoscaling"])
+    assert 1 <= bounds.min_replicas <= bounds.max_replicas

@@ -65,4 +65,9 @@ def test_the_router_ranks_home_first_and_spreads_requests_without_a_model():
     assert [r.replica_id.unique_id for rank in ranks for r in rank] == \
         [r.replica_id.unique_id for r in rendezvous_order("adapter-7", REPLICAS)]
     assert len(ranks[0]) == 1
-    assert asyncio.run(router.choose_replicas(REPLICAS, Pending(Metadata("")))) == [REPLICAS]
+    drawn = set()
+    for _ in range(50):  # no model: two replicas at random first, the others after
+        first, rest = asyncio.run(router.choose_replicas(REPLICAS, Pending(Metadata(""))))
+        assert len(first) == 2 and sorted(first + rest, key=id) == sorted(REPLICAS, key=id)
+        drawn.update(r.replica_id.unique_id for r in first)
+    assert drawn == {"r0", "r1", "r2", "r3"}
