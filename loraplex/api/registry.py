@@ -56,7 +56,7 @@ class Publisher(Protocol):
     (loraplex/distributed). `publish` runs after the change is validated and served here, and before it is
     acknowledged; if it raises, the change is undone here and the request fails."""
 
-    async def publish(self, record: StoredAdapter) -> None: ...
+    async def publish(self, record: StoredAdapter, replace: bool) -> None: ...
 
     async def unpublish(self, name: str) -> None: ...
 
@@ -160,7 +160,7 @@ class AdapterRegistry:
                     raise
                 if publish and self.publisher is not None:
                     try:
-                        await self.publisher.publish(record)
+                        await self.publisher.publish(record, replace or name in self.unavailable)
                     except BaseException:
                         await self._undo_add(name, previous)
                         raise
@@ -196,7 +196,11 @@ class AdapterRegistry:
             info = self.infos.get(name)
             if info is None and name not in self.unavailable:
                 raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
-            if publish and self.publisher is not None and (info is None or info.stored):
+            if publish and self.publisher is not None:
+                if info is not None and not info.stored:  # each replica serves its own copy for the run
+                    raise APIError(409, f"adapter '{name}' was given at start (--adapter, or the demo's) and is "
+                                   "served by every replica for this run; it cannot be deleted on a cluster",
+                                   param="name", code="adapter_not_stored")
                 await self.publisher.unpublish(name)
             if info is None or info.stored:  # the catalog first: if it fails, nothing else has changed
                 try:

@@ -73,15 +73,18 @@ class AdapterCatalog:
         files = {file_name: (record.path / file_name).read_bytes() for file_name in record.files}
         return CatalogEntry(name, version_of(record), record.format, record.info, files, dict(record.files))
 
-    def publish(self, name: str, format: str, info: dict[str, Any], files: dict[str, bytes]) -> str:
-        """Store (or replace) an adapter a replica has validated; returns its version."""
+    def publish(self, name: str, format: str, info: dict[str, Any], files: dict[str, bytes],
+                replace: bool = False) -> str:
+        """Store an adapter a replica has validated (replacing one of that name only with `replace`: two
+        replicas taking uploads of one name at once get one 201 and one 409, as one server would);
+        returns its version."""
         staged = self.store.staging_dir()
         try:
             for file_name, data in files.items():
                 if Path(file_name).name != file_name:
                     raise StoreError("files", f"'{file_name}' is not a plain file name")
                 (staged / file_name).write_bytes(data)
-            record = self.store.commit(name, staged, format, info, replace=True)
+            record = self.store.commit(name, staged, format, info, replace=replace)
         finally:
             if staged.exists():
                 self.store.discard(staged)

@@ -12,6 +12,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.distributed.board import METRICS_BOARD_ACTOR, MetricsBoard
@@ -35,8 +36,10 @@ def shared_actors(engine_options: dict[str, Any]) -> tuple[Any, Any]:
     """The catalog and the metrics board: created once per cluster, found again by name (so an ingress or
     replica restart, or a second deploy, uses the same catalog). Restarted by Ray if their process dies."""
     options = dict(namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1, num_cpus=0)
-    catalog = ray.remote(AdapterCatalog).options(name=CATALOG_ACTOR, max_concurrency=1, **options).remote(
-        str(catalog_root(engine_options)))
+    # The catalog's store is on this node's disk: the actor stays on this node, restarts included.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    catalog = ray.remote(AdapterCatalog).options(name=CATALOG_ACTOR, max_concurrency=1, scheduling_strategy=here,
+                                                  **options).remote(str(catalog_root(engine_options)))
     board = ray.remote(MetricsBoard).options(name=METRICS_BOARD_ACTOR, **options).remote()
     return catalog, board
 
@@ -64,8 +67,10 @@ def application(engine_options: dict[str, Any], config: ServerConfig, replicas: 
     count = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
     replica = replica_deployment(engine_config.max_cpu_adapters + 1).options(
         **count, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
-        max_ongoing_requests=max(config.max_waiting, 1), health_check_period_s=2, health_check_timeout_s=30,
-        **router)
+        # in flight per replica: its batch; beyond, the router tries the next replica in the adapter's ranking,
+        # then queues up to --max-waiting requests, then the ingress answers 429
+        max_ongoing_requests=engine_config.max_num_seqs, max_queued_requests=config.max_waiting,
+        health_check_period_s=2, health_check_timeout_s=30, **router)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
         replica.bind(engine_options, config, catalog, board), board, config, routing)
 
@@ -93,13 +98,16 @@ def serve_cluster(engine_options: dict[str, Any], config: ServerConfig, replicas
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(application(engine_options, config, replicas, replica_cpus), name=APP_NAME, route_prefix="/")
-    logger.info("ready: %d replica(s); point an OpenAI client at base_url=http://%s:%d/v1", replicas,
-                config.host, config.port)
-    received = signal.sigwait(stop_signals)
-    logger.info("%s: stopping the cluster application", signal.Signals(received).name)
-    serve.delete(APP_NAME)
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(application(engine_options, config, replicas, replica_cpus), name=APP_NAME, route_prefix="/")
+        logger.info("ready: %d replica(s); point an OpenAI client at base_url=http://%s:%d/v1", replicas,
+                    config.host, config.port)
+        received = signal.sigwait(stop_signals)
+        logger.info("%s: stopping the cluster application", signal.Signals(received).name)
+        serve.delete(APP_NAME)
+    finally:
+        if ray_address is None:  # our own local cluster: all of it goes (a joined one keeps its other apps)
+            serve.shutdown()
+        ray.shutdown()
     return 0

@@ -11,6 +11,7 @@ Retry-After (never a hang). /metrics merges every replica's metrics under a `rep
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations (Request) at
 # import, through Serve's wrapper, and cannot resolve them as strings there.
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -19,8 +20,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
-from loraplex.api.errors import error_body
+from loraplex.api.auth import Auth, required_role
+from loraplex.api.errors import APIError, error_body
 from loraplex.config import ServerConfig
 from loraplex.distributed.forward import ForwardedRequest, ResponseStart
 from loraplex.distributed.metrics import merge_replica_metrics
@@ -51,11 +55,15 @@ def _unavailable(message: str) -> JSONResponse:
 
 
 async def _rest(stream: Any) -> AsyncIterator[bytes]:
+    """The rest of a streamed answer. Closed early (the client went away), it cancels the replica's request,
+    which aborts its sequences there as on one server."""
     try:
         async for chunk in stream:
             yield chunk
     except Exception as e:  # a replica dying mid-stream: the client sees the stream end early
         logger.warning("replica failed mid-response: %s", e)
+    finally:
+        stream.cancel()
 
 
 @serve.deployment(name="LoraplexIngress")
@@ -65,6 +73,7 @@ class Ingress:
         self.replicas = replicas
         self.board = board
         self.config = config
+        self.auth = Auth(config.api_key, config.admin_key)
         self.by_model = routing != "random"  # random: Serve's default choice, blind to adapters
         self.base: str | None = None  # the base model's name, asked of a replica once: its requests are spread
 
@@ -75,10 +84,27 @@ class Ingress:
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, request: Request, path: str) -> Response:
+        # The keys first, before any body is read (as one server's AuthGate); the replica checks them again.
+        role = required_role(request.method, request.url.path)
+        if role is not None:
+            try:
+                self.auth.check(role, request.headers.get("authorization", ""))
+            except APIError as e:
+                return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status,
+                                    headers=e.headers)
         limit = (self.config.max_adapter_bytes + MULTIPART_OVERHEAD if request.url.path == "/v1/adapters"
                  else self.config.max_body_bytes)
         body = bytearray()
-        async for chunk in request.stream():
+        chunks = request.stream().__aiter__()
+        while True:
+            try:  # a body must keep arriving (--body-timeout between chunks), as on one server
+                chunk = await asyncio.wait_for(chunks.__anext__(), self.config.body_timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                return JSONResponse(error_body(408, f"the request body stalled for {self.config.body_timeout} s; "
+                                                    "send it without pauses", code="body_timeout"),
+                                    status_code=408, headers={"Connection": "close"})
             body += chunk
             if len(body) > limit:
                 return JSONResponse(error_body(413, f"the request body is over {limit} bytes", code="too_large"),
@@ -100,19 +126,34 @@ class Ingress:
             stream = self.replicas.options(multiplexed_model_id=model_id, stream=True).handle.remote(forwarded)
             try:
                 first = await stream.__anext__()
+            except BackPressureError:
+                return JSONResponse(error_body(429, "every replica is at its limit of requests in flight and the "
+                                                    "queue is full; retry in a moment", code="overloaded"),
+                                    status_code=429, headers={"Retry-After": RETRY_AFTER_SECONDS})
+            except (RayActorError, ActorUnavailableError) as e:  # died or was replaced before it began
+                logger.warning("replica unavailable before answering (attempt %d): %s", attempt + 1, e)
+                continue
             except StopAsyncIteration:
                 return _unavailable("the replica ended the request without an answer; retry")
-            except Exception as e:  # the replica died or was being replaced before it answered
-                logger.warning("replica failed before answering (attempt %d): %s", attempt + 1, e)
-                continue
+            except Exception as e:  # the replica failed in another way: not retried (it may have acted)
+                logger.error("replica failed before answering: %s", e)
+                return JSONResponse(error_body(502, f"the replica failed: {type(e).__name__}", code="replica_error"),
+                                    status_code=502)
             if not isinstance(first, ResponseStart):
                 return _unavailable("the replica's answer began without a status; retry")
             # Serve's proxy sets its own x-request-id (the client's, when given, as the replica's is)
             headers = [(k, v) for k, v in first.headers if k.lower() != b"x-request-id"]
             if dict(headers).get(b"content-type", b"").startswith(b"text/event-stream"):
                 response: Response = StreamingResponse(_rest(stream), status_code=first.status)
-            else:  # a whole answer: one message to the client
-                response = Response(b"".join([chunk async for chunk in _rest(stream)]), status_code=first.status)
+            else:  # a whole answer: read it all, then one message to the client
+                try:
+                    content = b"".join([chunk async for chunk in stream])
+                except Exception as e:
+                    logger.warning("replica failed mid-answer: %s", e)
+                    return _unavailable("the replica failed while answering; retry")
+                finally:
+                    stream.cancel()  # (a no-op once done; stops the replica's work if this request was cancelled)
+                response = Response(content, status_code=first.status)
             response.raw_headers = headers
             return response
         return _unavailable("no replica could take the request (one is restarting); retry in a moment")

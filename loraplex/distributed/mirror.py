@@ -37,44 +37,57 @@ class CatalogMirror:
             generation, listing = await self.catalog.listing.remote()
             if generation == self.seen:
                 return
+            complete = True  # only a sync that applied every change moves `seen`: a failed one is retried
             for name in [n for n in self.versions if n not in listing]:
-                await self._drop(name)
+                complete &= await self._drop(name)
             for name, version in listing.items():
                 if self.versions.get(name) != version:
-                    await self._copy(name)
-            self.seen = generation
+                    complete &= await self._copy(name)
+            if complete:
+                self.seen = generation
 
-    async def _copy(self, name: str) -> None:
-        entry: CatalogEntry | None = await self.catalog.fetch.remote(name)
-        if entry is None:  # deleted since the listing: the next sync drops it
-            return
-        entry.verify()
+    async def _copy(self, name: str) -> bool:
+        """Copy one adapter from the catalog; False if it failed (logged; not served here, retried at the
+        next sync). A copy that fails never stops the replica's other requests."""
         registry = self.registry
-        staged = registry.store.staging_dir()
-        for file_name, data in entry.files.items():
-            (staged / file_name).write_bytes(data)
         try:
+            entry: CatalogEntry | None = await self.catalog.fetch.remote(name)
+            if entry is None:  # deleted since the listing: the next sync drops it
+                return True
+            entry.verify()
+            staged = registry.store.staging_dir()
+            for file_name, data in entry.files.items():
+                (staged / file_name).write_bytes(data)
             await registry.add_staged(name, staged, str(entry.info.get("source", "upload")), replace=True,
                                       recipe=entry.info.get("recipe"), publish=False)
-        except Exception:  # one bad adapter must not stop the others: not served here, said in the log
-            logger.exception("adapter %s from the catalog is not served on this replica", name)
-            return
+        except Exception:
+            logger.exception("adapter %s from the catalog is not served on this replica (retried at the next "
+                             "request)", name)
+            if name in self.versions:  # never serve a version the catalog has replaced
+                await self._drop(name)
+            return False
         self.versions[name] = entry.version
+        return True
 
-    async def _drop(self, name: str) -> None:
-        self.versions.pop(name, None)
+    async def _drop(self, name: str) -> bool:
         try:
             await self.registry.delete(name, publish=False)
         except APIError as e:
             if e.status != 404:
-                raise
+                logger.exception("adapter %s, deleted from the catalog, is still served here", name)
+                return False
+        except Exception:
+            logger.exception("adapter %s, deleted from the catalog, is still served here", name)
+            return False
+        self.versions.pop(name, None)
+        return True
 
     # -- Publisher ---------------------------------------------------------------------------------------
 
-    async def publish(self, record: StoredAdapter) -> None:
+    async def publish(self, record: StoredAdapter, replace: bool) -> None:
         files = {file_name: (record.path / file_name).read_bytes() for file_name in record.files}
         self.versions[record.name] = await self.catalog.publish.remote(record.name, record.format, record.info,
-                                                                       files)
+                                                                       files, replace)
 
     async def unpublish(self, name: str) -> None:
         await self.catalog.delete.remote(name)

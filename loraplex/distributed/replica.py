@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,8 +31,12 @@ class LoraplexReplica:
 
         self.mirror = CatalogMirror(catalog)
         self.board = board
-        store_dir = Path(tempfile.mkdtemp(prefix="loraplex-replica-")) / "store"  # the catalog's local copy
-        self.app = build_app(engine_options, config, store_dir=store_dir, publisher=self.mirror)
+        self.work_dir = Path(tempfile.mkdtemp(prefix="loraplex-replica-"))  # the catalog's local copy
+        try:
+            self.app = build_app(engine_options, config, store_dir=self.work_dir / "store", publisher=self.mirror)
+        except BaseException:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            raise
         self.state = self.app.state.loraplex
         self.mirror.registry = self.state.registry
         try:
@@ -61,12 +66,18 @@ class LoraplexReplica:
                 logger.debug("metrics report failed", exc_info=True)
             await asyncio.sleep(REPORT_SECONDS)
 
-    def __del__(self) -> None:
-        """Serve calls this when it stops the replica: its metrics leave the ingress's /metrics at once."""
+    async def __del__(self) -> None:
+        """Serve awaits this when it stops the replica: its metrics leave the ingress's /metrics at once, the
+        engine stops (the app's lifespan), and its copy of the catalog is removed."""
         if getattr(self, "_reporter", None) is not None:
             self._reporter.cancel()
         with contextlib.suppress(Exception):
             self.board.forget.remote(self.replica_id)
+        if getattr(self, "_lifespan", None) is not None:
+            with contextlib.suppress(Exception):
+                await self._lifespan.__aexit__(None, None, None)
+            self._lifespan = None
+        shutil.rmtree(getattr(self, "work_dir", ""), ignore_errors=True)
 
     async def check_health(self) -> None:
         """Serve's health check (every 2 s): starts the app at the first one, so a new replica has its engine

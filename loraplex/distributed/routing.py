@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 
 def rendezvous_order(key: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
@@ -25,9 +25,14 @@ def rendezvous_order(key: str, replicas: list[RunningReplica]) -> list[RunningRe
     return sorted(replicas, key=weight, reverse=True)
 
 
-class AdapterAffinityRouter(FIFOMixin, RequestRouter):
+class AdapterAffinityRouter(RequestRouter):
+    """(No FIFO mixin: a replica chosen for a request goes to that request, not to the oldest waiting one,
+    whose adapter may be homed elsewhere.)"""
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:  # every ranked replica full: wait before probing again
+            pending_request.routing_context.should_backoff = True
         model = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if not model or not candidate_replicas:  # power of two choices: two at random, the shorter queue first
             pair = random.sample(candidate_replicas, min(2, len(candidate_replicas)))

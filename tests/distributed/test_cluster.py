@@ -24,6 +24,8 @@ from loraplex.models.demo import DEMO_ADAPTERS  # noqa: E402
 PROMPTS = ["Once upon a time", "The capital of", "1 2 3 4"]
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_TOKENS = 8
+USER = {"Authorization": "Bearer user-key-123"}
+ADMIN = {"Authorization": "Bearer admin-key-123"}
 COMPOSITION = [("alpha", 0.7), ("beta", -0.5)]
 EXPRESSION = "alpha*0.7+beta*-0.5"
 
@@ -41,7 +43,8 @@ def cluster(demo_dir, tmp_path_factory):
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(application(options, ServerConfig(), replicas=2, replica_cpus=0.5), name=APP_NAME,
+        config = ServerConfig(api_key="user-key-123", admin_key="admin-key-123", max_body_size="64KiB")
+        serve.run(application(options, config, replicas=2, replica_cpus=0.5), name=APP_NAME,
                   route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -77,7 +80,7 @@ def expected(engine: LLM, model: str, prompt: str) -> str:
 
 
 def complete(url: str, model: str, prompt: str = PROMPTS[0], **extra) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", timeout=120,
+    return httpx.post(f"{url}/v1/completions", timeout=120, headers=USER,
                       json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra})
 
 
@@ -109,7 +112,7 @@ def test_outputs_equal_the_single_engine(cluster, engine):
 
 
 def test_streaming_through_the_ingress_equals_the_whole_answer(cluster, engine):
-    with httpx.stream("POST", f"{cluster}/v1/completions", timeout=120, json={
+    with httpx.stream("POST", f"{cluster}/v1/completions", timeout=120, headers=USER, json={
             "model": "alpha", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
@@ -120,18 +123,30 @@ def test_streaming_through_the_ingress_equals_the_whole_answer(cluster, engine):
 
 def test_an_upload_reaches_every_replica_and_a_delete_too(cluster, engine, demo_dir: Path):
     parts = [("files", (f, (demo_dir / "adapters" / "beta" / f).read_bytes())) for f in FILES]
-    created = httpx.post(f"{cluster}/v1/adapters", data={"name": "shared"}, files=parts, timeout=60)
+    created = httpx.post(f"{cluster}/v1/adapters", headers=ADMIN, data={"name": "shared"}, files=parts,
+                         timeout=60)
     assert created.status_code == 201, created.text
     # every replica lists it and serves it (non-routed requests reach either replica at random)
-    listings = replicas_seen(cluster, lambda: httpx.get(f"{cluster}/v1/adapters", timeout=60))
+    listings = replicas_seen(cluster, lambda: httpx.get(f"{cluster}/v1/adapters", headers=USER, timeout=60))
     for response in listings.values():
         assert "shared" in [a["id"] for a in response.json()["data"]]
     answer = complete(cluster, "shared", PROMPTS[2])
     assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == expected(engine, "beta", PROMPTS[2])
+    # used on both replicas: "shared" has one home replica, but scaled copies of it ("shared*1.0",
+    # "shared*1.00", ...) are other names, homed by their hash, composed from the replica's own copy
+    used: dict[str, str] = {}
+    for digits in range(1, 40):
+        response = complete(cluster, "shared*1." + "0" * digits, PROMPTS[2])
+        assert response.status_code == 200, response.text
+        used.setdefault(response.headers["x-loraplex-replica"], response.json()["choices"][0]["text"])
+        if len(used) == 2:
+            break
+    assert len(used) == 2 and set(used.values()) == {expected(engine, "beta", PROMPTS[2])}
 
-    deleted = httpx.delete(f"{cluster}/v1/adapters/shared", timeout=60)
+    deleted = httpx.delete(f"{cluster}/v1/adapters/shared", headers=ADMIN, timeout=60)
     assert deleted.status_code == 200, deleted.text
-    for response in replicas_seen(cluster, lambda: httpx.get(f"{cluster}/v1/adapters", timeout=60)).values():
+    listings = replicas_seen(cluster, lambda: httpx.get(f"{cluster}/v1/adapters", headers=USER, timeout=60))
+    for response in listings.values():
         assert "shared" not in [a["id"] for a in response.json()["data"]]
     for _ in range(4):  # on whichever replica: gone at once
         assert complete(cluster, "shared").status_code == 404
@@ -184,14 +199,15 @@ def test_a_replica_killed_mid_run_is_replaced_and_no_request_hangs(cluster):
 
 def test_the_ingress_restarting_loses_no_adapter(cluster, demo_dir: Path):
     parts = [("files", (f, (demo_dir / "adapters" / "gamma" / f).read_bytes())) for f in FILES]
-    assert httpx.post(f"{cluster}/v1/adapters", data={"name": "kept"}, files=parts, timeout=60).status_code == 201
+    assert httpx.post(f"{cluster}/v1/adapters", headers=ADMIN, data={"name": "kept"}, files=parts,
+                      timeout=60).status_code == 201
     ingress = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                    if "LoraplexIngress" in a["name"] and a["name"].startswith("SERVE_REPLICA"))
     ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=False)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            listed = httpx.get(f"{cluster}/v1/adapters", timeout=10)
+            listed = httpx.get(f"{cluster}/v1/adapters", headers=USER, timeout=10)
             if listed.status_code == 200:
                 break
         except httpx.HTTPError:
@@ -199,3 +215,22 @@ def test_the_ingress_restarting_loses_no_adapter(cluster, demo_dir: Path):
         time.sleep(0.5)
     assert "kept" in [a["id"] for a in listed.json()["data"]]
     assert complete(cluster, "kept").status_code == 200
+
+
+def test_keys_limits_and_conflicts_hold_through_the_ingress(cluster, demo_dir: Path):
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 1}
+    assert httpx.post(f"{cluster}/v1/completions", json=body, timeout=60).status_code == 401
+    parts = [("files", (f, (demo_dir / "adapters" / "alpha" / f).read_bytes())) for f in FILES]
+    refused = httpx.post(f"{cluster}/v1/adapters", headers=USER, data={"name": "nope"}, files=parts, timeout=60)
+    assert refused.status_code == 403  # the inference key may not change adapters
+    too_big = httpx.post(f"{cluster}/v1/completions", headers=USER, timeout=60,
+                         json={**body, "prompt": "x" * (70 << 10)})
+    assert too_big.status_code == 413
+    # a local (--adapter) adapter cannot be deleted on a cluster: every replica serves its own copy
+    assert httpx.delete(f"{cluster}/v1/adapters/alpha", headers=ADMIN, timeout=60).status_code == 409
+    assert complete(cluster, "alpha").status_code == 200
+    # the same name uploaded twice without replace: the second is refused, as on one server
+    assert httpx.post(f"{cluster}/v1/adapters", headers=ADMIN, data={"name": "twice"}, files=parts,
+                      timeout=60).status_code == 201
+    again = httpx.post(f"{cluster}/v1/adapters", headers=ADMIN, data={"name": "twice"}, files=parts, timeout=60)
+    assert again.status_code == 409, again.text

@@ -19,7 +19,7 @@ class Catalog:
         self.published: dict[str, str] = {}  # name -> sha256 of the adapter's weights
         self.fail = False
 
-    async def publish(self, record) -> None:
+    async def publish(self, record, replace: bool) -> None:
         if self.fail:
             raise ConnectionError("catalog unreachable")
         self.published[record.name] = record.info["sha256"]

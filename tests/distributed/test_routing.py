@@ -57,17 +57,24 @@ def test_the_router_ranks_home_first_and_spreads_requests_without_a_model():
         multiplexed_model_id: str
 
     @dataclass
+    class Context:
+        should_backoff: bool = False
+
+    @dataclass
     class Pending:
         metadata: Metadata
+        routing_context: Context
 
     router = AdapterAffinityRouter.__new__(AdapterAffinityRouter)  # choose_replicas uses no router state
-    ranks = asyncio.run(router.choose_replicas(REPLICAS, Pending(Metadata("adapter-7"))))
+    pending = Pending(Metadata("adapter-7"), Context())
+    ranks = asyncio.run(router.choose_replicas(REPLICAS, pending))
+    assert pending.routing_context.should_backoff  # all ranked replicas full: wait, do not spin
     assert [r.replica_id.unique_id for rank in ranks for r in rank] == \
         [r.replica_id.unique_id for r in rendezvous_order("adapter-7", REPLICAS)]
     assert len(ranks[0]) == 1
     drawn = set()
     for _ in range(50):  # no model: two replicas at random first, the others after
-        first, rest = asyncio.run(router.choose_replicas(REPLICAS, Pending(Metadata(""))))
+        first, rest = asyncio.run(router.choose_replicas(REPLICAS, Pending(Metadata(""), Context())))
         assert len(first) == 2 and sorted(first + rest, key=id) == sorted(REPLICAS, key=id)
         drawn.update(r.replica_id.unique_id for r in first)
     assert drawn == {"r0", "r1", "r2", "r3"}
