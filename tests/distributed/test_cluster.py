@@ -148,8 +148,14 @@ def test_an_upload_reaches_every_replica_and_a_delete_too(cluster, engine, demo_
     listings = replicas_seen(cluster, lambda: httpx.get(f"{cluster}/v1/adapters", headers=USER, timeout=60))
     for response in listings.values():
         assert "shared" not in [a["id"] for a in response.json()["data"]]
-    for _ in range(4):  # on whichever replica: gone at once
-        assert complete(cluster, "shared").status_code == 404
+    gone: set[str] = set()  # on both replicas at once: "shared" itself has one home; scaled names land on each
+    for digits in range(1, 40):
+        response = complete(cluster, "shared*1." + "0" * digits)
+        assert response.status_code == 404, response.text
+        gone.add(response.headers["x-loraplex-replica"])
+        if len(gone) == 2:
+            break
+    assert len(gone) == 2 and complete(cluster, "shared").status_code == 404
 
 
 def test_every_replicas_metrics_are_exported(cluster):
@@ -215,6 +221,12 @@ def test_the_ingress_restarting_loses_no_adapter(cluster, demo_dir: Path):
         time.sleep(0.5)
     assert "kept" in [a["id"] for a in listed.json()["data"]]
     assert complete(cluster, "kept").status_code == 200
+    # and it is the catalog that holds it, not only the replicas' copies
+    from loraplex.distributed.catalog import CATALOG_ACTOR
+    from loraplex.distributed.cluster import NAMESPACE
+
+    _, listing = ray.get(ray.get_actor(CATALOG_ACTOR, namespace=NAMESPACE).listing.remote())
+    assert "kept" in listing
 
 
 def test_keys_limits_and_conflicts_hold_through_the_ingress(cluster, demo_dir: Path):
