@@ -55,13 +55,17 @@ def _unavailable(message: str) -> JSONResponse:
 
 
 async def _rest(stream: Any) -> AsyncIterator[bytes]:
-    """The rest of a streamed answer. Closed early (the client went away), it cancels the replica's request,
-    which aborts its sequences there as on one server."""
+    """The rest of a streamed answer (server-sent events). A replica that fails mid-stream ends it with an
+    error event and [DONE], as one server does when it stops mid-stream. Closed early (the client went
+    away), it cancels the replica's request, which aborts its sequences there as on one server."""
     try:
         async for chunk in stream:
             yield chunk
-    except Exception as e:  # a replica dying mid-stream: the client sees the stream end early
+    except Exception as e:
         logger.warning("replica failed mid-response: %s", e)
+        error = error_body(503, "the replica serving this stream failed; retry the request",
+                           code="replica_unavailable")
+        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
     finally:
         stream.cancel()
 
