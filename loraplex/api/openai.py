@@ -72,10 +72,11 @@ async def tokenize(request: Request, state: State) -> dict[str, Any]:
     else:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
+            extra = body.chat_template_kwargs or {}
             if body.continue_final_message:
-                tokens = await engine.encode_chat(messages, False, continue_final_message=True)
+                tokens = await engine.encode_chat(messages, False, continue_final_message=True, template_kwargs=extra)
             else:
-                tokens = await engine.encode_chat(messages, body.add_generation_prompt)
+                tokens = await engine.encode_chat(messages, body.add_generation_prompt, template_kwargs=extra)
         except LoraplexError:
             raise
         except Exception as e:  # the template's own raise_exception, or a template error
@@ -192,10 +193,13 @@ async def chat_completions(request: Request, state: State):
     tools = tool_plan.tools if tool_plan is not None else None
     messages = [m.for_template() for m in body.messages]
     try:
+        extra = body.chat_template_kwargs or {}
         if body.continues_final_message:  # a prefill: the final assistant message is left open and continued
-            prompt = await state.engine.encode_chat(messages, False, continue_final_message=True, tools=tools)
+            prompt = await state.engine.encode_chat(messages, False, continue_final_message=True, tools=tools,
+                                                    template_kwargs=extra)
         else:
-            prompt = await state.engine.encode_chat(messages, body.add_generation_prompt, tools=tools)
+            prompt = await state.engine.encode_chat(messages, body.add_generation_prompt, tools=tools,
+                                                    template_kwargs=extra)
     except LoraplexError:
         raise  # the app's handler maps it (no chat template: 400 on messages)
     except Exception as e:  # the template's own raise_exception, or a template error

@@ -257,8 +257,6 @@ REFUSED: tuple[tuple[str, Refused], ...] = (
     # vLLM's chat template options (continue_final_message is implemented)
     ("chat_template", Refused("the server's chat template is used: the model's own, or --chat-template", _TEMPLATE,
                               _noop(), CHAT)),
-    ("chat_template_kwargs", Refused("the chat template is given no extra variables", "omit it or send {}; or "
-                                     "render the prompt yourself and send it to /v1/completions", _noop({}), CHAT)),
     ("documents", Refused("the chat template is given no documents", "omit it or send []; put the documents in "
                           "the messages", _noop([]), CHAT)),
     ("mm_processor_kwargs", Refused("text models only: there is no multimodal processor", "omit it or send {}",
@@ -411,6 +409,24 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
+# chat_template_kwargs: extra variables for the chat template (e.g. Qwen3's enable_thinking), as
+# transformers' apply_chat_template(**kwargs) passes them. Bounded; plain JSON values only; never the
+# variables loraplex itself gives the template.
+MAX_TEMPLATE_KWARGS = 32
+RESERVED_TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "continue_final_message", "bos_token",
+                                     "eos_token", "tools", "documents", "raise_exception", "strftime_now"})
+TemplateValue = StrictBool | StrictInt | StrictFloat | Annotated[StrictStr, Field(max_length=4096)] | None
+TemplateKwargs = Annotated[dict[Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], TemplateValue],
+                           Field(max_length=MAX_TEMPLATE_KWARGS)]
+
+
+def _check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    for name in kwargs or ():
+        if name in RESERVED_TEMPLATE_NAMES:
+            raise invalid("chat_template_kwargs", f"'{name}' is set by the server (or by its own field); use "
+                          "another name, or the request's own field for it")
+
+
 class ChatCompletionRequest(SamplingFields):
     ENDPOINT = "chat"
 
@@ -425,9 +441,11 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's: the final (assistant) message is left open and continued (a prefill). Also what
     # add_generation_prompt false means when the final message is the assistant's.
     continue_final_message: StrictBool = False
+    chat_template_kwargs: TemplateKwargs | None = None  # vLLM's: extra variables for the chat template
 
     @model_validator(mode="after")
     def _continue_an_assistant_message(self) -> ChatCompletionRequest:
+        _check_template_kwargs(self.chat_template_kwargs)
         if not self.continue_final_message:
             return self
         if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
@@ -477,10 +495,12 @@ class TokenizeRequest(_Body):
     add_special_tokens: StrictBool | None = None  # default: true for a prompt, false for messages (vLLM)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    chat_template_kwargs: TemplateKwargs | None = None
     return_token_strs: StrictBool = False
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:
+        _check_template_kwargs(self.chat_template_kwargs)
         if (self.prompt is None) == (self.messages is None):
             raise invalid("prompt", "send either prompt (a text) or messages (a conversation), not both or neither")
         if self.messages is not None and self.add_special_tokens:

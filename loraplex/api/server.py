@@ -33,8 +33,8 @@ from loraplex.api.state import ServerState
 from loraplex.cache import STORES_DIRNAME
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncEngine, CallerThreadExecutor
-from loraplex.engine.threads import serving_threads
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.threads import serving_threads
 from loraplex.llm import resolve_model
 from loraplex.preflight import store_slug
 

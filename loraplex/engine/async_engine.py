@@ -15,6 +15,7 @@ import queue
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from loraplex.adapters_store.formats import LoRAAdapter
 from loraplex.engine.compositions import Recipe
@@ -204,16 +205,20 @@ class AsyncEngine:
         return [by_text[p] if isinstance(p, str) else p for p in prompts]
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False, tools: list[dict] | None = None) -> list[int]:
+                          continue_final_message: bool = False, tools: list[dict] | None = None,
+                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """The conversation through the model's chat template, tokenized, off the event loop. Raises
         what the template raises (it may refuse a conversation). A conversation whose text alone could
         never fit is refused before the template runs. `continue_final_message` (with
-        add_generation_prompt false): the final message is left open, for the model to continue it."""
+        add_generation_prompt false): the final message is left open, for the model to continue it.
+        `template_kwargs`: extra variables for the template (a request's chat_template_kwargs)."""
         tokenizer = self.engine.tokenizer
 
         def render() -> list[int]:
             self.check_text_length("".join(m.get("content") or "" for m in messages), "messages")
-            extra = {} if tools is None else {"tools": tools}  # only a template that reads them gets them
+            extra = dict(template_kwargs or {})
+            if tools is not None:  # only a template that reads them gets them
+                extra["tools"] = tools
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                  continue_final_message=continue_final_message, **extra)
             self.check_text_length(text, "messages")

@@ -11,8 +11,14 @@ import pytest
 from fastapi import FastAPI
 
 from loraplex.api import server as server_module
-from loraplex.api.server import (FD_RESERVE, FLOOD_LOGGERS, GuardedHttpToolsProtocol, RepeatFilter, connection_cap,
-                                 make_server)
+from loraplex.api.server import (
+    FD_RESERVE,
+    FLOOD_LOGGERS,
+    GuardedHttpToolsProtocol,
+    RepeatFilter,
+    connection_cap,
+    make_server,
+)
 from loraplex.config import ServerConfig
 
 

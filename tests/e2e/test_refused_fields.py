@@ -66,7 +66,6 @@ REFUSED = [
     ("cache_salt", BOTH, "a-secret-salt", [None]),
     # vLLM's chat template options
     ("chat_template", (CHAT,), "{{ messages[0]['content'] }}", [None]),
-    ("chat_template_kwargs", (CHAT,), {"enable_thinking": False}, [{}, None]),
     ("documents", (CHAT,), [{"title": "Lighthouses", "text": "They are tall."}], [[], None]),
     ("mm_processor_kwargs", (CHAT,), {"num_crops": 4}, [{}, None]),
 ]
