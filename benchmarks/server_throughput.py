@@ -62,7 +62,7 @@ def offline_runner(model_dir: Path, adapters: dict[str, str], jobs, args):
     return run
 
 
-def thread_cpu_seconds(pid: int) -> float:
+def process_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) of a process, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -85,11 +85,11 @@ async def run_client(url: str, base: str, jobs, args, server_pid: int | None) ->
     limits = httpx.Limits(max_connections=len(jobs) + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one(client, *jobs[0])  # warm-up
-        server_before = thread_cpu_seconds(server_pid) if server_pid else 0.0
+        server_before = process_cpu_seconds(server_pid) if server_pid else 0.0
         start, client_start = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(one(client, a, p) for a, p in jobs))
         elapsed, client_cpu = time.perf_counter() - start, time.process_time() - client_start
-        server_cpu = thread_cpu_seconds(server_pid) - server_before if server_pid else float("nan")
+        server_cpu = process_cpu_seconds(server_pid) - server_before if server_pid else float("nan")
     return {"tok_s": len(jobs) * args.output_len / elapsed, "ttfts": sorted(ttft for _, ttft in results),
             "seconds": elapsed, "client_cpu": client_cpu, "server_cpu": server_cpu}
 

@@ -26,10 +26,14 @@ NAMESPACE = "loraplex"
 APP_NAME = "loraplex"
 
 
+def engine_config(engine_options: dict[str, Any]) -> EngineConfig:
+    """The engine options (as `loraplex serve` passes them, `adapters` aside) as a validated config."""
+    return EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
+
+
 def catalog_root(engine_options: dict[str, Any]) -> Path:
     """The catalog's store: beside a single server's stores, in the data dir of the node it runs on."""
-    config = EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
-    return config.resolved_data_dir() / "cluster-catalog"
+    return engine_config(engine_options).resolved_data_dir() / "cluster-catalog"
 
 
 def shared_actors(engine_options: dict[str, Any]) -> tuple[Any, Any]:
@@ -58,18 +62,18 @@ def application(engine_options: dict[str, Any], config: ServerConfig, replicas: 
     (min_replicas, max_replicas, target_ongoing_requests, ...) instead of a fixed `replicas`."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
-    engine_config = EngineConfig.from_options(**{k: v for k, v in engine_options.items() if k != "adapters"})
+    engine = engine_config(engine_options)
     if replica_gpus is None:
-        replica_gpus = 1.0 if engine_config.device.startswith("cuda") else 0.0
+        replica_gpus = 1.0 if engine.device.startswith("cuda") else 0.0
     catalog, board = shared_actors(engine_options)
     router = {"request_router_config": RequestRouterConfig(request_router_class=AFFINITY_ROUTER)} \
         if routing == "affinity" else {}
     count = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
-    replica = replica_deployment(engine_config.max_cpu_adapters + 1).options(
+    replica = replica_deployment(engine.max_cpu_adapters + 1).options(
         **count, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         # in flight per replica: its batch; beyond, the router tries the next replica in the adapter's ranking,
         # then queues up to --max-waiting requests, then the ingress answers 429
-        max_ongoing_requests=engine_config.max_num_seqs, max_queued_requests=config.max_waiting,
+        max_ongoing_requests=engine.max_num_seqs, max_queued_requests=config.max_waiting,
         health_check_period_s=2, health_check_timeout_s=30, **router)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
         replica.bind(engine_options, config, catalog, board), board, config, routing)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from loraplex.adapters_store.store import StoredAdapter
@@ -56,8 +57,7 @@ class CatalogMirror:
                 return True
             entry.verify()
             staged = registry.store.staging_dir()
-            for file_name, data in entry.files.items():
-                (staged / file_name).write_bytes(data)
+            await asyncio.to_thread(_write_files, staged, entry.files)  # off the replica's event loop
             await registry.add_staged(name, staged, str(entry.info.get("source", "upload")), replace=True,
                                       recipe=entry.info.get("recipe"), publish=False)
         except Exception:
@@ -85,10 +85,19 @@ class CatalogMirror:
     # -- Publisher ---------------------------------------------------------------------------------------
 
     async def publish(self, record: StoredAdapter, replace: bool) -> None:
-        files = {file_name: (record.path / file_name).read_bytes() for file_name in record.files}
+        files = await asyncio.to_thread(_read_files, record)  # up to --max-adapter-size: off the event loop
         self.versions[record.name] = await self.catalog.publish.remote(record.name, record.format, record.info,
                                                                        files, replace)
 
     async def unpublish(self, name: str) -> None:
         await self.catalog.delete.remote(name)
         self.versions.pop(name, None)
+
+
+def _write_files(directory: Path, files: dict[str, bytes]) -> None:
+    for file_name, data in files.items():
+        (directory / file_name).write_bytes(data)
+
+
+def _read_files(record: StoredAdapter) -> dict[str, bytes]:
+    return {file_name: (record.path / file_name).read_bytes() for file_name in record.files}

@@ -93,9 +93,9 @@ class LoraplexReplica:
         return self.replica_id
 
     async def load(self, model_id: str) -> str:
-        """Serve's multiplexing loader: what it caches per replica is the name; the engine's host cache
-        and slots hold the weights (and evict them by their own policy)."""
-        await self.mirror.sync()
+        """Serve's multiplexing loader: what it caches per replica is the name (which Serve reports to its
+        routers); the engine's host cache and slots hold the weights (and evict them by their own policy),
+        and `handle` syncs the catalog before every request."""
         return model_id
 
     async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:

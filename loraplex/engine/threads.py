@@ -18,15 +18,18 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def omp_num_threads() -> int | None:
+    """$OMP_NUM_THREADS when it is a positive integer (the usual way to give each of several processes on
+    one machine its share), else None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def default_threads() -> int:
-    """The default of --threads: $OMP_NUM_THREADS when it is set to a positive integer (the usual way to
-    give several processes on one machine their share), else every core the process may use. With
+    """The default of --threads: $OMP_NUM_THREADS when set, else every core the process may use. With
     OpenMP's passive wait policy (which the CLI sets) the latter holds up when other programs share the
     cores; see BENCHMARKS.md, "A shared CPU"."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return available_cores()
+    return omp_num_threads() or available_cores()
 
 
 def serving_threads() -> int:
@@ -35,10 +38,7 @@ def serving_threads() -> int:
     torch's threads on every core, each of their parallel operators waits for the thread whose core the
     HTTP work took. On 2 cores, the server with one engine thread ran at 0.91x of the offline engine
     (at its two), against 0.80x with two (BENCHMARKS.md, "The server against the engine")."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return max(1, available_cores() - 1)
+    return omp_num_threads() or max(1, available_cores() - 1)
 
 
 def configure_threads(threads: int | None) -> int:
