@@ -146,27 +146,31 @@ class TorchBackend:
                 key, value = key[group.token_index], value[group.token_index]
             self._decode.update(k_cache, v_cache, key, value, group.block_tables)
 
-    def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim]; key, value: this step's, already written by
-        `write_kv` (used as they are by prompts with no cached context)."""
+        `write_kv` (used as they are by prompts with no cached context). `window`: a sliding-window
+        layer's (each query sees its last `window` positions); `softcap`: Gemma 2's score soft-capping
+        (see `reference.paged_attention`)."""
         groups = meta.plan.groups
         if len(groups) == 1:
-            return self._attend(query, (key, value), k_cache, v_cache, groups[0], scale)
+            return self._attend(query, (key, value), k_cache, v_cache, groups[0], scale, window, softcap)
         out = torch.empty_like(query)
         for group in groups:
             index = group.token_index
             step_kv = (key[index], value[index]) if group.fresh else None  # only fresh prompts read them
-            out[index] = self._attend(query[index], step_kv, k_cache, v_cache, group, scale)
+            out[index] = self._attend(query[index], step_kv, k_cache, v_cache, group, scale, window, softcap)
         return out
 
-    def _attend(self, query, step_kv, k_cache, v_cache, group: torch_attention.AttentionGroup, scale: float):
+    def _attend(self, query, step_kv, k_cache, v_cache, group: torch_attention.AttentionGroup, scale: float,
+                window: int | None, softcap: float | None):
         kv = None
         if group.max_query_len == 1 and self._decode is not None and self._decode.active:
             kv = self._decode.keys_values(k_cache, group.max_kv_len)
         elif group.fresh:  # the keys as the cache holds them
             key, value = step_kv[0].to(k_cache.dtype), step_kv[1].to(v_cache.dtype)
             kv = torch_attention.pad_to_group(key, group), torch_attention.pad_to_group(value, group)
-        return torch_attention.attend_group(query, k_cache, v_cache, group, scale, kv)
+        return torch_attention.attend_group(query, k_cache, v_cache, group, scale, kv, window, softcap)
 
     def prepare_lora(self, batch: LoRABatch) -> None:
         batch.plan = _segment_groups(batch.meta, batch.seg_starts, batch.active_slots)
@@ -226,11 +230,12 @@ class TritonBackend(TorchBackend):
         if meta.max_query_len > 1:
             super().prepare(meta, block_size)
 
-    def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attention(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         if meta.plan is not None:
-            return super().attention(query, key, value, k_cache, v_cache, meta, scale)
+            return super().attention(query, key, value, k_cache, v_cache, meta, scale, window, softcap)
         return self._paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                     meta.query_start_loc, scale)
+                                     meta.query_start_loc, scale, window, softcap)
 
     def prepare_lora(self, batch: LoRABatch) -> None:
         pass

@@ -6,14 +6,17 @@ Semantics (identical to the reference):
     Its i-th query token sits at position p = seq_lens[b] - q_len_b + i and attends causally to the
     cached positions 0..p of its own sequence, which live in the blocks block_tables[b, 0], [b, 1], ...
     Query head h reads kv head h // (num_heads // num_kv_heads) (grouped-query attention).
+    With a sliding `window` it attends to positions max(0, p - window + 1)..p only; with `softcap`
+    each score s = q·k·scale becomes softcap·tanh(s / softcap) before the softmax (Gemma 2).
     Every query token is independent, so a batch may mix decode tokens (q_len 1) and prefill chunks.
 
 Kernel design:
     One program per (query token, kv head). It handles the whole GQA group of that kv head -- the
     `group` query heads sharing it, padded to a power of two >= 16 rows so Q @ K^T and P @ V run on
     tensor cores via tl.dot -- so each K/V tile is read from memory once per group, not once per head.
-    The program walks the token's context 0..p in tiles of BLOCK_N keys; the physical block of every
-    key is gathered from the block table, so a tile may span several cache blocks (or part of one).
+    The program walks the token's context 0..p (from the tile holding a window's first key) in tiles
+    of BLOCK_N keys; the physical block of every key is gathered from the block table, so a tile may
+    span several cache blocks (or part of one).
     Softmax is computed online (running max and denominator, base-2 exponent with the scale folded
     in) with fp32 accumulation; the output is written in the query dtype.
 """
@@ -39,6 +42,8 @@ def _paged_attention_kernel(
     token_seq_ptr,  # [num_tokens] int32: sequence of each query token
     token_ctx_len_ptr,  # [num_tokens] int32: keys seen by each token (its position + 1)
     qk_scale,  # softmax scale * log2(e)
+    window,  # keys seen back from the query's own position, itself included; 0: all
+    softcap_log2,  # softcap * log2(e): scores s become softcap * tanh(s / softcap); 0.0: none
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -51,6 +56,7 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to >= 16
     BLOCK_N: tl.constexpr,  # keys per tile
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # softcap > 0
 ):
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -77,9 +83,12 @@ def _paged_attention_kernel(
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
 
-    for start in range(0, ctx_len, BLOCK_N):
+    first = 0  # the first key seen
+    if window > 0:
+        first = tl.maximum(ctx_len - window, 0)
+    for start in range((first // BLOCK_N) * BLOCK_N, ctx_len, BLOCK_N):
         pos = start + offs_n  # logical key positions, [BLOCK_N]
-        n_mask = pos < ctx_len
+        n_mask = (pos < ctx_len) & (pos >= first)
         # Physical block of every key (int64: the cache may exceed 2**31 elements).
         block = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_bt_blk, mask=n_mask, other=0).to(tl.int64)
         slot = (pos % BLOCK_SIZE).to(tl.int64)
@@ -92,6 +101,8 @@ def _paged_attention_kernel(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N] fp32
+        if SOFTCAP:  # s is log2(e) times the score, so the cap is too; tanh(x) = 1 - 2 / (e^2x + 1)
+            s = softcap_log2 * (1.0 - 2.0 / (tl.exp(2.0 * (s / softcap_log2)) + 1.0))
         s = tl.where(n_mask[None, :], s, float("-inf"))
 
         # Each tile holds >= 1 valid key, so m_new is finite and no row turns into NaN.
@@ -159,6 +170,8 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of each query token over its own sequence's cached keys and values.
 
@@ -172,7 +185,8 @@ def paged_attention(
         query_start_loc: [num_seqs + 1] int32
         returns:         [num_tokens, num_heads, head_dim], query's dtype
     """
-    return _paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    return _paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                            window=window, softcap=softcap)
 
 
 def _paged_attention(
@@ -184,9 +198,15 @@ def _paged_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     block_n: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with an optional keys-per-tile override (tests use it to force tilings)."""
     _check(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 (or None: no window), got {window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None: none), got {softcap}")
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -211,7 +231,7 @@ def _paged_attention(
     grid = (num_tokens, num_kv_heads)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, block_tables, token_seq, token_ctx_len,
-        scale * _LOG2E,
+        scale * _LOG2E, window or 0, float(softcap or 0.0) * _LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -224,6 +244,7 @@ def _paged_attention(
         BLOCK_D=max(16, head_dim),
         BLOCK_N=block_n,
         DOT_PRECISION="ieee",  # exact fp32 (no tf32); a no-op for fp16/bf16 operands
+        SOFTCAP=bool(softcap),
         num_warps=4 if head_dim <= 128 else 8,
     )
     return out

@@ -18,20 +18,28 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each query token over its sequence's paged keys and values.
 
     Sequence b owns query tokens query_start_loc[b]:query_start_loc[b+1] (its newest q_len_b
     tokens) and seq_lens[b] cached tokens, this step's included. Its i-th query token sits at
-    position p = seq_lens[b] - q_len_b + i and attends to positions 0..p.
+    position p = seq_lens[b] - q_len_b + i and attends to positions 0..p, or with a sliding
+    `window` to the last `window` of them, max(0, p - window + 1)..p (transformers' sliding mask:
+    key j is seen when j > p - window). `softcap` (Gemma 2) squashes each score s = q·k·scale to
+    softcap·tanh(s / softcap) before the softmax.
 
     Semantics:
         for b in range(num_seqs):
             keys = concat(k_cache[block_tables[b, j]] for j)[:seq_lens[b]]     # [seq_len, Hkv, D]
             for i, t in enumerate(range(query_start_loc[b], query_start_loc[b+1])):
                 p = seq_lens[b] - q_len_b + i
-                out[t] = softmax(query[t] @ keys[:p+1]^T * scale) @ values[:p+1]  # per head,
+                lo = 0 if window is None else max(0, p - window + 1)
+                s = query[t] @ keys[lo:p+1]^T * scale                 # per head,
                                                         # query head h reads kv head h // (H // Hkv)
+                if softcap: s = softcap * tanh(s / softcap)
+                out[t] = softmax(s) @ values[lo:p+1]
 
     Shapes:
         query:           [num_tokens, num_heads, head_dim]
@@ -58,8 +66,13 @@ def paged_attention(
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)  # [seq_len, H, D]
         scores = torch.einsum("qhd,khd->hqk", query[start:end].float(), keys) * scale  # [H, q_len, seq_len]
         positions = torch.arange(seq_len - q_len, seq_len, device=query.device)  # p of each query token
-        later = torch.arange(seq_len, device=query.device) > positions.unsqueeze(1)  # [q_len, seq_len]
-        scores = scores.masked_fill(later, float("-inf"))
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        key_positions = torch.arange(seq_len, device=query.device)
+        hidden = key_positions > positions.unsqueeze(1)  # [q_len, seq_len]: later keys
+        if window is not None:
+            hidden |= key_positions <= positions.unsqueeze(1) - window  # keys that slid out of the window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(query.dtype)
     return out
 

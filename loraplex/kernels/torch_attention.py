@@ -8,7 +8,7 @@ Its oracle in the tests is the independent twin `reference.paged_attention`.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,27 @@ class AttentionGroup:
     # the step's own.
     fresh: bool = False
     uniform: bool = False  # every sequence has max_query_len queries: padding is a view
+    seq_lens: tuple[int, ...] = ()  # each sequence's context length after this step
+    query_lens: tuple[int, ...] = ()  # each sequence's new tokens
+    # window (None: none) -> the additive mask of a sliding-window layer or a soft-capped one, made at the
+    # first layer that asks and shared by the others
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def explicit_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """[group_seqs, 1, max_query_len, max_kv_len] additive mask: causal, and with a `window` each query at
+        position p sees the keys p - window < j <= p only (padded query rows see key 0)."""
+        if window not in self._masks:
+            device = self.block_tables.device
+            lens = torch.tensor(self.seq_lens, device=device).unsqueeze(1)  # [num_seqs, 1]
+            first_pos = lens - torch.tensor(self.query_lens, device=device).unsqueeze(1)
+            q_pos = first_pos + torch.arange(self.max_query_len, device=device).unsqueeze(0)
+            q_pos = torch.where(q_pos < lens, q_pos, torch.zeros_like(q_pos)).unsqueeze(-1)  # [num_seqs, max_q, 1]
+            kv_pos = torch.arange(self.max_kv_len, device=device).view(1, 1, -1)
+            attend = kv_pos <= q_pos
+            if window is not None:
+                attend &= kv_pos > q_pos - window
+            self._masks[window] = _additive(attend.unsqueeze(1), dtype)
+        return self._masks[window]
 
 
 @dataclass(frozen=True)
@@ -118,7 +139,8 @@ def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: lis
         kv_pos = torch.arange(max_kv_len, device=device)
         attend = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
         mask = _additive(attend, dtype)
-    return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len, fresh, uniform)
+    return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len, fresh, uniform,
+                          tuple(seq_lens), tuple(query_lens))
 
 
 def _additive(attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,14 +149,16 @@ def _additive(attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def paged_attention_planned(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float,
+    window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """`reference.paged_attention`, with its layout computed beforehand by `plan_paged_attention`."""
     if len(plan.groups) == 1:
-        return attend_group(query, k_cache, v_cache, plan.groups[0], scale)
+        return attend_group(query, k_cache, v_cache, plan.groups[0], scale, window=window, softcap=softcap)
     out = torch.empty_like(query)
     for group in plan.groups:
-        out[group.token_index] = attend_group(query[group.token_index], k_cache, v_cache, group, scale)
+        out[group.token_index] = attend_group(query[group.token_index], k_cache, v_cache, group, scale,
+                                              window=window, softcap=softcap)
     return out
 
 
@@ -154,9 +178,10 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int)
     return blocks.view(tables.shape[0], -1, *cache.shape[2:])[:, :length]
 
 
-def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, kv=None) -> torch.Tensor:
+def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, kv=None,
+                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """query: [group_tokens, num_heads, head_dim] -> the same shape. `kv`: the group's keys and
-    values gathered already (see `gather_kv`)."""
+    values gathered already (see `gather_kv`). `window`, `softcap`: as `reference.paged_attention`."""
     num_heads, head_dim = query.shape[1:]
     num_seqs, max_query_len = group.block_tables.shape[0], group.max_query_len
     num_kv_heads = k_cache.shape[2]
@@ -172,14 +197,32 @@ def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, k
     keys, values = kv if kv is not None else gather_kv(k_cache, v_cache, group)
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
 
-    out = F.scaled_dot_product_attention(
-        padded_q, keys, values, attn_mask=group.mask, is_causal=group.fresh, scale=scale,
-        enable_gqa=not decode and num_heads != num_kv_heads,
-    )  # [num_seqs, num_heads, max_query_len, head_dim]; decode: [num_seqs, num_kv_heads, group, head_dim]
+    gqa = not decode and num_heads != num_kv_heads
+    if window is None and softcap is None:
+        out = F.scaled_dot_product_attention(
+            padded_q, keys, values, attn_mask=group.mask, is_causal=group.fresh, scale=scale, enable_gqa=gqa,
+        )  # [num_seqs, num_heads, max_query_len, head_dim]; decode: [num_seqs, num_kv_heads, group, head_dim]
+    else:
+        mask = group.explicit_mask(window, query.dtype)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(padded_q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:
+            out = _softcapped_attention(padded_q, keys, values, mask, scale, softcap, gqa)
     if decode:
         return out.reshape(num_seqs, num_heads, head_dim)
     out = out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)
     return out if group.uniform else out[group.padded_index]
+
+
+def _softcapped_attention(query, keys, values, mask, scale: float, softcap: float, gqa: bool) -> torch.Tensor:
+    """SDPA with each score s squashed to softcap·tanh(s / softcap) before the mask and the softmax (which SDPA
+    cannot do), computed as transformers' eager Gemma 2 attention: scores in the query's dtype, softmax in fp32."""
+    if gqa:
+        group = query.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scale)
+    scores = torch.tanh(scores.div_(softcap)).mul_(softcap).add_(mask)
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(query.dtype), values)
 
 
 def pad_to_group(x: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

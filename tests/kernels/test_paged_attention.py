@@ -60,13 +60,16 @@ def _make_batch(
     )
 
 
-def _check_against_reference(batch: tuple[torch.Tensor, ...], block_n: int | None = None) -> None:
+def _check_against_reference(batch: tuple[torch.Tensor, ...], block_n: int | None = None,
+                             window: int | None = None, softcap: float | None = None) -> None:
     query, k_cache, v_cache, block_tables, seq_lens, query_start_loc = batch
     scale = query.shape[-1] ** -0.5
-    out = _paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, block_n)
+    out = _paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, block_n,
+                           window=window, softcap=softcap)
     # The oracle runs in fp32 on the same (rounded) inputs.
     expected = reference.paged_attention(
-        query.float(), k_cache.float(), v_cache.float(), block_tables, seq_lens, query_start_loc, scale
+        query.float(), k_cache.float(), v_cache.float(), block_tables, seq_lens, query_start_loc, scale,
+        window=window, softcap=softcap,
     )
     assert out.dtype == query.dtype and out.shape == query.shape
     torch.testing.assert_close(out.float(), expected, atol=ATOL[query.dtype], rtol=RTOL[query.dtype])
@@ -109,6 +112,18 @@ def test_mixed_chunks(dtype: torch.dtype, num_kv_heads: int, head_dim: int, bloc
 def test_tilings(block_size: int, block_n: int) -> None:
     batch = _make_batch(MIXED_CTX, MIXED_Q, 2, 32, block_size, torch.float32, seed=2)
     _check_against_reference(batch, block_n)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(1, None), (7, None), (20, None), (None, 0.8), (9, 2.0)])
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_sliding_window_and_softcap(window: int | None, softcap: float | None, block_n: int) -> None:
+    """Gemma 2 / Mistral attention: a window shorter and longer than some contexts, starting mid-tile and
+    mid-block; soft-capping strong enough (scores ~N(0, 1), cap 0.8) to change every softmax."""
+    batch = _make_batch(MIXED_CTX, MIXED_Q, 2, 32, 8, torch.float32, seed=4)
+    _check_against_reference(batch, block_n, window=window, softcap=softcap)
+    plain = _paged_attention(*batch, batch[0].shape[-1] ** -0.5, block_n)
+    windowed = _paged_attention(*batch, batch[0].shape[-1] ** -0.5, block_n, window=window, softcap=softcap)
+    assert not torch.allclose(plain, windowed, atol=1e-3)  # the options change the output
 
 
 def test_odd_group_and_small_head_dim() -> None:

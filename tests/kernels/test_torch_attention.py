@@ -12,14 +12,19 @@ from loraplex.kernels.torch_attention import paged_attention_planned, plan_paged
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
 
 
-def _loop_oracle(q, keys, values, lens, q_lens):
+def _loop_oracle(q, keys, values, lens, q_lens, window=None, softcap=None):
     out, t = torch.empty_like(q), 0
     for b, (length, q_len) in enumerate(zip(lens, q_lens, strict=True)):
         for i in range(q_len):
             p = length - q_len + i
+            lo = 0 if window is None else max(0, p - window + 1)
             for h in range(HEADS):
-                k, v = keys[b][: p + 1, h // (HEADS // KV_HEADS)], values[b][: p + 1, h // (HEADS // KV_HEADS)]
-                out[t, h] = torch.softmax(q[t, h] @ k.T / math.sqrt(HEAD_DIM), -1) @ v
+                kv_head = h // (HEADS // KV_HEADS)
+                k, v = keys[b][lo : p + 1, kv_head], values[b][lo : p + 1, kv_head]
+                scores = q[t, h] @ k.T / math.sqrt(HEAD_DIM)
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                out[t, h] = torch.softmax(scores, -1) @ v
             t += 1
     return out
 
@@ -32,7 +37,9 @@ def _loop_oracle(q, keys, values, lens, q_lens):
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["planned", "twin"])
-def test_matches_a_per_token_loop(lens, q_lens, dtype, impl):
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (3, None), (None, 0.7), (4, 1.5)],
+                         ids=["plain", "window", "softcap", "both"])
+def test_matches_a_per_token_loop(lens, q_lens, dtype, impl, window, softcap):
     g = torch.Generator().manual_seed(0)
     num_blocks = 32
     k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype)
@@ -52,12 +59,13 @@ def test_matches_a_per_token_loop(lens, q_lens, dtype, impl):
     scale = 1 / math.sqrt(HEAD_DIM)
     plan = plan_paged_attention(block_tables, lens, q_lens, BLOCK, dtype)
     if impl == "planned":
-        out = paged_attention_planned(q, k_cache, v_cache, plan, scale)
+        out = paged_attention_planned(q, k_cache, v_cache, plan, scale, window, softcap)
     else:
-        out = reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale)
+        out = reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, window, softcap)
     assert out.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
-    torch.testing.assert_close(out.float(), _loop_oracle(q.float(), keys, values, lens, q_lens), atol=tol, rtol=tol)
+    expected = _loop_oracle(q.float(), keys, values, lens, q_lens, window, softcap)
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
     # Masks are made in the query's dtype (SDPA adds them to the scores); decodes and chunks are apart.
     assert all(group.mask is None or group.mask.dtype == dtype for group in plan.groups)
     has_both = 1 in q_lens and any(n > 1 for n in q_lens)
