@@ -29,6 +29,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_MODULES = ATTENTION_MODULES + MLP_MODULES
+# Projections a checkpoint may hold fused (Phi-3): a LoRA on one is split into LoRAs on its parts, which share
+# lora_A and take their rows of lora_B (and of a DoRA magnitude vector); the update is the same.
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _KEY = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))"
                   r"\.(?:lora_([AB])\.weight|lora_(magnitude)_vector)$")
 _UNSUPPORTED_FLAGS = {
@@ -138,13 +141,34 @@ class AdapterConfig:
 
 
 def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
-    """(out_features, in_features) of a base-model projection."""
+    """(out_features, in_features) of a base-model projection (or of a fused one: its parts stacked)."""
+    if module in FUSED_MODULES:
+        parts = [module_shape(config, part) for part in FUSED_MODULES[module]]
+        return sum(out for out, _ in parts), parts[0][1]
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     hidden, inter = config.hidden_size, config.intermediate_size
     return {
         "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
         "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
     }[module]
+
+
+def split_fused(module: str, weights: LoRAModule, base: ModelConfig | None, full_name: str) -> dict[str, LoRAModule]:
+    """A LoRA on a fused projection -> the LoRAs on its parts (the same lora_A, each part's rows of lora_B)."""
+    parts = FUSED_MODULES[module]
+    if base is not None:
+        sizes = [module_shape(base, part)[0] for part in parts]
+    elif module == "gate_up_proj":  # gate and up are the same size
+        sizes = [weights.b.shape[0] // 2] * 2
+    else:
+        raise _weights_error(f"{full_name}: a LoRA on the fused qkv_proj splits into q/k/v by the base model's head "
+                             "counts; give the base model (--base) to read it")
+    rows = torch.tensor(sizes).cumsum(0).tolist()
+    starts = [0, *rows[:-1]]
+    return {part: dataclasses.replace(
+        weights, b=weights.b[start:end].contiguous(),
+        magnitude=None if weights.magnitude is None else weights.magnitude[start:end].contiguous())
+        for part, start, end in zip(parts, starts, rows, strict=True)}
 
 
 def load_peft_lora(path: Path, name: str, base: ModelConfig | None, max_rank: int,
@@ -427,7 +451,13 @@ def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base:
         if "M" in pair:
             module_weights = dataclasses.replace(module_weights,
                                                  magnitude=_magnitude(pair["M"], module_weights, full_name))
-        modules[(layer, module)] = module_weights
+        if module in FUSED_MODULES:
+            for part, part_weights in split_fused(module, module_weights, base, full_name).items():
+                if (layer, part) in halves:
+                    raise _weights_error(f"{full_name}: adapts {part} both fused (in {module}) and alone")
+                modules[(layer, part)] = part_weights
+        else:
+            modules[(layer, module)] = module_weights
     return modules
 
 
@@ -443,9 +473,11 @@ def _parse_key(key: str, base: ModelConfig | None) -> tuple[int, str, str, str]:
                              "architecture?)")
     full_name, layer, module = match.group(1), int(match.group(2)), match.group(3)
     half = match.group(4) or "M"  # A, B, or M: a DoRA magnitude vector
-    if module not in LORA_MODULES:
+    fused_base = base is None or base.fused_checkpoint
+    if module not in LORA_MODULES and not (module in FUSED_MODULES and fused_base):
+        known = LORA_MODULES + (tuple(FUSED_MODULES) if fused_base else ())
         raise _weights_error(f"{key}: module {module!r} is not a projection of this base model "
-                             f"(expected one of {', '.join(LORA_MODULES)}); made for another base model?")
+                             f"(expected one of {', '.join(known)}); made for another base model?")
     if base is not None and layer >= base.num_layers:
         raise _weights_error(f"{key}: layer {layer} does not exist; the base model has {base.num_layers} layers "
                              "(made for another base model?)")

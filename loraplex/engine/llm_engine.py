@@ -71,7 +71,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_path(model_dir, model_config.eos_token_ids)
         if config.chat_template is not None:  # the file replaces the model's template
             self.tokenizer.chat_template = Path(config.chat_template).expanduser().read_text()
-        self.max_model_len = self._max_model_len(model_config.max_position_embeddings, model_config.sliding_window)
+        self.max_model_len = self._max_model_len(model_config.max_position_embeddings)
+        self.model.build_rope(self.device, self.max_model_len)  # (decides LongRoPE's factors: see rope_inv_freq)
         self.adapters: AdapterManager | None = None
         if config.max_loras > 0:  # before sizing the KV cache, which takes a share of what is left
             self.model.enable_lora(config.max_loras, config.max_lora_rank, config.sparse_memory_bytes())
@@ -93,16 +94,15 @@ class LLMEngine:
                     model_dir, model_config.architecture, self.dtype, backend.name, num_blocks,
                     config.block_size, self.max_model_len)
 
-    def _max_model_len(self, max_positions: int, sliding_window: int | None) -> int:
-        # Attention here is global: beyond a sliding window the model would attend to more than it
-        # was trained on, so sequences stop at the window.
-        limit = min(max_positions, sliding_window or max_positions)
+    def _max_model_len(self, max_positions: int) -> int:
+        # Sliding-window layers attend to their window only, through a mask over the sequence's whole cache
+        # (one block table serves every layer, so their KV is not bounded), and do not cap the length.
         requested = self.config.max_model_len
         if requested is None:
-            return limit
-        if requested > limit:
-            raise invalid("max_model_len", f"{requested} exceeds the model's limit of {limit} tokens "
-                          "(max_position_embeddings, or its sliding window); lower it")
+            return max_positions
+        if requested > max_positions:
+            raise invalid("max_model_len", f"{requested} exceeds the model's limit of {max_positions} tokens "
+                          "(max_position_embeddings); lower it")
         return requested
 
     def _num_kv_blocks(self) -> int:

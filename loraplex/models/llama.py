@@ -76,11 +76,22 @@ class AdaptableLinear(Module, nn.Linear):
         return y
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """[head_dim // 2] inverse frequencies, with Llama-3 or linear scaling applied."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+def rope_inv_freq(config: ModelConfig, max_positions: int) -> torch.Tensor:
+    """[rotary_dim // 2] inverse frequencies, with Llama-3, linear or LongRoPE scaling applied. LongRoPE's
+    long factors apply when the engine serves more than the original context (`max_positions` >
+    original_max_position_embeddings), its short ones otherwise: one choice for every sequence, as the
+    cache must hold keys rotated alike (transformers chooses per forward pass, by its longest position)."""
+    dim = config.rotary_dim or config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     scaling = config.rope_scaling
+    if scaling["rope_type"] == "longrope":
+        long = max_positions > scaling["original_max_position_embeddings"]
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
+        if factors.shape[0] != dim // 2:
+            raise ValueError(f"rope_scaling {'long' if long else 'short'}_factor has {factors.shape[0]} entries; "
+                             f"{dim} rotary dims need {dim // 2}")
+        return (1.0 / (factors * config.rope_theta**exponents)).float()
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     if scaling["rope_type"] == "linear":
         return (inv_freq / scaling["factor"]).float()
     if scaling["rope_type"] == "llama3":
@@ -105,27 +116,33 @@ class RotaryEmbedding(Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.cos_sin: torch.Tensor | None = None  # [2, max_positions, head_dim], built by `build`
+        self.cos_sin: torch.Tensor | None = None  # [2, max_positions, rotary_dim], built by `build`
 
     def build(self, device: torch.device, max_positions: int) -> None:
-        inv_freq = rope_inv_freq(self.config).to(device)
+        inv_freq = rope_inv_freq(self.config, max_positions).to(device)
         t = torch.arange(max_positions, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim // 2]
+        freqs = torch.outer(t, inv_freq)  # [max_positions, rotary_dim // 2]
+        # LongRoPE scales cos and sin by its attention factor (1 for the other kinds).
+        gain = self.config.rope_scaling.get("attention_factor", 1.0)
         # x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1), is
         # x * cos + (x2, x1) * (-sin, sin): the sign goes into the table, the swap is one roll.
-        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
-        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1) * gain
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1) * gain
         self.cos_sin = torch.stack((cos, signed_sin))
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[2, num_tokens, 1, head_dim]: cos and signed sin at each position, looked up once per step."""
+        """[2, num_tokens, 1, rotary_dim]: cos and signed sin at each position, looked up once per step."""
         return self.cos_sin[:, positions].unsqueeze(2).to(dtype)
 
     @staticmethod
     def apply(cos_sin: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, heads, head_dim] (any strides) -> rotated, contiguous. Query and key
-        heads go through together."""
+        heads go through together. With a partial rotary (Phi-4-mini) the first rotary_dim dims of
+        each head turn and the rest pass through."""
         cos, signed_sin = cos_sin
+        rotary_dim = cos.shape[-1]
+        if rotary_dim < x.shape[-1]:
+            return torch.cat((RotaryEmbedding.apply(cos_sin, x[..., :rotary_dim]), x[..., rotary_dim:]), dim=-1)
         swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1), a fresh tensor
         # Two products rounded apart, then added, as the reference does (a fused multiply-add would
         # round once and drift from it by an ulp).
@@ -133,20 +150,22 @@ class RotaryEmbedding(Module):
 
 
 class Attention(Module):
-    def __init__(self, config: ModelConfig, backend: TorchBackend, dtype) -> None:
+    def __init__(self, config: ModelConfig, backend: TorchBackend, dtype, layer: int, norm=RMSNorm) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = config.attention_scale or self.head_dim**-0.5
+        self.window = config.window_of(layer)  # None: global attention
+        self.softcap = config.attn_softcap
         self.qkv_proj = AdaptableLinear(
             config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.qkv_bias, dtype, backend
         )
         self.o_proj = AdaptableLinear(self.q_size, [config.hidden_size], config.o_bias, dtype, backend)
-        if config.qk_norm:  # Qwen3: each query and key head RMS-normalised before RoPE
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        if config.qk_norm:  # Qwen3, Gemma 3: each query and key head RMS-normalised before RoPE
+            self.q_norm = norm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = norm(self.head_dim, config.rms_norm_eps, dtype)
         self.qk_norm = config.qk_norm
         self.backend = backend
         # [num_blocks, block_size, num_kv_heads, head_dim] each, bound by the model runner.
@@ -165,7 +184,7 @@ class Attention(Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # views of [num_tokens, heads, head_dim]
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
-        out = self.backend.attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(num_tokens, self.q_size), lora)
 
 
@@ -175,17 +194,19 @@ class MLP(Module):
         size = config.intermediate_size
         self.gate_up_proj = AdaptableLinear(config.hidden_size, [size, size], config.mlp_bias, dtype, backend)
         self.down_proj = AdaptableLinear(size, [config.hidden_size], config.mlp_bias, dtype, backend)
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"  # GeGLU (Gemma), else SwiGLU
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
         # In place on the fresh projection: no new [num_tokens, intermediate] tensors.
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up), lora)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate, inplace=True)
+        return self.down_proj(act.mul_(up), lora)
 
 
 class DecoderLayer(Module):
-    def __init__(self, config: ModelConfig, backend: TorchBackend, dtype) -> None:
+    def __init__(self, config: ModelConfig, backend: TorchBackend, dtype, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, backend, dtype)
+        self.self_attn = Attention(config, backend, dtype, layer)
         self.mlp = MLP(config, backend, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -202,9 +223,7 @@ class LlamaModel(Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.rotary = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, dtype) for _ in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, dtype, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -230,17 +249,31 @@ class LlamaForCausalLM(Module):
         super().__init__()
         self.config = config
         self.backend = backend
-        self.model = LlamaModel(config, backend, dtype)
+        self.model = self.make_model(config, backend, dtype)
         self.sparse_pool: SparsePool | None = None  # allocated by enable_lora
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+
+    @staticmethod
+    def make_model(config: ModelConfig, backend: TorchBackend, dtype: torch.dtype) -> Module:
+        return LlamaModel(config, backend, dtype)
+
+    @property
+    def checkpoint_shards(self) -> dict[str, tuple[str, int]]:
+        """The fused layers' slices as the checkpoint stores them: separate tensors (q_proj, ...), or none
+        where the checkpoint holds them fused already (Phi-3's qkv_proj, gate_up_proj)."""
+        return {} if self.config.fused_checkpoint else self.packed_modules
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None = None):
         """[num_tokens] ids and positions -> [num_tokens, hidden] final hidden states. `lora` maps
         tokens to adapter slots (None: no token uses one)."""
         return self.model(input_ids, positions, meta, lora)
+
+    def build_rope(self, device: torch.device, max_positions: int) -> None:
+        """The rotary tables for positions 0..max_positions - 1 (which also decides LongRoPE's factors)."""
+        self.model.rotary.build(device, max_positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] fp32 logits."""

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from loraplex.kernels.backend import TorchBackend, select_backend
 from loraplex.models.llama import AdaptableLinear, LlamaForCausalLM
 from loraplex.models.model_config import ModelConfig
+from loraplex.models.registry import model_class
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def load_model(
     if isinstance(backend, str):
         backend = select_backend(backend, device, config.head_dim, dtype)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, dtype)
+        model = model_class(config)(config, backend, dtype)
     model.to_empty(device=device)
     unfilled = set(expected_tensor_names(model))
     progress = LoadProgress(model_path.name, total)
@@ -88,7 +89,7 @@ def load_model(
     if unfilled:
         names = ", ".join(sorted(unfilled)[:5])
         raise ValueError(f"{model_path}: checkpoint lacks {len(unfilled)} tensor(s) the model needs: {names}")
-    model.model.rotary.build(device, config.max_position_embeddings)
+    model.build_rope(device, config.max_position_embeddings)
     return model.eval().requires_grad_(False)
 
 
@@ -101,17 +102,17 @@ def _dummy_model(model_path: Path, dtype: torch.dtype, device: torch.device,
     if isinstance(backend, str):
         backend = select_backend(backend, device, config.head_dim, dtype)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, dtype)
+        model = model_class(config)(config, backend, dtype)
     model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.data.fill_(1.0)  # RMSNorm gains at their usual scale
+            param.data.fill_(0.0 if config.gemma else 1.0)  # RMSNorm gains of 1 (Gemma stores w in 1 + w)
         else:  # a trained model's scale: activations neither vanish nor overflow across layers
             param.data.normal_(0.0, 0.02, generator=generator)
     logger.info("%s: random weights (--load-format dummy), %d parameters", model_path.name,
                 sum(p.numel() for p in model.parameters()))
-    model.model.rotary.build(device, config.max_position_embeddings)
+    model.build_rope(device, config.max_position_embeddings)
     return model.eval().requires_grad_(False)
 
 
@@ -152,7 +153,7 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def expected_tensor_names(model: LlamaForCausalLM) -> Iterator[str]:
     """Every checkpoint tensor name the model expects, fused shards named as the checkpoint has them."""
     shards_of: dict[str, list[str]] = {}  # fused module -> checkpoint projections
-    for ckpt_leaf, (fused_leaf, _) in model.packed_modules.items():
+    for ckpt_leaf, (fused_leaf, _) in model.checkpoint_shards.items():
         shards_of.setdefault(fused_leaf, []).append(ckpt_leaf)
     for name, _ in model.named_parameters():
         module, _, kind = name.rpartition(".")
@@ -183,8 +184,9 @@ def _destination(model: LlamaForCausalLM, name: str) -> tuple[torch.nn.Parameter
     module_path, _, kind = name.rpartition(".")
     parent, _, leaf = module_path.rpartition(".")
     rows = None
-    if leaf in model.packed_modules:
-        fused_leaf, shard = model.packed_modules[leaf]
+    shards = model.checkpoint_shards
+    if leaf in shards:
+        fused_leaf, shard = shards[leaf]
         module_path = f"{parent}.{fused_leaf}"
     try:
         module = model.get_submodule(module_path)
@@ -193,7 +195,7 @@ def _destination(model: LlamaForCausalLM, name: str) -> tuple[torch.nn.Parameter
     param = getattr(module, kind, None)
     if not isinstance(param, torch.nn.Parameter):
         return None
-    if leaf in model.packed_modules:
+    if leaf in shards:
         if not isinstance(module, AdaptableLinear):
             return None
         rows = module.shard_rows(shard)

@@ -1,5 +1,6 @@
-"""Model fixtures for the engine tests: the demo checkpoint plus tiny random Qwen2, Qwen3, Llama-3 and Mistral
-checkpoints written with `transformers.save_pretrained`, each paired with its Hugging Face reference."""
+"""Model fixtures for the engine tests: the demo checkpoint plus tiny random Qwen2, Qwen3, Llama-3, Mistral,
+Gemma 2, Gemma 3 and Phi-3 checkpoints written with `transformers.save_pretrained`, each paired with its Hugging
+Face reference."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_families import family_config, long_rope_everywhere
 
 # transformers (a dev dependency) is imported where a reference model is built, not here: a module-level
 # import would tie every engine test to it, though most never touch a reference model.
@@ -40,9 +42,10 @@ LLAMA3_ROPE = {
 class ParityModel:
     """A checkpoint directory and, loaded on first use, its transformers reference model."""
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, adjust_reference=None) -> None:
         self.name = name
         self.path = path
+        self.adjust_reference = adjust_reference  # edits the reference's transformers config in place, or None
         self._greedy: dict[tuple[tuple[int, ...], int], list[int]] = {}
 
     def __repr__(self) -> str:
@@ -52,8 +55,11 @@ class ParityModel:
     def hf(self):
         import transformers
 
+        config = transformers.AutoConfig.from_pretrained(self.path)
+        if self.adjust_reference is not None:
+            self.adjust_reference(config)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=torch.float32, attn_implementation="eager"
+            self.path, config=config, dtype=torch.float32, attn_implementation="eager"
         )
         # generate() fills unset (None) options from the checkpoint's generation_config.json, whose EOS
         # ids would stop it early: clear them at the source; `greedy` checks every continuation is full.
@@ -212,13 +218,40 @@ def mistral_sliding_model_dir(tmp_path_factory, demo_model_dir) -> Path:
                        transformers.MistralForCausalLM, seed=3)
 
 
+def _family_dir(name: str, tmp_path_factory, demo_model_dir: Path, seed: int) -> Path:
+    config, model_cls = family_config(name, _vocab_size(demo_model_dir), SPECIAL_IDS)
+    return _write_tiny(tmp_path_factory.mktemp("parity") / name, demo_model_dir, config, model_cls, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def gemma2_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    """Gemma 2: (1 + w) sandwich norms, scaled embeddings, GeGLU, sliding/global layers with a 24-token window,
+    attention and final soft-capping, query_pre_attn_scalar."""
+    return _family_dir("gemma2", tmp_path_factory, demo_model_dir, seed=5)
+
+
+@pytest.fixture(scope="session")
+def gemma3_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    """Gemma 3: Gemma 2's layer without soft-capping, with q/k norms and a local RoPE base on sliding layers."""
+    return _family_dir("gemma3", tmp_path_factory, demo_model_dir, seed=6)
+
+
+@pytest.fixture(scope="session")
+def phi3_model_dir(tmp_path_factory, demo_model_dir) -> Path:
+    """Phi-3: fused qkv_proj / gate_up_proj tensors, partial rotary, LongRoPE (original context 64)."""
+    return _family_dir("phi3", tmp_path_factory, demo_model_dir, seed=7)
+
+
 def _vocab_size(demo_dir: Path) -> int:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(demo_dir / "tokenizer.json")).get_vocab_size()
 
 
-PARITY_MODELS = ("demo", "qwen2", "qwen3", "llama3", "mistral")
+PARITY_MODELS = ("demo", "qwen2", "qwen3", "llama3", "mistral", "gemma2", "gemma3", "phi3")
+# The engine serves these models beyond Phi-3's original context (max_model_len 512 > 64), so it rotates every
+# position with the long LongRoPE factors; transformers would use the short ones on short inputs.
+_REFERENCE_ADJUSTMENTS = {"phi3": long_rope_everywhere}
 
 
 @pytest.fixture(scope="session")
@@ -229,14 +262,14 @@ def parity_cache() -> dict[str, ParityModel]:
 
 def _get(request, cache: dict[str, ParityModel], name: str) -> ParityModel:
     if name not in cache:
-        cache[name] = ParityModel(name, Path(request.getfixturevalue(f"{name}_model_dir")))
+        cache[name] = ParityModel(name, Path(request.getfixturevalue(f"{name}_model_dir")),
+                                  _REFERENCE_ADJUSTMENTS.get(name))
     return cache[name]
 
 
 @pytest.fixture
 def load_parity_model(request, parity_cache):
-    """`load_parity_model(name)` -> the session's ParityModel for demo, qwen2, qwen3, llama3, mistral,
-    mistral_sliding."""
+    """`load_parity_model(name)` -> the session's ParityModel for each of PARITY_MODELS and mistral_sliding."""
     return lambda name: _get(request, parity_cache, name)
 
 

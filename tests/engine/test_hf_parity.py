@@ -130,6 +130,82 @@ def test_llama3_rope_scaling_changes_hf_logits(load_parity_model):
     assert (plain - scaled).abs().max() > 100 * LOGPROB_ATOL
 
 
+def _hf_variant(model, edit) -> transformers.PreTrainedModel:
+    config = transformers.AutoConfig.from_pretrained(model.path)
+    edit(config)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        model.path, config=config, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@torch.no_grad()
+def _last_logprobs(hf_model, prompt: list[int]) -> torch.Tensor:
+    return hf_model(input_ids=torch.tensor([prompt]), use_cache=False).logits[0, -1].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("feature", ["attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                                     "query_pre_attn_scalar"])
+def test_gemma2_features_change_hf_logits(load_parity_model, feature):
+    """Guards the gemma2 parity tests' power: on a 130-token prompt each Gemma 2 feature of the tiny config
+    (soft-capping of scores and of logits, the 24-token window, the attention scale) moves HF's log-probs,
+    so an engine that ignored one would fail test_logprobs_match_hf_prefill_and_decode[gemma2]."""
+    model = load_parity_model("gemma2")
+    off = {"attn_logit_softcapping": None, "final_logit_softcapping": None, "sliding_window": 4096,
+           "query_pre_attn_scalar": 16}[feature]  # 16 = head_dim: the scale Llama would use
+    variant = _hf_variant(model, lambda config: setattr(config, feature, off))
+    prompt = make_prompts(11, (130,), model.vocab_size)[0]
+    moved = (_last_logprobs(variant, prompt) - model.logits(prompt)[-1].log_softmax(-1)).abs().max()
+    assert moved > 100 * LOGPROB_ATOL
+
+
+def test_gemma3_local_rope_changes_hf_logits(load_parity_model):
+    """Gemma 3's sliding layers turn with their own RoPE base (100 here, 1000 and linear x4 globally): HF with
+    one RoPE for all layers gives other log-probs, so the gemma3 parity tests check the local RoPE."""
+    model = load_parity_model("gemma3")
+
+    def one_rope(config):
+        config.rope_parameters["sliding_attention"] = dict(config.rope_parameters["full_attention"])
+
+    prompt = make_prompts(11, (130,), model.vocab_size)[0]
+    moved = (_last_logprobs(_hf_variant(model, one_rope), prompt) - model.logits(prompt)[-1].log_softmax(-1))
+    assert moved.abs().max() > 100 * LOGPROB_ATOL
+
+
+def _assert_logprobs_match(model, llm, prompts, steps: int, reference=None):
+    """Top-5 log-probs of `steps` greedy tokens against `reference` (HF, full forwards; the model's own
+    reference by default)."""
+    reference = reference or model.hf
+    params = SamplingParams(max_tokens=steps, temperature=0, logprobs=5, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
+        with torch.no_grad():
+            ids = torch.tensor([prompt + out.token_ids[:-1]])
+            ref = reference(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)[len(prompt) - 1 :]
+        for step, ours in enumerate(out.logprobs):
+            where = f"{model.name} prompt len {len(prompt)}, output token {step}"
+            values, ids = ref[step].topk(5)
+            assert [t for t, _ in ours.top] == ids.tolist(), where
+            got = torch.tensor([v for _, v in ours.top])
+            torch.testing.assert_close(got, values, atol=LOGPROB_ATOL, rtol=0, msg=where)
+
+
+def test_phi3_longrope_matches_hf_inside_and_beyond_the_original_context(load_parity_model, target):
+    """LongRoPE against an unedited transformers Phi-3 (original context 64, max 512), which picks the short
+    factors for inputs up to 64 tokens and the long ones beyond. An engine limited to the original context
+    (--max-model-len 64) uses the short factors and matches HF there; one serving more uses the long factors,
+    and matches HF on inputs beyond 64 tokens. The factors really differ (guard)."""
+    model = load_parity_model("phi3")
+    pristine = _hf_variant(model, lambda config: None)
+    steps = target.logprob_steps
+    short_prompts = make_prompts(41, (5, 30, 64 - steps), model.vocab_size)
+    long_prompts = make_prompts(42, (100, 65, 150), model.vocab_size)
+    short_llm = make_llm(model, target, max_model_len=64)
+    _assert_logprobs_match(model, short_llm, short_prompts, steps, reference=pristine)
+    long_llm = make_llm(model, target)
+    _assert_logprobs_match(model, long_llm, long_prompts, steps, reference=pristine)
+    # Guard: on a short input the long factors (the engine's reference at max_model_len 512) differ from HF's.
+    prompt = short_prompts[1]
+    assert (_last_logprobs(pristine, prompt) - model.logits(prompt)[-1].log_softmax(-1)).abs().max() > 1e-2
+
+
 # -- b. greedy, batched ------------------------------------------------------------------------------
 
 
@@ -185,7 +261,7 @@ def test_greedy_with_chunked_prefill_matches_hf(parity_model, target):
 # -- e. prefix caching ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_name", ["demo", "qwen2"])
+@pytest.mark.parametrize("model_name", ["demo", "qwen2", "gemma2"])
 def test_shared_prefix_and_prefix_cache_match_hf(load_parity_model, model_name, target):
     model = load_parity_model(model_name)
     greedy, max_new = target.greedy, target.max_new
@@ -246,31 +322,27 @@ def test_text_prompts_tokenize_and_detokenize_like_hf(load_parity_model):
 # -- sliding-window attention (Mistral) -------------------------------------------------------------
 
 
-def test_mistral_sliding_window_matches_hf_or_is_refused(load_parity_model):
+def test_mistral_sliding_window_matches_hf(load_parity_model, target):
     """A checkpoint whose `sliding_window` (32) is shorter than its max_position_embeddings: HF attends
-    to the last 32 positions only. The engine must match HF on every request it accepts; it may refuse
-    (ValueError) only a request that would run past the window, where its answer could differ."""
+    to the last 32 positions only, and so must the engine, on prompts inside the window, filling it and far
+    past it, in one batch (decodes beside prompts, on both backends: the torch path's window masks and the
+    Triton paged kernel's window)."""
     swa = load_parity_model("mistral_sliding")
     full = load_parity_model("mistral")  # same weights, no window
     window = swa.hf.config.sliding_window
     assert window == 32
-    # (prompt length, max_tokens): inside the window, exactly filling it, and past it
-    cases = [(20, 12), (31, 1), (9, 23), (100, 1), (150, 4), (30, 8)]
-    prompts = make_prompts(21, [n for n, _ in cases], swa.vocab_size)
+    lengths = (20, 31, 9, 100, 150, 30)
+    prompts = make_prompts(21, lengths, swa.vocab_size)
     # The window changes HF's logits once the context exceeds it (and only then).
     torch.testing.assert_close(swa.logits(prompts[1]), full.logits(prompts[1]), atol=1e-5, rtol=0)
     assert (swa.logits(prompts[4])[-1] - full.logits(prompts[4])[-1]).abs().max() > 1e-2
 
-    llm = make_llm(swa)
-    for prompt, (_, max_tokens) in zip(prompts, cases, strict=True):
-        total = len(prompt) + max_tokens
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=5, ignore_eos=True)
-        try:
-            [out] = llm.generate([prompt], params)
-        except ValueError:
-            assert total > window, f"prompt {len(prompt)} + {max_tokens} tokens fit the window, yet refused"
-            continue
+    llm = make_llm(swa, target)
+    steps = target.logprob_steps
+    params = SamplingParams(max_tokens=steps, temperature=0, logprobs=5, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
         ref = swa.logits(prompt + out.token_ids[:-1]).log_softmax(-1)[len(prompt) - 1 :]
+        assert len(out.logprobs) == steps
         for step, ours in enumerate(out.logprobs):
             where = f"prompt len {len(prompt)}, output token {step}"
             values, ids = ref[step].topk(5)
