@@ -1,10 +1,21 @@
 """GGUF checkpoints (llama.cpp's format) read with the `gguf` package: config from the `<architecture>.*`
-metadata (llama, qwen2, qwen3), tensors dequantized and renamed to Hugging Face names, the tokenizer rebuilt with
-`tokenizers` from `tokenizer.ggml.*`, and the chat template from `tokenizer.chat_template`."""
+metadata (llama, qwen2, qwen3, gemma2, gemma3, phi3), tensors dequantized and renamed to Hugging Face names,
+the tokenizer rebuilt with `tokenizers` from `tokenizer.ggml.*`, and the chat template from
+`tokenizer.chat_template`.
+
+What llama.cpp's convert_hf_to_gguf.py changes, undone here: llama's q/k rows (interleaved rotary halves),
+Gemma's norm weights (stored as 1 + weight, Gemma's RMSNorm scaling by 1 + weight), Phi-3's LongRoPE factors
+(stored as the tensors rope_factors_long/short, read back into rope_scaling). Gemma's pre/post norms get
+their own names (ffn_norm is Gemma's pre_feedforward_layernorm, post_attention_norm its
+post_attention_layernorm); Phi-3's fused attn_qkv and ffn_up stay fused (qkv_proj, gate_up_proj). What the
+GGUF does not state, llama.cpp's runtime defaults supply: Gemma's query_pre_attn_scalar (head_dim, or
+hidden / heads for the 27B models), Gemma 3's local rope base (10000) and sliding-window pattern (5 local
+layers, then a global one)."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +28,9 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 
 # GGUF architecture -> the Hugging Face architecture it is read as
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+_MODEL_TYPES = {"gemma3": "gemma3_text"}  # the Hugging Face model_type, where it is not the GGUF name
 # llama.cpp's converter interleaves the rotary halves of q/k rows for these only (the others rotate halves
 # as Hugging Face does, NeoX style)
 _PERMUTED_QK = ("llama",)
@@ -43,6 +56,26 @@ _TENSOR_NAMES = {
     "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",  # qwen3
     "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
+# Per architecture, where its names differ from the table above (None: no counterpart).
+_ARCH_TENSOR_NAMES: dict[str, dict[str, str | None]] = {
+    "gemma": {
+        "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+        "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+    },
+    "phi3": {
+        "blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+        "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",  # gate rows, then up rows
+        "blk.{i}.ffn_gate.weight": None,
+        "blk.{i}.attn_q.weight": None,  # llama.cpp always writes Phi-3's q/k/v fused
+        "blk.{i}.attn_k.weight": None,
+        "blk.{i}.attn_v.weight": None,
+    },
+}
+_ARCH_TENSOR_NAMES["gemma2"] = _ARCH_TENSOR_NAMES["gemma3"] = _ARCH_TENSOR_NAMES["gemma"]
+_GEMMA = ("gemma2", "gemma3")  # norm weights stored as 1 + weight
+# Phi-3's LongRoPE factors: read into the config's rope_scaling, not model tensors
+_ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 # Text splits before byte-level BPE, by `tokenizer.ggml.pre` (llama.cpp's pre-tokenizer names).
@@ -75,22 +108,32 @@ class GGUFCheckpoint:
     tokenizer_config: dict[str, Any]  # as tokenizer_config.json
     generation_config: dict[str, Any]  # as generation_config.json
     reader: Any  # gguf.GGUFReader
+    architecture: str = "llama"  # the GGUF's general.architecture
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, fp32 tensor), dequantized one at a time."""
         heads, kv_heads = self.config["num_attention_heads"], self.config["num_key_value_heads"]
-        permuted = self.config["model_type"] in _PERMUTED_QK
+        permuted = self.architecture in _PERMUTED_QK
         for t in self.reader.tensors:
-            name = hf_tensor_name(t.name)
+            if t.name in _ROPE_FACTORS and self.architecture == "phi3":
+                continue  # in the config's rope_scaling
+            name = hf_tensor_name(t.name, self.architecture)
             if name is None:
-                raise ValueError(f"{self.path.name}: tensor {t.name!r} has no counterpart in a Llama model")
-            weight = torch.from_numpy(np.array(_dequantize(self.path, t), dtype=np.float32))  # a writable copy
-            weight = weight.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+                raise ValueError(f"{self.path.name}: tensor {t.name!r} has no counterpart in a "
+                                 f"{self.config['architectures'][0]}")
+            weight = _weight(self.path, t)
             if permuted and name.endswith("q_proj.weight"):
                 weight = unpermute_qk(weight, heads)
             elif permuted and name.endswith("k_proj.weight"):
                 weight = unpermute_qk(weight, kv_heads)
+            elif self.architecture in _GEMMA and t.name.endswith("norm.weight"):
+                weight -= 1.0  # llama.cpp stores Gemma's norms as 1 + weight
             yield name, weight
+
+
+def _weight(path: Path, tensor) -> torch.Tensor:
+    weight = torch.from_numpy(np.array(_dequantize(path, tensor), dtype=np.float32))  # a writable copy
+    return weight.reshape([int(d) for d in reversed(tensor.shape)])  # GGUF lists dims innermost first
 
 
 def _dequantize(path: Path, tensor) -> np.ndarray:
@@ -103,13 +146,17 @@ def _dequantize(path: Path, tensor) -> np.ndarray:
                          "package cannot dequantize") from None
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> str | None:
+    names = _ARCH_TENSOR_NAMES.get(architecture, {})
+    if gguf_name in names:
+        return names[gguf_name]
     if gguf_name in _TENSOR_NAMES:
         return _TENSOR_NAMES[gguf_name]
     match = _BLOCK.match(gguf_name)
     if match is None:
         return None
-    template = _TENSOR_NAMES.get(f"blk.{{i}}.{match.group(2)}")
+    key = f"blk.{{i}}.{match.group(2)}"
+    template = names[key] if key in names else _TENSOR_NAMES.get(key)
     return template.format(i=match.group(1)) if template else None
 
 
@@ -144,8 +191,12 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
                          "GGUF files yet; use the Hugging Face checkpoint")
     tokenizer, tokenizer_config, generation_config = _tokenizer(path, meta, arch)
     config = _config(path, meta, arch, tie="output.weight" not in tensor_names)
+    if arch == "phi3":
+        _phi3_rope(path, meta, reader, config)
     config.update(bos_token_id=generation_config.get("bos_token_id"), eos_token_id=generation_config["eos_token_id"])
-    return GGUFCheckpoint(path, config, tokenizer, tokenizer_config, generation_config, reader)
+    if arch in ("gemma2", "gemma3", "phi3"):  # stated even when absent: their config classes default to ids of
+        config["pad_token_id"] = meta.get("tokenizer.ggml.padding_token_id")  # the full-size vocabularies
+    return GGUFCheckpoint(path, config, tokenizer, tokenizer_config, generation_config, reader, arch)
 
 
 def _metadata(reader) -> dict[str, Any]:
@@ -171,16 +222,19 @@ def _config(path: Path, meta: dict[str, Any], arch: str, tie: bool) -> dict[str,
 
     heads = need("attention.head_count")
     hidden = need("embedding_length")
-    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
+    if arch == "phi3":  # rope.dimension_count is the rotary width (partial rotary), not the head's
+        head_dim = get("attention.key_length") or hidden // heads
+    else:
+        head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
     config = {
-        "architectures": [SUPPORTED_ARCHITECTURES[arch]], "model_type": arch,
+        "architectures": [SUPPORTED_ARCHITECTURES[arch]], "model_type": _MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden, "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": need("block_count"), "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads), "head_dim": head_dim,
         "vocab_size": get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_theta": float(get("rope.freq_base", 1000000.0 if arch == "gemma3" else 10000.0)),
         "tie_word_embeddings": tie, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "torch_dtype": "float32",
     }
@@ -189,7 +243,73 @@ def _config(path: Path, meta: dict[str, Any], arch: str, tie: bool) -> dict[str,
         if scaling != "linear":
             raise ValueError(f"{path.name}: {arch}.rope.scaling.type {scaling!r} is not supported")
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    if arch in _GEMMA:
+        del config["mlp_bias"]
+        config.update(_gemma_config(path, meta, arch, config))
+    elif arch == "phi3":
+        del config["mlp_bias"], config["attention_bias"]
+        rotary = get("rope.dimension_count") or head_dim
+        window = get("attention.sliding_window") or None  # 0: none (Phi-4)
+        config.update(partial_rotary_factor=rotary / head_dim, sliding_window=window,
+                      original_max_position_embeddings=get("rope.scaling.original_context_length")
+                      or config["max_position_embeddings"])
     return config
+
+
+def _gemma_config(path: Path, meta: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2/3's fields beyond Llama's, with llama.cpp's defaults (llama-model.cpp) for what the GGUF
+    leaves out."""
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+    big = layers == (46 if arch == "gemma2" else 62)  # llama.cpp's 27B: scaled by hidden / heads, not head_dim
+    extra = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+             "query_pre_attn_scalar": hidden // heads if big else config["head_dim"],
+             "sliding_window": get("attention.sliding_window", 4096)}
+    if arch == "gemma2":
+        extra.update(attn_logit_softcapping=float(get("attn_logit_softcapping", 50.0)),
+                     final_logit_softcapping=float(get("final_logit_softcapping", 30.0)))
+        return extra
+    softcap = get("final_logit_softcapping")
+    extra.update(attn_logit_softcapping=None, final_logit_softcapping=None if softcap is None else float(softcap),
+                 rope_local_base_freq=float(get("rope.freq_base_swa", 10000.0)))
+    pattern = get("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # one flag per layer: True where the layer is local (sliding)
+        if len(pattern) != layers:
+            raise ValueError(f"{path.name}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for "
+                             f"{layers} layers")
+        local = [bool(flag) for flag in pattern]
+    else:
+        pattern = int(pattern)
+        local = [pattern <= 0 or (i + 1) % pattern != 0 for i in range(layers)]
+        extra["sliding_window_pattern"] = pattern
+    extra["layer_types"] = ["sliding_attention" if flag else "full_attention" for flag in local]
+    return extra
+
+
+def _phi3_rope(path: Path, meta: dict[str, Any], reader, config: dict[str, Any]) -> None:
+    """Phi-3's LongRoPE: llama.cpp writes the per-dimension factors as tensors, the attention factor and the
+    original context as metadata; read back into rope_scaling as Phi-3's config.json has it."""
+    factors = {_ROPE_FACTORS[t.name]: _weight(path, t).reshape(-1).tolist()
+               for t in reader.tensors if t.name in _ROPE_FACTORS}
+    if not factors:
+        return
+    if len(factors) != 2:
+        raise ValueError(f"{path.name}: has only one of rope_factors_long/rope_factors_short")
+    rotary = round(config["head_dim"] * config["partial_rotary_factor"])
+    for key, values in factors.items():
+        if len(values) != rotary // 2:
+            raise ValueError(f"{path.name}: rope_factors ({key}) has {len(values)} entries, expected {rotary // 2}")
+    original = config["original_max_position_embeddings"]
+    scaling = {"rope_type": "longrope", "long_factor": factors["long_factor"],
+               "short_factor": factors["short_factor"], "original_max_position_embeddings": original}
+    attn_factor = meta.get("phi3.rope.scaling.attn_factor")
+    scale = config["max_position_embeddings"] / original
+    default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    if attn_factor is not None and not math.isclose(float(attn_factor), default, rel_tol=1e-6):
+        scaling["attention_factor"] = float(attn_factor)  # only where it is not the one Phi-3 derives itself
+    config["rope_scaling"] = scaling
 
 
 def _tokenizer(path: Path, meta: dict[str, Any], arch: str):
@@ -233,13 +353,27 @@ def _tokenizer(path: Path, meta: dict[str, Any], arch: str):
 
 def _expected_tensor_names(config: dict[str, Any]) -> set[str]:
     from loraplex.kernels.backend import TorchBackend
-    from loraplex.models.llama import LlamaForCausalLM
     from loraplex.models.loader import expected_tensor_names
     from loraplex.models.model_config import ModelConfig
 
+    try:
+        from loraplex.models.registry import model_class
+    except ImportError:  # TODO(gguf): drop once registry.py has landed (Gemma, Phi-3 model classes)
+        from loraplex.models.llama import LlamaForCausalLM
+
+        if config["architectures"][0] not in SUPPORTED_ARCHITECTURES_WITH_LLAMA_CLASS:
+            return set()
+
+        def model_class(_):
+            return LlamaForCausalLM
+
+    model_config = ModelConfig.from_dict(config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(ModelConfig.from_dict(config), TorchBackend(), torch.float32)
+        model = model_class(model_config)(model_config, TorchBackend(), torch.float32)
     return set(expected_tensor_names(model))
+
+
+SUPPORTED_ARCHITECTURES_WITH_LLAMA_CLASS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def convert_gguf(source: str | Path, output: str | Path, progress: bool = False) -> Path:
@@ -258,7 +392,8 @@ def convert_gguf(source: str | Path, output: str | Path, progress: bool = False)
         tensors[name] = weight.contiguous()
     missing = sorted(_expected_tensor_names(checkpoint.config) - set(tensors))
     if missing:
-        raise ValueError(f"{checkpoint.path.name}: lacks {len(missing)} tensor(s) a Llama with this metadata needs, "
+        raise ValueError(f"{checkpoint.path.name}: lacks {len(missing)} tensor(s) a "
+                         f"{checkpoint.config['architectures'][0]} with this metadata needs, "
                          f"e.g. {', '.join(missing[:3])}")
     save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
     (output / "model.safetensors").chmod(0o644)  # safetensors writes owner-only files

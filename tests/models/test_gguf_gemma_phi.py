@@ -1,0 +1,298 @@
+"""GGUF files of llama.cpp's `gemma2`, `gemma3` and `phi3` architectures, written with `gguf.GGUFWriter` from
+tiny random Hugging Face checkpoints the way llama.cpp's convert_hf_to_gguf.py writes them: tensor names from
+the `gguf` package's own name map (Gemma's pre/post norms, Phi-3's fused attn_qkv and ffn_up), Gemma's norm
+weights stored as 1 + weight, Phi-3's LongRoPE factors as the tensors rope_factors_long/short with the
+original context and attention factor as metadata, and the metadata keys the converter sets for each.
+
+References, never loraplex code: the original checkpoint (config fields, tensors, logits) and transformers
+reading the very GGUF file (`from_pretrained(dir, gguf_file=name)`: its state dict, the config fields it reads
+from the file, its logits given the fields it does not read). The demo model's byte-level BPE vocabulary
+stands in for the real SentencePiece ones."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from loraplex.models.gguf import convert_gguf, read_gguf
+
+VOCAB = 2048  # the demo tokenizer's
+HIDDEN, HEADS, KV_HEADS = 64, 4, 2
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_attention_heads=HEADS,
+              num_key_value_heads=KV_HEADS, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=None,
+              attn_implementation="eager")
+WINDOW = 8  # shorter than the test prompts, so the local layers' window matters
+# The fields of each config that read_gguf must give back (the rest are the class defaults on both sides).
+CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                 "tie_word_embeddings", "sliding_window")
+FIELDS = {
+    "gemma2": CONFIG_FIELDS + ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                               "hidden_activation", "layer_types"),
+    "gemma3": CONFIG_FIELDS + ("query_pre_attn_scalar", "final_logit_softcapping", "hidden_activation",
+                               "layer_types"),
+    "phi3": CONFIG_FIELDS + ("hidden_act", "original_max_position_embeddings"),
+    "phi3-longrope": CONFIG_FIELDS + ("hidden_act", "original_max_position_embeddings"),
+}
+# Fields transformers' GGUF loader reads from these files (the rest it takes from the config class defaults,
+# so the test hands it those).
+TRANSFORMERS_READS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")
+
+
+def reference_model(kind: str) -> transformers.PreTrainedModel:
+    """A tiny random checkpoint of `kind`; norm weights away from their identity so a misplaced +1 shows."""
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(
+            num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+            max_position_embeddings=512, attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
+            rope_theta=10000.0, **COMMON)
+    elif kind == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+            max_position_embeddings=512, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+            sliding_window_pattern=6, **COMMON)
+    elif kind == "phi3":  # Phi-3-mini-4k: full rotary, a sliding window, untied head
+        config = transformers.Phi3Config(
+            num_hidden_layers=2, max_position_embeddings=512, original_max_position_embeddings=512,
+            sliding_window=WINDOW, rope_theta=10000.0, tie_word_embeddings=False, **(COMMON | {"pad_token_id": 4}))
+    else:  # Phi-4-mini: partial rotary, LongRoPE, tied head
+        rotary = int(HIDDEN // HEADS * 0.75)
+        gen = torch.Generator().manual_seed(5)
+        scaling = {"rope_type": "longrope", "long_factor": (1 + 4 * torch.rand(rotary // 2, generator=gen)).tolist(),
+                   "short_factor": (1 + 0.5 * torch.rand(rotary // 2, generator=gen)).tolist()}
+        config = transformers.Phi3Config(
+            num_hidden_layers=2, max_position_embeddings=256, original_max_position_embeddings=32,
+            partial_rotary_factor=0.75, rope_scaling=dict(scaling, rope_theta=10000.0, partial_rotary_factor=0.75),
+            sliding_window=None, tie_word_embeddings=True, **COMMON)
+    config.architectures = [{"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}.get(kind,
+                                                                                               "Phi3ForCausalLM")]
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if "norm" in name:  # Gemma's norms scale by 1 + weight, Phi-3's by weight
+                param.copy_(0.2 * noise + (0.0 if kind.startswith("gemma") else 1.0))
+            else:
+                param.copy_(noise * (0.5 if "embed" in name else 1.5 / math.sqrt(param.shape[-1])))
+    return model.eval()
+
+
+def tokenizer_metadata(demo_dir: Path) -> tuple[list[str], list[int], list[str]]:
+    spec = json.loads((demo_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    by_id = {index: token for token, index in spec["model"]["vocab"].items()}
+    control = set()
+    for added in spec["added_tokens"]:
+        by_id[added["id"]] = added["content"]
+        if added["special"]:
+            control.add(added["id"])
+    tokens = [by_id[i] for i in range(len(by_id))]
+    types = [3 if i in control else 1 for i in range(len(tokens))]  # llama.cpp's CONTROL, NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, types, merges
+
+
+def write_gguf(model: transformers.PreTrainedModel, kind: str, demo_dir: Path, path: Path) -> Path:
+    """`model` as llama.cpp's converter writes it (F32 tensors)."""
+    import gguf
+
+    arch = kind.split("-")[0]
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    extra: dict[str, np.ndarray] = {}
+    if arch == "gemma2":
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        writer.add_sliding_window(cfg.sliding_window)
+    elif arch == "gemma3":
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+        writer.add_sliding_window(cfg.sliding_window)
+    else:
+        rope = cfg.rope_parameters
+        rotary = int(rope["partial_rotary_factor"] * cfg.hidden_size) // cfg.num_attention_heads
+        writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        writer.add_rope_dimension_count(rotary)
+        writer.add_rope_freq_base(rope["rope_theta"])
+        writer.add_sliding_window(cfg.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(
+                cfg.original_max_position_embeddings)))
+            extra = {"rope_factors_long.weight": np.array(rope["long_factor"], dtype=np.float32),
+                     "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32)}
+    tokens, types, merges = tokenizer_metadata(demo_dir)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    writer.add_add_bos_token(True)
+    if cfg.pad_token_id is not None:
+        writer.add_pad_token_id(cfg.pad_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        array = tensor.float().numpy()
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            array = array + 1.0  # llama.cpp's Gemma converter stores norms as 1 + weight
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.ascontiguousarray(array))
+    for name, array in extra.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+KINDS = ("gemma2", "gemma3", "phi3", "phi3-longrope")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, gguf_demo_dir):
+    """kind -> (reference model, GGUF path), written once for the module."""
+    root = tmp_path_factory.mktemp("gguf-gemma-phi")
+    out = {}
+    for kind in KINDS:
+        model = reference_model(kind)
+        out[kind] = model, write_gguf(model, kind, Path(gguf_demo_dir), root / f"{kind}.gguf")
+    return out
+
+
+def transformers_gguf(path: Path, reference: transformers.PreTrainedModel, kind: str):
+    """transformers' own GGUF loading of `path`, given the config fields it does not read from the file."""
+    cfg = reference.config
+    if kind == "gemma2":
+        given = dict(query_pre_attn_scalar=cfg.query_pre_attn_scalar, attn_logit_softcapping=cfg.attn_logit_softcapping,
+                     final_logit_softcapping=cfg.final_logit_softcapping)
+    elif kind == "gemma3":
+        given = dict(query_pre_attn_scalar=cfg.query_pre_attn_scalar)
+    else:
+        given = dict(sliding_window=cfg.sliding_window,
+                     original_max_position_embeddings=cfg.original_max_position_embeddings)
+        if cfg.pad_token_id is None:  # else Phi3Config's default, 32000, past the tiny vocabulary
+            given["pad_token_id"] = None
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager", **given).eval()
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(3)
+    return [[0] + torch.randint(5, VOCAB, (n,), generator=gen).tolist() for n in (40, 6)]
+
+
+def approx(value):
+    return pytest.approx(value, rel=1e-6) if isinstance(value, float) else value
+
+
+def _field(config, name):
+    if name == "layer_types":
+        return list(config.layer_types)
+    if name == "head_dim":  # Phi-3's config has none
+        return getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    return getattr(config, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_config_and_tensors_match_the_original_and_transformers(written, kind):
+    reference, path = written[kind]
+    checkpoint = read_gguf(path)
+    ours = checkpoint.config
+    assert ours["architectures"] == reference.config.architectures
+    assert ours["model_type"] == reference.config.model_type
+    # ours as a transformers config: every field the original sets, and what transformers' rope code reads
+    as_hf = transformers.AutoConfig.for_model(**{k: v for k, v in ours.items() if k != "torch_dtype"})
+    for name in FIELDS[kind]:  # GGUF stores floats as f32
+        assert _field(as_hf, name) == approx(_field(reference.config, name)), name
+    assert as_hf.rope_parameters == reference.config.rope_parameters
+    if kind == "phi3-longrope":
+        scaling = ours["rope_scaling"]
+        assert scaling["rope_type"] == "longrope" and "attention_factor" not in scaling  # the derived one
+        torch.testing.assert_close(torch.tensor(scaling["long_factor"]),
+                                   torch.tensor(reference.config.rope_parameters["long_factor"]))
+
+    tensors = dict(checkpoint.tensors())
+    expected = {n: t for n, t in reference.state_dict().items()
+                if not (n == "lm_head.weight" and reference.config.tie_word_embeddings)}
+    assert set(tensors) == set(expected)
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
+
+    hf = transformers_gguf(path, reference, kind)
+    assert hf.config.model_type == ours["model_type"]
+    for name in TRANSFORMERS_READS:
+        assert getattr(hf.config, name) == approx(ours[name]), name
+    if kind.startswith("gemma"):
+        assert hf.config.head_dim == ours["head_dim"] and hf.config.sliding_window == ours["sliding_window"]
+    state = hf.state_dict()
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, state[name].float(), atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_conversion_loads_in_transformers_with_the_same_logits(written, kind, tmp_path):
+    reference, path = written[kind]
+    converted = convert_gguf(path, tmp_path / "converted")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(converted), dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(model) is type(reference)
+    hf = None if kind == "phi3-longrope" else transformers_gguf(path, reference, kind)  # no LongRoPE from GGUF
+    for ids in prompts():
+        ours = logits(model, ids)
+        torch.testing.assert_close(ours, logits(reference, ids), atol=1e-4, rtol=1e-4)
+        if hf is not None:
+            torch.testing.assert_close(ours, logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_a_phi3_gguf_with_one_rope_factor_tensor_is_refused(written, tmp_path):
+    import gguf
+
+    _, path = written["phi3-longrope"]
+    reader = gguf.GGUFReader(str(path))
+    broken = tmp_path / "broken.gguf"
+    writer = gguf.GGUFWriter(str(broken), "phi3")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, kind, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, value, kind)
+    for t in reader.tensors:
+        if t.name != "rope_factors_short.weight":
+            writer.add_tensor(t.name, np.array(t.data).reshape([int(d) for d in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="rope_factors"):
+        read_gguf(broken)
+
