@@ -1,0 +1,145 @@
+"""PEFT LoRAs on Gemma 2, Gemma 3 and Phi-3 bases (tests/tiny_families.py) batched together with base requests,
+against transformers + peft: greedy tokens and fp32 logprobs, on both kernel backends. Phi-3's adapters target its
+fused projections (qkv_proj, gate_up_proj), which loraplex splits across the slices of its own layers; one of them
+is a DoRA adapter; a `cat` merge of two Phi-3 adapters equals PEFT's add_weighted_adapter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PeftReference, build_peft_adapter, load_hf_base
+from test_peft_parity import TARGETS, assert_logprobs_match, assert_tokens_match, greedy, make_llm, make_requests
+from tiny_families import FAMILIES, family_config
+
+from loraplex.adapters_store.formats import load_peft_lora
+from loraplex.adapters_store.peft_export import write_peft_lora
+from loraplex.arithmetic import MergeParams, merge
+from loraplex.models.model_config import ModelConfig
+
+WEIGHT_STD = 0.2  # clear greedy margins
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=4)
+ATTENTION = {"phi3": ["qkv_proj", "o_proj"]}
+MLP = {"phi3": ["gate_up_proj", "down_proj"]}
+
+
+def _write_base(root: Path, family: str, demo_dir: Path) -> Path:
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(Path(demo_dir) / "tokenizer.json")).get_vocab_size()
+    config, model_cls = family_config(family, vocab, SPECIAL_IDS)
+    model = model_cls(config)
+    gen = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * WEIGHT_STD
+            param.copy_(1.0 + noise if "norm" in name else noise)  # norm weights must really be applied
+    base = root / "base"
+    model.save_pretrained(base)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(demo_dir) / name, base / name)
+    return base
+
+
+@pytest.fixture(scope="module")
+def families(demo_dir, tmp_path_factory):
+    """family name -> (family, base dir, adapters, reference), made on first use."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = _make_family(name, demo_dir, tmp_path_factory.mktemp(name))
+        return made[name]
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request, families):
+    return families(request.param)
+
+
+def _make_family(name: str, demo_dir: Path, root: Path):
+    """(family, base dir, adapters, reference): a tiny random base and three PEFT adapters made on it: attention
+    (DoRA on Phi-3), MLP with rsLoRA, and both."""
+    base = _write_base(root, name, demo_dir)
+    attn = ATTENTION.get(name, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mlp = MLP.get(name, ["gate_proj", "up_proj", "down_proj"])
+    adapters = {
+        "attn": build_peft_adapter(root / "attn", {"r": 8, "lora_alpha": 16, "target_modules": attn,
+                                                   "use_dora": name == "phi3"}, seed=1, rel=0.3, base_dir=base),
+        "mlp": build_peft_adapter(root / "mlp", {"r": 4, "lora_alpha": 4, "use_rslora": True, "target_modules": mlp},
+                                  seed=2, rel=0.3, base_dir=base),
+        "all": build_peft_adapter(root / "all", {"r": 4, "lora_alpha": 8, "target_modules": attn + mlp},
+                                  seed=3, rel=0.3, base_dir=base),
+    }
+    return name, base, adapters, PeftReference(base, dict(adapters))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_family_loras_in_a_mixed_batch_match_peft(family, target):
+    name, base, adapters, reference = family
+    # prompts longer than the families' 24-token windows and Phi-3's 64-token original context, and short ones
+    # Phi-3 served within its original context: the short LongRoPE factors, as transformers uses on these lengths
+    long, options = (40, {"max_model_len": 64}) if name == "phi3" else (70, {})
+    plan = [("attn", 21), (None, 9), ("mlp", 0), ("all", long), ("attn", 0), (None, 33), ("mlp", 14), ("all", 3)]
+    prompts, names = make_requests(41, plan)
+    max_new = target[2]
+    llm = make_llm(base, adapters, target, **options)
+    outputs = llm.generate(prompts, greedy(max_new), adapter=names)
+    assert_tokens_match(reference, prompts, names, outputs, max_new=max_new)
+    assert_logprobs_match(reference, prompts, names, outputs, max_new)
+    assert outputs[0].token_ids != outputs[2].token_ids  # one prompt on two adapters: they change the output
+
+
+def test_fused_phi3_loras_split_into_their_parts(families):
+    """A LoRA on Phi-3's qkv_proj becomes LoRAs on q_proj, k_proj and v_proj sharing lora_A, each with its rows
+    of lora_B (and of the DoRA magnitude): their stacked update is PEFT's fused one."""
+    _, base, adapters, _ = families("phi3")
+    config = ModelConfig.from_file(base / "config.json")
+    adapter = load_peft_lora(adapters["attn"], "attn", config, 64)
+    assert adapter.kind == "dora"
+    up = load_peft_lora(adapters["mlp"], "mlp", config, 64).modules
+    assert {m for _, m in up} == {"gate_proj", "up_proj", "down_proj"}
+    from safetensors.torch import load_file
+
+    raw = load_file(str(adapters["attn"] / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.0.self_attn.qkv_proj"
+    fused_b = raw[f"{prefix}.lora_B.weight"].float()
+    parts = [adapter.modules[(0, m)] for m in ("q_proj", "k_proj", "v_proj")]
+    assert all(torch.equal(p.a, raw[f"{prefix}.lora_A.weight"].float()) for p in parts)
+    assert torch.equal(torch.cat([p.b for p in parts]), fused_b)
+    assert [p.b.shape[0] for p in parts] == [64, 32, 32]
+    assert torch.equal(torch.cat([p.magnitude for p in parts]), raw[f"{prefix}.lora_magnitude_vector"].float())
+
+
+def test_a_cat_merge_of_phi3_loras_matches_peft(demo_dir, tmp_path):
+    """loraplex's cat merge of two Phi-3 adapters on fused projections, written and served, against PEFT's
+    add_weighted_adapter(combination_type="cat") on the same adapters: the same greedy tokens and logprobs."""
+    from peft import PeftModel
+
+    base = _write_base(tmp_path, "phi3", demo_dir)
+    attn, mlp = ATTENTION["phi3"], MLP["phi3"]
+    made = {"x": build_peft_adapter(tmp_path / "x", {"r": 4, "lora_alpha": 8, "target_modules": attn + mlp},
+                                    seed=5, rel=0.3, base_dir=base),
+            "y": build_peft_adapter(tmp_path / "y", {"r": 8, "lora_alpha": 8, "target_modules": attn},
+                                    seed=6, rel=0.3, base_dir=base)}
+    weights = [0.8, -0.5]
+    config = ModelConfig.from_file(base / "config.json")
+    merged = merge([load_peft_lora(made[n], n, config, 64) for n in ("x", "y")], weights,
+                   MergeParams(method="cat"), "merged")
+    write_peft_lora(merged, tmp_path / "ours")
+
+    model = PeftModel.from_pretrained(load_hf_base(base), made["x"], adapter_name="x")
+    model.load_adapter(made["y"], adapter_name="y")
+    model.add_weighted_adapter(["x", "y"], weights, "merged", combination_type="cat")
+    model.save_pretrained(tmp_path / "peft", selected_adapters=["merged"])
+    reference = PeftReference(base, {"merged": tmp_path / "peft" / "merged"})
+
+    prompts, names = make_requests(7, [("merged", 12), (None, 30), ("merged", 40)])
+    llm = make_llm(base, {"merged": tmp_path / "ours"}, max_model_len=64)
+    outputs = llm.generate(prompts, greedy(8), adapter=names)
+    assert_tokens_match(reference, prompts, names, outputs, max_new=8)
+    assert_logprobs_match(reference, prompts, names, outputs, 8)
