@@ -15,16 +15,18 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from loraplex.adapters_store.formats import LORA_MODULES
+from loraplex.adapters_store.formats import FUSED_MODULES, LORA_MODULES, module_shape
 from loraplex.adapters_store.sparse_format import SparseDelta, from_dense, write_sparse_delta
 from loraplex.errors import invalid
 from loraplex.models.loader import find_weight_files
+from loraplex.models.model_config import ModelConfig
 
 _PARTS = {m: "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for m in LORA_MODULES}
 
 
 class _Tensors:
-    """Every tensor of a checkpoint directory by name, read one at a time from its (memory-mapped) file."""
+    """Every tensor of a checkpoint directory by name, read one at a time from its (memory-mapped) file. A fused
+    projection (Phi-3's qkv_proj, gate_up_proj) is also found under its parts' names, as their rows."""
 
     def __init__(self, directory: Path, stack: ExitStack) -> None:
         self.files = {}
@@ -32,11 +34,25 @@ class _Tensors:
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             for name in handle.keys():  # noqa: SIM118
                 self.files[name] = handle
+        self.parts: dict[str, tuple[str, int, int]] = {}  # part's name -> (fused name, first row, end row)
+        fused = [name for name in self.files if name.rpartition(".weight")[0].rpartition(".")[2] in FUSED_MODULES]
+        if fused:
+            config = ModelConfig.from_file(directory / "config.json")
+            for name in fused:
+                prefix, _, leaf = name.removesuffix(".weight").rpartition(".")
+                start = 0
+                for part in FUSED_MODULES[leaf]:
+                    rows = module_shape(config, part)[0]
+                    self.parts[f"{prefix}.{part}.weight"] = (name, start, start + rows)
+                    start += rows
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in self.files or name in self.parts
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.parts:
+            fused, start, end = self.parts[name]
+            return self.files[fused].get_slice(fused)[start:end]
         return self.files[name].get_tensor(name)
 
 

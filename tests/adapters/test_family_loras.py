@@ -143,3 +143,35 @@ def test_a_cat_merge_of_phi3_loras_matches_peft(demo_dir, tmp_path):
     outputs = llm.generate(prompts, greedy(8), adapter=names)
     assert_tokens_match(reference, prompts, names, outputs, max_new=8)
     assert_logprobs_match(reference, prompts, names, outputs, 8)
+
+
+def test_a_sparse_delta_of_a_phi3_finetune_serves_the_finetune(demo_dir, tmp_path):
+    """`loraplex adapters sparsify` on a Phi-3 checkpoint (fused qkv_proj / gate_up_proj in the files) and a copy
+    with every projection changed: at density 1 the served sparse delta is the changed model, token for token
+    against transformers running it."""
+    from loraplex.cli import main
+
+    base = _write_base(tmp_path, "phi3", demo_dir)
+    model = load_hf_base(base)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    finetuned = tmp_path / "finetuned"
+    model.save_pretrained(finetuned)
+    for name in TOKENIZER_FILES:
+        shutil.copy(base / name, finetuned / name)
+    out = tmp_path / "delta"
+    assert main(["adapters", "sparsify", "--base", str(base), "--finetuned", str(finetuned), "--density", "1",
+                 "--dtype", "float32", "-o", str(out)]) == 0
+    llm = make_llm(base, {"ft": out}, max_model_len=64, max_sparse_density=1.0)
+    prompts, _ = make_requests(43, [(None, 12), (None, 40), (None, 3)])
+    outputs = llm.generate(prompts, greedy(8), adapter="ft")
+    reference = PeftReference(finetuned, {})
+    changed = 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        expected = reference.greedy(None, prompt, 8)
+        assert output.token_ids == expected
+        changed += PeftReference(base, {}).greedy(None, prompt, 8) != expected
+    assert changed >= 2, "the change barely moved the model: the test would not see a wrong delta"
