@@ -14,7 +14,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from loraplex.errors import invalid
+from loraplex.errors import LoraplexError, invalid
 
 
 class Tokenizer:
@@ -134,12 +134,17 @@ class Tokenizer:
                           "chat_template.jinja); send a plain prompt to the completions API instead")
         if self._compiled_template is None:
             self._compiled_template = _compile(self.chat_template)
-        if continue_final_message:
-            if add_generation_prompt:
-                raise invalid("continue_final_message", "cannot go with add_generation_prompt, which starts a new "
-                              "message")
-            return self._render_open(messages, **kwargs)
-        return self._render(messages, add_generation_prompt, **kwargs)
+        if continue_final_message and add_generation_prompt:
+            raise invalid("continue_final_message", "cannot go with add_generation_prompt, which starts a new message")
+        try:
+            if continue_final_message:
+                return self._render_open(messages, **kwargs)
+            return self._render(messages, add_generation_prompt, **kwargs)
+        except LoraplexError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the template's raise_exception (Gemma 2 on a system message), or
+            # any error of the template's own code on these messages: the caller's request is at fault
+            raise invalid("messages", f"the model's chat template refused them: {e}") from None
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any) -> str:
         return self._compiled_template.render(
