@@ -35,6 +35,13 @@ def family_config(name: str, vocab_size: int, special_ids: dict[str, int]):
                           "short_factor": [1.0, 1.2, 1.5, 2.0]},
             tie_word_embeddings=False, **common)
         return config, transformers.Phi3ForCausalLM
+    if name == "gemma3-multimodal":  # Gemma3ForConditionalGeneration: the text model above, and a vision tower
+        text, _ = family_config("gemma3", vocab_size, special_ids)
+        vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=32, patch_size=8)
+        config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                           mm_tokens_per_image=4, **special_ids)
+        return config, transformers.Gemma3ForConditionalGeneration
     raise ValueError(name)
 
 

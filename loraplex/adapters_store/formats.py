@@ -32,7 +32,9 @@ LORA_MODULES = ATTENTION_MODULES + MLP_MODULES
 # Projections a checkpoint may hold fused (Phi-3): a LoRA on one is split into LoRAs on its parts, which share
 # lora_A and take their rows of lora_B (and of a DoRA magnitude vector); the update is the same.
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-_KEY = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))"
+# (a multimodal base's text model names its layers model.language_model.layers or language_model.model.layers)
+_KEY = re.compile(r"^base_model\.model\.((?:model\.language_model\.|language_model\.model\.|model\.)"
+                  r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))"
                   r"\.(?:lora_([AB])\.weight|lora_(magnitude)_vector)$")
 _UNSUPPORTED_FLAGS = {
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported; retrain without it",
@@ -468,6 +470,10 @@ def _parse_key(key: str, base: ModelConfig | None) -> tuple[int, str, str, str]:
             raise _weights_error(f"{key}: LoRA on embeddings is not supported yet")
         if "lm_head" in key:
             raise _weights_error(f"{key}: LoRA on lm_head is not supported yet")
+        if "vision_tower" in key or "multi_modal_projector" in key:
+            raise _weights_error(f"{key}: LoRA on the vision tower is not served (loraplex serves the text model); "
+                                 "train with target_modules limited to the language model, e.g. "
+                                 "r'.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'")
         raise _weights_error(f"unexpected tensor {key!r}; expected PEFT LoRA keys like "
                              "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (made for another "
                              "architecture?)")

@@ -20,6 +20,12 @@ logger = logging.getLogger(__name__)
 
 # Tensors some checkpoints carry that the model recomputes or does not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# A multimodal checkpoint's text model (ModelConfig.text_of_multimodal): its tensors' prefixes -> the text-only
+# checkpoint's, and the parts it does not need (the vision tower and its projector)
+MULTIMODAL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                       "language_model.lm_head.": "lm_head."}
+MULTIMODAL_SKIPPED = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                      "model.multi_modal_projector.")
 
 
 def find_weight_files(model_dir: Path) -> list[Path]:
@@ -165,6 +171,11 @@ def expected_tensor_names(model: LlamaForCausalLM) -> Iterator[str]:
 def _load_tensor(model, config: ModelConfig, path: Path, name: str, tensor, unfilled: set[str]) -> None:
     if name.endswith(IGNORED_SUFFIXES):
         return
+    if config.text_of_multimodal:
+        if name.startswith(MULTIMODAL_SKIPPED):
+            return
+        prefix = next((p for p in MULTIMODAL_PREFIXES if name.startswith(p)), None)
+        name = name if prefix is None else MULTIMODAL_PREFIXES[prefix] + name.removeprefix(prefix)
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return  # tied: the embedding matrix doubles as the output head
     destination = _destination(model, name)

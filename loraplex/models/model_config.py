@@ -30,6 +30,15 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": Family(gemma=3, qk_norm=True, sliding_pattern=6),
     "Phi3ForCausalLM": Family(fused_checkpoint=True),
 }
+# Multimodal checkpoints whose text model loraplex serves alone: architecture -> the text model's
+MULTIMODAL_TEXT = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+# transformers' Gemma3TextConfig defaults: a multimodal Gemma 3 config.json lists in text_config only what differs
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # transformers' defaults for keys a Gemma config.json may leave out
@@ -70,6 +79,9 @@ class ModelConfig:
     attn_softcap: float | None = None  # scores s -> cap * tanh(s / cap) (Gemma 2)
     final_softcap: float | None = None  # logits likewise (Gemma 2)
     local_rope_theta: float | None = None  # sliding layers' RoPE base, plain RoPE (Gemma 3); None: as the others
+    # The checkpoint is a multimodal model's (Gemma3ForConditionalGeneration): its text model is served, its
+    # vision tower and projector are skipped, and tensor names lose their language-model prefix.
+    text_of_multimodal: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -104,6 +116,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        multimodal = any(name in MULTIMODAL_TEXT for name in raw.get("architectures") or [])
+        if multimodal:
+            raw = _text_config(raw, source)
         architecture = _architecture(raw, source)
         num_heads = _required(raw, "num_attention_heads", source)
         hidden_size = _required(raw, "hidden_size", source)
@@ -140,11 +155,26 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_tuple(raw.get("eos_token_id")),
             layer_windows=_layer_windows(raw, family, sliding, num_layers, source),
-            hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or "silu",
+            hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or ("gelu_pytorch_tanh" if family.gemma
+                                                                                   else "silu"),
             rotary_dim=_rotary_dim(raw, head_dim),
             fused_checkpoint=family.fused_checkpoint,
+            text_of_multimodal=multimodal,
             **gemma_extras,
         )
+
+
+def _text_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """A multimodal config.json -> its text model's config, as a text-only checkpoint would have it."""
+    [text_architecture] = [MULTIMODAL_TEXT[name] for name in raw["architectures"] if name in MULTIMODAL_TEXT]
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{source}: a {raw['architectures'][0]} config needs its text_config")
+    ids = {key: raw[key] for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if key in raw}
+    defaults = dict(GEMMA3_TEXT_DEFAULTS)
+    if "rope_parameters" in text:  # transformers >= 5 keeps the RoPE bases there
+        del defaults["rope_theta"], defaults["rope_local_base_freq"]
+    return {**defaults, **ids, **text, "architectures": [text_architecture]}
 
 
 def _layer_windows(raw: dict[str, Any], family: Family, window: int | None, num_layers: int,

@@ -17,6 +17,7 @@ from tiny_families import FAMILIES, family_config
 from loraplex.adapters_store.formats import load_peft_lora
 from loraplex.adapters_store.peft_export import write_peft_lora
 from loraplex.arithmetic import MergeParams, merge
+from loraplex.errors import LoraplexError
 from loraplex.models.model_config import ModelConfig
 
 WEIGHT_STD = 0.2  # clear greedy margins
@@ -92,6 +93,30 @@ def test_family_loras_in_a_mixed_batch_match_peft(family, target):
     assert_tokens_match(reference, prompts, names, outputs, max_new=max_new)
     assert_logprobs_match(reference, prompts, names, outputs, max_new)
     assert outputs[0].token_ids != outputs[2].token_ids  # one prompt on two adapters: they change the output
+
+
+def test_a_multimodal_gemma3_serves_its_text_model_with_its_loras(demo_dir, tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (config.json with text_config; tensors under language_model.*,
+    beside a vision tower and projector): loraplex serves its text model, and PEFT LoRAs made on the multimodal
+    model (limited to the language model's projections) batch with base requests; both against transformers +
+    peft running the multimodal model on text. A LoRA that reaches into the vision tower is refused by name."""
+    base = _write_base(tmp_path, "gemma3-multimodal", demo_dir)
+    text_only = r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"
+    adapters = {"text": build_peft_adapter(tmp_path / "text", {"r": 8, "lora_alpha": 16, "target_modules": text_only},
+                                           seed=4, rel=0.3, base_dir=base)}
+    reference = PeftReference(base, dict(adapters))
+    assert type(reference.model(None)).__name__ == "Gemma3ForConditionalGeneration"
+    prompts, names = make_requests(44, [("text", 30), (None, 0), ("text", 9), (None, 50)])
+    llm = make_llm(base, adapters)
+    outputs = llm.generate(prompts, greedy(8), adapter=names)
+    assert_tokens_match(reference, prompts, names, outputs, max_new=8)
+    assert_logprobs_match(reference, prompts, names, outputs, 8)
+    assert outputs[0].token_ids != outputs[1].token_ids  # the adapter changes the output
+
+    vision = build_peft_adapter(tmp_path / "vision", {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]},
+                                seed=5, base_dir=base)  # every q_proj: the vision tower's too
+    with pytest.raises(LoraplexError, match="vision tower is not served"):
+        load_peft_lora(vision, "vision", ModelConfig.from_file(base / "config.json"), 64)
 
 
 def test_fused_phi3_loras_split_into_their_parts(families):
