@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp's format) read with the `gguf` package: config from the `<architecture>.*`
 metadata (llama, qwen2, qwen3, gemma2, gemma3, phi3), tensors dequantized and renamed to Hugging Face names,
-the tokenizer rebuilt with `tokenizers` from `tokenizer.ggml.*`, and the chat template from
-`tokenizer.chat_template`.
+the tokenizer rebuilt with `tokenizers` from `tokenizer.ggml.*` (byte-level BPE, "gpt2"; SentencePiece BPE,
+"llama", with merges derived from the pieces as transformers derives them, so the ids are transformers'), and
+the chat template from `tokenizer.chat_template`.
 
 What llama.cpp's convert_hf_to_gguf.py changes, undone here: llama's q/k rows (interleaved rotary halves),
 Gemma's norm weights (stored as 1 + weight, Gemma's RMSNorm scaling by 1 + weight), Phi-3's LongRoPE factors
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 # GGUF architecture -> the Hugging Face architecture it is read as
@@ -84,6 +85,14 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# tiktoken's o200k split (Phi-4-mini and other GPT-4o-style vocabularies): letters in case runs with English
+# contractions attached, numbers of up to 3 digits
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_LETTERS = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}"
+                  rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}")
+_GPT4O_SPLIT = _GPT4O_LETTERS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
 
 def _pre_tokenizer(name: str | None):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -92,10 +101,10 @@ def _pre_tokenizer(name: str | None):
     if name == "smollm":  # single digits, then GPT-2's split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     split = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-             "qwen2": _QWEN2_SPLIT}.get(name)
+             "qwen2": _QWEN2_SPLIT, "gpt-4o": _GPT4O_SPLIT}.get(name)
     if split is None:
         raise ValueError(f"GGUF tokenizer.ggml.pre {name!r} is not supported (supported: gpt2, smollm, llama-bpe, "
-                         "qwen2)")
+                         "qwen2, gpt-4o)")
     return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
@@ -314,36 +323,48 @@ def _phi3_rope(path: Path, meta: dict[str, Any], reader, config: dict[str, Any])
 
 def _tokenizer(path: Path, meta: dict[str, Any], arch: str):
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise ValueError(f"{path.name}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, "
-                         "byte-level BPE)")
+                         "byte-level BPE; llama, SentencePiece BPE)")
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    vocab = {token: i for i, token in enumerate(tokens)}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
-    tok.decoder = decoders.ByteLevel()
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        vocab = {token: i for i, token in enumerate(tokens)}
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        tok.decoder = decoders.ByteLevel()
+        user_defined = [t for t, k in zip(tokens, types, strict=True) if k == _TOKEN_USER_DEFINED]
+    else:
+        tok, vocab = _sentencepiece(path, meta, arch, tokens)
+        user_defined = [t for t, k in zip(tokens, types, strict=True) if k == _TOKEN_USER_DEFINED and t in vocab]
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
                if k == _TOKEN_CONTROL]
     tok.add_special_tokens(special)
-    tok.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types, strict=True)
-                    if k == _TOKEN_USER_DEFINED])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in user_defined])
 
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[index] if index is not None and index < len(tokens) else None
 
     bos, eos = token("bos"), token("eos")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    if add_bos and bos is not None:
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    first = [bos] if add_bos and bos is not None else []
+    last = [eos] if add_eos and eos is not None else []
+    if first or last:
+        ends = dict.fromkeys(first + last)
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+            single=" ".join([*first, "$A", *last]), pair=" ".join([*first, "$A", *last, *first, "$B", *last]),
+            special_tokens=[(t, tok.token_to_id(t)) for t in ends])
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
         "unk_token": token("unknown"), "pad_token": token("padding"), "add_bos_token": add_bos,
         "clean_up_tokenization_spaces": False, "model_max_length": meta.get(f"{arch}.context_length"),
     }
+    if add_eos:
+        tokenizer_config["add_eos_token"] = True
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
     generation_config = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
@@ -351,29 +372,63 @@ def _tokenizer(path: Path, meta: dict[str, Any], arch: str):
     return tok, tokenizer_config, generation_config
 
 
+def _sentencepiece(path: Path, meta: dict[str, Any], arch: str, tokens: list[str]):
+    """SentencePiece BPE (`tokenizer.ggml.model` "llama": pieces with scores, byte-fallback tokens <0xNN>, no
+    merges), as transformers rebuilds it from a GGUF file, so that both give the same ids: merges derived from
+    the pieces, best first; text to pieces by architecture (Gemma: spaces as U+2581, no prefix; Phi-3: the
+    same with one U+2581 prepended; the others: SentencePiece's Metaspace, prefixed at the start of the text)."""
+    gemma = arch in _GEMMA
+    if gemma:
+        # Gemma's files spell runs of spaces with real spaces where its pieces have U+2581; and its scores do
+        # not follow its merge order, the order of the pieces in the file does
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        priority = {t: -float(i) for i, t in enumerate(tokens)}
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise ValueError(f"{path.name}: a SentencePiece vocabulary (tokenizer.ggml.model 'llama') needs "
+                             "tokenizer.ggml.scores, one per token")
+        priority = {t: float(score) for t, score in zip(tokens, scores, strict=True)}
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None and unk_id < len(tokens) else None
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_merges_by_priority(vocab, priority), unk_token=unk,
+                                 fuse_unk=True, byte_fallback=True))
+    to_space = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence(to_space)
+        return tok, vocab
+    if arch == "phi3":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([*to_space, decoders.Strip(content=" ", left=1, right=0)])
+    return tok, vocab
+
+
+def _merges_by_priority(vocab: dict[str, int], priority: dict[str, float]) -> list[tuple[str, str]]:
+    """Every way to cut a piece in two known pieces, as a merge ranked by the piece's priority (then longer
+    left part, then longer right part; then the pieces' order, and the parts' ids within a piece)."""
+    ranked = []
+    for order, (piece, score) in enumerate(priority.items()):
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        cuts = sorted(((vocab[a], vocab[b]), a, b) for a, b in cuts if a in vocab and b in vocab)
+        ranked += [((-score, -len(a), -len(b), order, ids), (a, b)) for ids, a, b in cuts]
+    ranked.sort(key=lambda entry: entry[0])
+    return [merge for _, merge in ranked]
+
+
 def _expected_tensor_names(config: dict[str, Any]) -> set[str]:
     from loraplex.kernels.backend import TorchBackend
     from loraplex.models.loader import expected_tensor_names
     from loraplex.models.model_config import ModelConfig
-
-    try:
-        from loraplex.models.registry import model_class
-    except ImportError:  # TODO(gguf): drop once registry.py has landed (Gemma, Phi-3 model classes)
-        from loraplex.models.llama import LlamaForCausalLM
-
-        if config["architectures"][0] not in SUPPORTED_ARCHITECTURES_WITH_LLAMA_CLASS:
-            return set()
-
-        def model_class(_):
-            return LlamaForCausalLM
+    from loraplex.models.registry import model_class
 
     model_config = ModelConfig.from_dict(config)
     with torch.device("meta"):
         model = model_class(model_config)(model_config, TorchBackend(), torch.float32)
     return set(expected_tensor_names(model))
-
-
-SUPPORTED_ARCHITECTURES_WITH_LLAMA_CLASS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def convert_gguf(source: str | Path, output: str | Path, progress: bool = False) -> Path:

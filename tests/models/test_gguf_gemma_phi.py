@@ -296,3 +296,157 @@ def test_a_phi3_gguf_with_one_rope_factor_tensor_is_refused(written, tmp_path):
     with pytest.raises(ValueError, match="rope_factors"):
         read_gguf(broken)
 
+
+
+# SentencePiece vocabularies (tokenizer.ggml.model "llama": pieces with scores, byte-fallback tokens, no merges),
+# laid out as Gemma's and Phi-3's files have them.
+TEXTS = ["Hello  world\n\nThe quick brown fox.", " a leading space", "   three leading, two trailing  ",
+         "tabs\tand\r\nCRLF lines\n", "", " ", "\n", "ünïcödé ñ, 漢字 and 🦙 byte fallback", "a" * 40 + " " + "ab" * 9,
+         "<start_of_turn>user\nhi<end_of_turn>\n", "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>", "</s><s>x",
+         "    indented code\n        deeper"]
+LLAMA_TOKEN_TYPES = {"normal": 1, "unknown": 2, "control": 3, "user_defined": 4, "byte": 6}
+
+
+def spm_pieces() -> list[str]:
+    """SentencePiece-style pieces (U+2581 for a space) learned from the demo corpus, best first."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    corpus = (Path(__file__).parents[2] / "loraplex" / "models" / "demo_corpus.txt").read_text().splitlines()
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizers.Replace(" ", "\u2581")
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    learner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, limit_alphabet=70, show_progress=False))
+    vocab = learner.get_vocab()
+    return sorted(vocab, key=vocab.get)
+
+
+def spm_vocabulary(arch: str) -> tuple[list[str], list[float], list[int], dict[str, int]]:
+    """(tokens, scores, types, special ids) as llama.cpp writes a Gemma or a Llama/Phi-3 SentencePiece vocab."""
+    t = LLAMA_TOKEN_TYPES
+    pieces = spm_pieces()
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    if arch.startswith("gemma"):  # Gemma: specials first, runs of spaces spelled with real spaces
+        head = [("<pad>", t["control"]), ("<eos>", t["control"]), ("<bos>", t["control"]), ("<unk>", t["unknown"]),
+                ("<mask>", t["user_defined"]), ("<start_of_turn>", t["control"]), ("<end_of_turn>", t["control"])]
+        tail = [("\n", t["normal"]), ("\n\n", t["normal"]), ("  ", t["user_defined"]), ("    ", t["normal"]),
+                ("\t", t["user_defined"])]
+        entries = head + [(b, t["byte"]) for b in byte_tokens] + tail + [(p, t["normal"]) for p in pieces]
+        special = {"bos": 2, "eos": 1, "unknown": 3, "padding": 0}
+    else:  # Llama 2 / Phi-3: <unk> <s> </s>, the bytes, the pieces; Phi-3's chat tokens added after them
+        head = [("<unk>", t["unknown"]), ("<s>", t["control"]), ("</s>", t["control"])]
+        tail = [("<|endoftext|>", t["control"]), ("<|user|>", t["user_defined"]), ("<|end|>", t["control"]),
+                ("<|assistant|>", t["user_defined"])]
+        entries = head + [(b, t["byte"]) for b in byte_tokens] + [(p, t["normal"]) for p in pieces] + tail
+        special = {"bos": 1, "eos": 2, "unknown": 0, "padding": len(head) + 256 + len(pieces)}
+    tokens = [e[0] for e in entries]
+    # scores tied in fours, so that merges also rank by their parts' lengths
+    scores = [-float(i // 4) if kind == t["normal"] else 0.0 for i, (_, kind) in enumerate(entries)]
+    if arch.startswith("gemma"):  # Gemma's scores do not follow its merge order (its file order does)
+        scores = [s if i % 3 else -s for i, s in enumerate(scores)]
+    return tokens, scores, [e[1] for e in entries], special
+
+
+def write_tokenizer_gguf(path: Path, arch: str, tokenizer: str, demo_dir: Path) -> Path:
+    """Model metadata (no tensors: a tokenizer's reader needs none) and a vocabulary: SentencePiece
+    (`tokenizer`="llama") or the demo's byte-level BPE with the given tokenizer.ggml.pre."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(HEADS)
+    writer.add_layer_norm_rms_eps(1e-6)
+    if tokenizer == "llama":
+        tokens, scores, types, special = spm_vocabulary(arch)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(special["bos"])
+        writer.add_eos_token_id(special["eos"])
+        writer.add_unk_token_id(special["unknown"])
+        writer.add_pad_token_id(special["padding"])
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        if arch.startswith("gemma"):
+            writer.add_add_space_prefix(False)
+    else:
+        tokens, types, merges = tokenizer_metadata(demo_dir)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(tokenizer)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(1)
+        writer.add_add_bos_token(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("arch", "tokenizer"), [("gemma2", "llama"), ("gemma3", "llama"), ("phi3", "llama"),
+                                                 ("llama", "llama"), ("phi3", "gpt-4o")])
+def test_the_tokenizer_gives_transformers_ids(gguf_demo_dir, tmp_path, arch, tokenizer):
+    from loraplex.models.tokenizer import Tokenizer
+
+    path = write_tokenizer_gguf(tmp_path / f"{arch}.gguf", arch, tokenizer, Path(gguf_demo_dir))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    checkpoint = read_gguf(path)
+    ours = Tokenizer.from_path(path)
+    saved = tmp_path / "tokenizer.json"
+    checkpoint.tokenizer.save(str(saved))
+    reloaded = transformers.PreTrainedTokenizerFast(tokenizer_file=str(saved))  # as `loraplex convert` writes it
+    texts = TEXTS + ["I'LL pay 12345 DOLLARS, isn't it?\n\n  x", "theQuickBrownFox andThe HTTPServer's ./path/to"]
+    for text in texts:
+        expected = reference(text).input_ids
+        assert ours.encode(text) == expected, text
+        assert reloaded(text).input_ids == expected, text
+        assert ours.decode(expected, skip_special_tokens=False) == reference.decode(expected), text
+        if "<" in text:
+            continue  # added tokens: SentencePiece prefixes the text after each with a space, on both sides
+        joined = b"".join(ours.token_bytes(i) for i in expected if i != ours.bos_token_id).decode()
+        # SentencePiece's prefix space, where Llama and Phi-3 add one (Gemma does not)
+        assert joined == text or (arch in ("llama", "phi3") and tokenizer == "llama" and joined == " " + text), text
+    assert checkpoint.tokenizer_config["bos_token"] == reference.bos_token
+    assert checkpoint.tokenizer_config["eos_token"] == reference.eos_token
+    ours_spec, reference_spec = (json.loads(t.to_str()) for t in (checkpoint.tokenizer, reference.backend_tokenizer))
+    assert ours_spec["model"]["merges"] == reference_spec["model"]["merges"]  # in rank order
+    if tokenizer == "llama":  # (transformers' GPT-2 class adds its own <|endoftext|> to a vocabulary without one)
+        assert checkpoint.tokenizer.get_vocab() == reference.get_vocab()
+    for text in texts:  # the text as BPE sees it
+        assert _pieces(checkpoint.tokenizer, text) == _pieces(reference.backend_tokenizer, text), text
+
+
+def _pieces(tokenizer, text: str) -> list[str]:
+    if tokenizer.normalizer is not None:
+        text = tokenizer.normalizer.normalize_str(text)
+    if tokenizer.pre_tokenizer is None:  # Gemma's: transformers' splits at spaces the normalizer has replaced
+        return [text] if text else []
+    return [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text) if piece]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_engine_on_the_gguf_matches_transformers(written, kind):
+    """Served from the GGUF file itself: greedy tokens and their logprobs as transformers' on the same file
+    (Phi-3 with LongRoPE: as the original checkpoint, transformers reading no LongRoPE from a GGUF; its
+    prompt is past the original context, where transformers too turns with the long factors)."""
+    from loraplex import LLM, SamplingParams
+
+    reference, path = written[kind]
+    hf = reference if kind == "phi3-longrope" else transformers_gguf(path, reference, kind)
+    batch = prompts()[:1] if kind == "phi3-longrope" else prompts()
+    steps = 10
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True, logprobs=1)
+    llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128, kv_cache_memory="16MiB")
+    assert llm.engine.model.config.architecture == reference.config.architectures[0]
+    for prompt, out in zip(batch, llm.generate(batch, params), strict=True):
+        expected = logits(hf, prompt + out.token_ids).log_softmax(-1)[len(prompt) - 1:-1]
+        assert out.token_ids == expected.argmax(-1).tolist(), "greedy tokens differ"
+        ours = torch.tensor([lp.logprob for lp in out.logprobs])
+        torch.testing.assert_close(ours, expected[torch.arange(steps), out.token_ids], atol=1e-4, rtol=0)
