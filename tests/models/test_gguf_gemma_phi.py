@@ -46,22 +46,24 @@ TRANSFORMERS_READS = ("vocab_size", "hidden_size", "intermediate_size", "num_hid
                       "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")
 
 
-def reference_model(kind: str) -> transformers.PreTrainedModel:
-    """A tiny random checkpoint of `kind`; norm weights away from their identity so a misplaced +1 shows."""
+def reference_model(kind: str, **vocabulary) -> transformers.PreTrainedModel:
+    """A tiny random checkpoint of `kind`; norm weights away from their identity so a misplaced +1 shows.
+    `vocabulary`: vocab_size and special ids other than the demo tokenizer's."""
+    common = COMMON | vocabulary
     if kind == "gemma2":
         config = transformers.Gemma2Config(
             num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
             max_position_embeddings=512, attn_logit_softcapping=4.0, final_logit_softcapping=6.0,
-            rope_theta=10000.0, **COMMON)
+            rope_theta=10000.0, **common)
     elif kind == "gemma3":
         config = transformers.Gemma3TextConfig(
             num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
             max_position_embeddings=512, rope_theta=1000000.0, rope_local_base_freq=10000.0,
-            sliding_window_pattern=6, **COMMON)
+            sliding_window_pattern=6, **common)
     elif kind == "phi3":  # Phi-3-mini-4k: full rotary, a sliding window, untied head
         config = transformers.Phi3Config(
             num_hidden_layers=2, max_position_embeddings=512, original_max_position_embeddings=512,
-            sliding_window=WINDOW, rope_theta=10000.0, tie_word_embeddings=False, **(COMMON | {"pad_token_id": 4}))
+            sliding_window=WINDOW, rope_theta=10000.0, tie_word_embeddings=False, **({"pad_token_id": 4} | common))
     else:  # Phi-4-mini: partial rotary, LongRoPE, tied head
         rotary = int(HIDDEN // HEADS * 0.75)
         gen = torch.Generator().manual_seed(5)
@@ -70,7 +72,7 @@ def reference_model(kind: str) -> transformers.PreTrainedModel:
         config = transformers.Phi3Config(
             num_hidden_layers=2, max_position_embeddings=256, original_max_position_embeddings=32,
             partial_rotary_factor=0.75, rope_scaling=dict(scaling, rope_theta=10000.0, partial_rotary_factor=0.75),
-            sliding_window=None, tie_word_embeddings=True, **COMMON)
+            sliding_window=None, tie_word_embeddings=True, **common)
     config.architectures = [{"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}.get(kind,
                                                                                                "Phi3ForCausalLM")]
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -99,8 +101,10 @@ def tokenizer_metadata(demo_dir: Path) -> tuple[list[str], list[int], list[str]]
     return tokens, types, merges
 
 
-def write_gguf(model: transformers.PreTrainedModel, kind: str, demo_dir: Path, path: Path) -> Path:
-    """`model` as llama.cpp's converter writes it (F32 tensors)."""
+def write_gguf(model: transformers.PreTrainedModel, kind: str, demo_dir: Path, path: Path,
+               sentencepiece: bool = False) -> Path:
+    """`model` as llama.cpp's converter writes it (F32 tensors), with the demo's byte-level vocabulary or
+    (`sentencepiece`) the SentencePiece one of spm_vocabulary."""
     import gguf
 
     arch = kind.split("-")[0]
@@ -138,17 +142,20 @@ def write_gguf(model: transformers.PreTrainedModel, kind: str, demo_dir: Path, p
                 cfg.original_max_position_embeddings)))
             extra = {"rope_factors_long.weight": np.array(rope["long_factor"], dtype=np.float32),
                      "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32)}
-    tokens, types, merges = tokenizer_metadata(demo_dir)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(cfg.bos_token_id)
-    writer.add_eos_token_id(cfg.eos_token_id)
-    writer.add_add_bos_token(True)
-    if cfg.pad_token_id is not None:
-        writer.add_pad_token_id(cfg.pad_token_id)
+    if sentencepiece:
+        add_spm_vocabulary(writer, arch)
+    else:
+        tokens, types, merges = tokenizer_metadata(demo_dir)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(cfg.bos_token_id)
+        writer.add_eos_token_id(cfg.eos_token_id)
+        writer.add_add_bos_token(True)
+        if cfg.pad_token_id is not None:
+            writer.add_pad_token_id(cfg.pad_token_id)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -346,6 +353,23 @@ def spm_vocabulary(arch: str) -> tuple[list[str], list[float], list[int], dict[s
     return tokens, scores, [e[1] for e in entries], special
 
 
+def add_spm_vocabulary(writer, arch: str) -> None:
+    tokens, scores, types, special = spm_vocabulary(arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(special["bos"])
+    writer.add_eos_token_id(special["eos"])
+    writer.add_unk_token_id(special["unknown"])
+    writer.add_pad_token_id(special["padding"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if arch.startswith("gemma"):
+        writer.add_add_space_prefix(False)
+
+
 def write_tokenizer_gguf(path: Path, arch: str, tokenizer: str, demo_dir: Path) -> Path:
     """Model metadata (no tensors: a tokenizer's reader needs none) and a vocabulary: SentencePiece
     (`tokenizer`="llama") or the demo's byte-level BPE with the given tokenizer.ggml.pre."""
@@ -359,20 +383,7 @@ def write_tokenizer_gguf(path: Path, arch: str, tokenizer: str, demo_dir: Path) 
     writer.add_head_count(HEADS)
     writer.add_layer_norm_rms_eps(1e-6)
     if tokenizer == "llama":
-        tokens, scores, types, special = spm_vocabulary(arch)
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        writer.add_bos_token_id(special["bos"])
-        writer.add_eos_token_id(special["eos"])
-        writer.add_unk_token_id(special["unknown"])
-        writer.add_pad_token_id(special["padding"])
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        if arch.startswith("gemma"):
-            writer.add_add_space_prefix(False)
+        add_spm_vocabulary(writer, arch)
     else:
         tokens, types, merges = tokenizer_metadata(demo_dir)
         writer.add_tokenizer_model("gpt2")
@@ -450,3 +461,28 @@ def test_the_engine_on_the_gguf_matches_transformers(written, kind):
         assert out.token_ids == expected.argmax(-1).tolist(), "greedy tokens differ"
         ours = torch.tensor([lp.logprob for lp in out.logprobs])
         torch.testing.assert_close(ours, expected[torch.arange(steps), out.token_ids], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "phi3"])
+def test_a_sentencepiece_gguf_served_from_text_matches_transformers(gguf_demo_dir, tmp_path, kind):
+    """Text in, text out, on a GGUF with a SentencePiece vocabulary: the prompt's ids, the greedy tokens and
+    the text as transformers' tokenizer and model on the same file give them."""
+    from loraplex import LLM, SamplingParams
+
+    tokens, _, _, special = spm_vocabulary(kind)
+    model = reference_model(kind, vocab_size=len(tokens), bos_token_id=special["bos"], eos_token_id=special["eos"],
+                            pad_token_id=special["padding"])
+    path = write_gguf(model, kind, Path(gguf_demo_dir), tmp_path / f"{kind}.gguf", sentencepiece=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    hf = transformers_gguf(path, model, kind)
+    texts = ["The quick brown fox", "  Two spaces, ünïcödé and 🦙\n\nthen a new paragraph"]
+    steps = 8
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128, kv_cache_memory="16MiB")
+    for text, out in zip(texts, llm.generate(texts, params), strict=True):
+        assert out.prompt_token_ids == tokenizer(text).input_ids, text
+        expected = logits(hf, out.prompt_token_ids + list(out.token_ids))[len(out.prompt_token_ids) - 1:-1]
+        assert list(out.token_ids) == expected.argmax(-1).tolist(), text
+        prompt_text = tokenizer.decode(out.prompt_token_ids, skip_special_tokens=True)
+        whole = tokenizer.decode(out.prompt_token_ids + list(out.token_ids), skip_special_tokens=True)
+        assert prompt_text + out.text == whole, text  # the continuation, with its leading space
