@@ -243,7 +243,7 @@ def _config(path: Path, meta: dict[str, Any], arch: str, tie: bool) -> dict[str,
         "vocab_size": get("vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(get("rope.freq_base", 1000000.0 if arch == "gemma3" else 10000.0)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),  # llama.cpp's default (its converter writes it)
         "tie_word_embeddings": tie, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "torch_dtype": "float32",
     }

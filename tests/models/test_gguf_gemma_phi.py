@@ -486,3 +486,43 @@ def test_a_sentencepiece_gguf_served_from_text_matches_transformers(gguf_demo_di
         prompt_text = tokenizer.decode(out.prompt_token_ids, skip_special_tokens=True)
         whole = tokenizer.decode(out.prompt_token_ids + list(out.token_ids), skip_special_tokens=True)
         assert prompt_text + out.text == whole, text  # the continuation, with its leading space
+
+
+@pytest.mark.parametrize(("arch", "layers", "scalar"), [("gemma2", 42, 256), ("gemma2", 46, 144), ("gemma3", 26, 256),
+                                                        ("gemma3", 62, 168)])
+def test_gemma_query_scaling_follows_llama_cpp(tmp_path, arch, layers, scalar):
+    """The GGUF does not state query_pre_attn_scalar; llama.cpp takes head_dim, except for the 27B models
+    (Gemma 2: 46 layers, 4608 / 32 heads = 144; Gemma 3: 62 layers, 5376 / 32 = 168), as their config.json."""
+    import gguf
+
+    big = layers in (46, 62)
+    hidden = {"gemma2": 4608, "gemma3": 5376}[arch] if big else 3584
+    path = tmp_path / f"{arch}.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(8192)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(4 * hidden)
+    writer.add_head_count(32 if big else 16)
+    writer.add_head_count_kv(16)
+    writer.add_key_length(128 if big else 256)
+    writer.add_layer_norm_rms_eps(1e-6)
+    if arch == "gemma3":  # a per-layer pattern, as newer files may state it (True: local)
+        writer.add_sliding_window_pattern([i % 3 != 2 for i in range(layers)])
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
+    writer.add_token_scores([0.0, 0.0, 0.0, -1.0])
+    writer.add_token_types([2, 3, 3, 1])
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = read_gguf(path).config
+    assert config["query_pre_attn_scalar"] == scalar
+    if arch == "gemma3":
+        assert config["layer_types"] == ["full_attention" if i % 3 == 2 else "sliding_attention"
+                                         for i in range(layers)]
+        assert "sliding_window_pattern" not in config
+    else:
+        assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (50.0, 30.0)  # defaults
