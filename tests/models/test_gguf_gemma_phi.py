@@ -6,8 +6,10 @@ original context and attention factor as metadata, and the metadata keys the con
 
 References, never loraplex code: the original checkpoint (config fields, tensors, logits) and transformers
 reading the very GGUF file (`from_pretrained(dir, gguf_file=name)`: its state dict, the config fields it reads
-from the file, its logits given the fields it does not read). The demo model's byte-level BPE vocabulary
-stands in for the real SentencePiece ones."""
+from the file, its logits given the fields it does not read, its tokenizer). The model files carry the demo's
+byte-level BPE vocabulary or a SentencePiece one (tokenizer.ggml.model "llama": pieces learned from the demo
+corpus, with scores and byte-fallback tokens, laid out as Gemma's and Phi-3's files have them); the engine
+serves both."""
 
 from __future__ import annotations
 
