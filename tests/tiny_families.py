@@ -5,6 +5,14 @@ partial rotary and LongRoPE with an original context (64) shorter than the long 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+WEIGHT_STD = 0.2  # large enough that greedy argmaxes have clear margins
+
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512)
 SLIDING_WINDOW = 24
@@ -50,3 +58,18 @@ def long_rope_everywhere(config) -> None:
     the original context): the reference for an engine serving more than the original context."""
     params = config.rope_parameters
     params["short_factor"] = list(params["long_factor"])
+
+
+def write_random_checkpoint(directory: Path, tokenizer_dir: Path, config, model_cls, seed: int) -> Path:
+    """`model_cls(config)` with seeded random weights (norm weights around 1, so that a checkpoint's norm weights
+    must really be applied), saved by transformers to `directory` with the tokenizer files of `tokenizer_dir`."""
+    model = model_cls(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * WEIGHT_STD
+            param.copy_(1.0 + noise if "norm" in name else noise)
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(tokenizer_dir) / name, Path(directory) / name)
+    return Path(directory)

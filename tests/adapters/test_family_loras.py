@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import PeftReference, build_peft_adapter, load_hf_base
 from test_peft_parity import TARGETS, assert_logprobs_match, assert_tokens_match, greedy, make_llm, make_requests
-from tiny_families import FAMILIES, family_config
+from tiny_families import FAMILIES, TOKENIZER_FILES, family_config, write_random_checkpoint
 
 from loraplex.adapters_store.formats import load_peft_lora
 from loraplex.adapters_store.peft_export import write_peft_lora
@@ -20,8 +20,6 @@ from loraplex.arithmetic import MergeParams, merge
 from loraplex.errors import LoraplexError
 from loraplex.models.model_config import ModelConfig
 
-WEIGHT_STD = 0.2  # clear greedy margins
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=4)
 ATTENTION = {"phi3": ["qkv_proj", "o_proj"]}
 MLP = {"phi3": ["gate_up_proj", "down_proj"]}
@@ -32,17 +30,7 @@ def _write_base(root: Path, family: str, demo_dir: Path) -> Path:
 
     vocab = Tokenizer.from_file(str(Path(demo_dir) / "tokenizer.json")).get_vocab_size()
     config, model_cls = family_config(family, vocab, SPECIAL_IDS)
-    model = model_cls(config)
-    gen = torch.Generator().manual_seed(21)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * WEIGHT_STD
-            param.copy_(1.0 + noise if "norm" in name else noise)  # norm weights must really be applied
-    base = root / "base"
-    model.save_pretrained(base)
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(demo_dir) / name, base / name)
-    return base
+    return write_random_checkpoint(root / "base", demo_dir, config, model_cls, seed=21)
 
 
 @pytest.fixture(scope="module")

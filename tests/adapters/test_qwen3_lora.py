@@ -3,16 +3,10 @@ base requests, against transformers + peft: greedy tokens and fp32 logprobs, on 
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-import torch
 from conftest import PeftReference, build_peft_adapter
 from test_peft_parity import TARGETS, assert_logprobs_match, assert_tokens_match, greedy, make_llm, make_requests
-
-WEIGHT_STD = 0.2  # clear greedy margins
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+from tiny_families import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +19,7 @@ def qwen3(demo_dir, tmp_path_factory):
         vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=False,
         use_sliding_window=False, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=4)
-    model = transformers.Qwen3ForCausalLM(config)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * WEIGHT_STD
-            param.copy_(1.0 + noise if "norm" in name else noise)  # norm weights must really be applied
-    base = root / "base"
-    model.save_pretrained(base)
-    for name in TOKENIZER_FILES:
-        shutil.copy(Path(demo_dir) / name, base / name)
+    base = write_random_checkpoint(root / "base", demo_dir, config, transformers.Qwen3ForCausalLM, seed=11)
     adapters = {
         "attn": build_peft_adapter(root / "attn", {"r": 8, "lora_alpha": 16,
                                                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},

@@ -4,19 +4,16 @@ Face reference."""
 
 from __future__ import annotations
 
-import shutil
 from functools import cached_property
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_families import family_config, long_rope_everywhere
+from tiny_families import family_config, long_rope_everywhere, write_random_checkpoint
 
 # transformers (a dev dependency) is imported where a reference model is built, not here: a module-level
 # import would tie every engine test to it, though most never touch a reference model.
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-WEIGHT_STD = 0.2  # large enough that greedy argmaxes have clear margins
 
 # The demo tokenizer's special tokens (loraplex.models.demo): <|bos|> <|eos|> <|im_start|> <|im_end|> <|pad|>
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 4
@@ -105,22 +102,8 @@ class ParityModel:
         return self._greedy[key]
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * WEIGHT_STD
-            # norm weights around 1 (random, so a checkpoint's norm weights must really be applied)
-            param.copy_(1.0 + noise if "norm" in name else noise)
-
-
 def _write_tiny(directory: Path, demo_dir: Path, config, model_cls, seed: int) -> Path:
-    model = model_cls(config)
-    _randomise(model, seed)
-    model.save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo_dir / name, directory / name)
-    return directory
+    return write_random_checkpoint(directory, demo_dir, config, model_cls, seed)
 
 
 @pytest.fixture(scope="session")

@@ -176,6 +176,7 @@ def _assert_logprobs_match(model, llm, prompts, steps: int, reference=None):
     reference = reference or model.hf
     params = SamplingParams(max_tokens=steps, temperature=0, logprobs=5, ignore_eos=True)
     for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
+        assert len(out.logprobs) == steps
         with torch.no_grad():
             ids = torch.tensor([prompt + out.token_ids[:-1]])
             ref = reference(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)[len(prompt) - 1 :]
@@ -337,15 +338,4 @@ def test_mistral_sliding_window_matches_hf(load_parity_model, target):
     torch.testing.assert_close(swa.logits(prompts[1]), full.logits(prompts[1]), atol=1e-5, rtol=0)
     assert (swa.logits(prompts[4])[-1] - full.logits(prompts[4])[-1]).abs().max() > 1e-2
 
-    llm = make_llm(swa, target)
-    steps = target.logprob_steps
-    params = SamplingParams(max_tokens=steps, temperature=0, logprobs=5, ignore_eos=True)
-    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
-        ref = swa.logits(prompt + out.token_ids[:-1]).log_softmax(-1)[len(prompt) - 1 :]
-        assert len(out.logprobs) == steps
-        for step, ours in enumerate(out.logprobs):
-            where = f"prompt len {len(prompt)}, output token {step}"
-            values, ids = ref[step].topk(5)
-            assert [t for t, _ in ours.top] == ids.tolist(), where
-            got = torch.tensor([v for _, v in ours.top])
-            torch.testing.assert_close(got, values, atol=LOGPROB_ATOL, rtol=0, msg=where)
+    _assert_logprobs_match(swa, make_llm(swa, target), prompts, target.logprob_steps)

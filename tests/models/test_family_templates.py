@@ -12,20 +12,17 @@ AutoTokenizer (a PreTrainedTokenizerFast), loraplex with `Tokenizer.from_dir`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 import transformers
 from jinja2.exceptions import TemplateError
+from server_harness import run_server
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -278,29 +275,6 @@ API_KEY = "family-templates-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-@contextlib.contextmanager
-def _run_server(options: dict, config: ServerConfig) -> Iterator[str]:
-    """The app and the engine as `loraplex serve` builds them, under uvicorn in a thread (as
-    tests/e2e/server_harness.py runs them), on a random port."""
-    from loraplex.api.server import build_app, make_server
-
-    app = build_app(options, config)
-    server = make_server(app, replace(config, host="127.0.0.1", port=0))
-    thread = threading.Thread(target=server.run, name="family-templates-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-
-
 @pytest.fixture(scope="module")
 def gemma2_model_dir(demo_dir, tmp_path_factory) -> Path:
     """The demo model (weights and tokenizer as they are: the vocabulary must fit the embedding) with Gemma
@@ -319,8 +293,8 @@ def gemma2_server(gemma2_model_dir, tmp_path_factory) -> Iterator[str]:
     options = {"model": str(gemma2_model_dir), "dtype": "float32", "device": "cpu", "max_model_len": 512,
                "kv_cache_memory": "64MiB", "data_dir": str(tmp_path_factory.mktemp("home")), "max_loras": 2,
                "max_lora_rank": 16}
-    with _run_server(options, ServerConfig(api_key=API_KEY)) as url:
-        yield url
+    with run_server(options, ServerConfig(api_key=API_KEY)) as server:
+        yield server.url
 
 
 def test_the_server_answers_the_gemma2_templates_refusal_with_a_400_and_stays_up(gemma2_server, gemma2_model_dir):
