@@ -318,6 +318,9 @@ def add_merge_args(parser: argparse.ArgumentParser) -> None:
                         "(1 - clamp ratio) quantile")
     parser.add_argument("--fuse-weight", type=float, default=2.0, help="copa: the merged tensors' factor")
     parser.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:N")
+    parser.add_argument("--base", type=Path, help="the base model's directory (its config.json): checks the inputs "
+                        "against it, and names the result's modules as it does; needed for adapters on Phi-3's fused "
+                        "qkv_proj, and for a result that peft loads on Phi-3 or a multimodal Gemma 3")
 
 
 def parse_weighted_path(value: str) -> tuple[Path, float]:
@@ -352,7 +355,12 @@ def _merge(args: argparse.Namespace) -> int:
         if not path.is_dir():
             raise ValueError(f"--adapter: {path} is not a directory")
         sources.append(Source(name=str(path), path=path, weight=weight))
-    merge_directories(sources, params, args.output, device=args.device,
+    base = None
+    if args.base is not None:
+        from loraplex.models.model_config import ModelConfig
+
+        base = ModelConfig.from_file(args.base / "config.json")
+    merge_directories(sources, params, args.output, base=base, device=args.device,
                       progress=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"wrote the merged adapter to {args.output}")
     return 0

@@ -66,17 +66,18 @@ def merge_directories(sources: Sequence[Source], params: MergeParams, output: Pa
     dtypes = {weights_dtype(s.path) for s in sources}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     say(f"writing {output} ({str(dtype).removeprefix('torch.')})")
-    _write(merged, output, dtype)
+    _write(merged, output, dtype, base)
     recipe = make_recipe(params, sources, adapters, metrics)
     (output / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     say(f"done in {time.perf_counter() - start:.1f} s: rank {merged.rank}, {len(merged.modules)} modules")
     return recipe
 
 
-def _write(merged: LoRAAdapter, output: Path, dtype: torch.dtype) -> None:
-    """A PEFT directory, or a sparse delta when every module is sparse alone."""
+def _write(merged: LoRAAdapter, output: Path, dtype: torch.dtype, base: ModelConfig | None) -> None:
+    """A PEFT directory (named as the base model names its modules), or a sparse delta when every module is
+    sparse alone."""
     if not any(m.sparse is not None for m in merged.modules.values()):
-        write_peft_lora(merged, output, dtype)
+        write_peft_lora(merged, output, dtype, base=base)
         return
     if any(m.rank > 0 for m in merged.modules.values()):
         write_rosa(merged, output, dtype)  # low-rank + sparse

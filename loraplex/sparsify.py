@@ -131,6 +131,7 @@ def _global_threshold(before: _Tensors, after: _Tensors, names: list[str], densi
 
 def _other_changes(before: _Tensors, after: _Tensors, names: list[str]) -> list[str]:
     projections = {f"{n}.weight" for n in names}
+    projections |= {fused for part, (fused, _, _) in before.parts.items() if part in projections}  # held as parts
     changed = []
     for name in sorted(before.files):
         if name in projections or name not in after:

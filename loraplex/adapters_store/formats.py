@@ -36,6 +36,7 @@ FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("g
 _KEY = re.compile(r"^base_model\.model\.((?:model\.language_model\.|language_model\.model\.|model\.)"
                   r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))"
                   r"\.(?:lora_([AB])\.weight|lora_(magnitude)_vector)$")
+_VISION = re.compile(r"^base_model\.model\.(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
 _UNSUPPORTED_FLAGS = {
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported; retrain without it",
     "lora_bias": "lora_bias (a trained bias on lora_B) is not supported; retrain with lora_bias=False",
@@ -98,8 +99,10 @@ class LoRAAdapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)
-                   + (0 if m.sparse is None else m.sparse.num_bytes) for m in self.modules.values())
+        # the parts of a fused module share one lora_A: counted once
+        a_bytes = sum({m.a.data_ptr(): m.a.nbytes for m in self.modules.values()}.values())
+        return a_bytes + sum(m.b.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)
+                             + (0 if m.sparse is None else m.sparse.num_bytes) for m in self.modules.values())
 
     @property
     def kind(self) -> str:
@@ -160,11 +163,12 @@ def split_fused(module: str, weights: LoRAModule, base: ModelConfig | None, full
     parts = FUSED_MODULES[module]
     if base is not None:
         sizes = [module_shape(base, part)[0] for part in parts]
-    elif module == "gate_up_proj":  # gate and up are the same size
+    elif module == "gate_up_proj" and weights.b.shape[0] % 2 == 0:  # gate and up are the same size
         sizes = [weights.b.shape[0] // 2] * 2
     else:
-        raise _weights_error(f"{full_name}: a LoRA on the fused qkv_proj splits into q/k/v by the base model's head "
-                             "counts; give the base model (--base) to read it")
+        raise _weights_error(f"{full_name}: a LoRA on a fused {module} splits into {'/'.join(parts)} by the base "
+                             f"model's sizes (lora_B has {weights.b.shape[0]} rows); give the base model (--base) to "
+                             "read it")
     rows = torch.tensor(sizes).cumsum(0).tolist()
     starts = [0, *rows[:-1]]
     return {part: dataclasses.replace(
@@ -434,6 +438,8 @@ def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     full_names: dict[tuple[int, str], str] = {}
     for key, tensor in tensors.items():
+        if _VISION.match(key):
+            continue  # a multimodal model's vision tower: text prompts never reach it (loraplex serves text only)
         layer, module, half, full_name = _parse_key(key, base)
         halves.setdefault((layer, module), {})[half] = tensor
         full_names[(layer, module)] = full_name
@@ -470,10 +476,6 @@ def _parse_key(key: str, base: ModelConfig | None) -> tuple[int, str, str, str]:
             raise _weights_error(f"{key}: LoRA on embeddings is not supported yet")
         if "lm_head" in key:
             raise _weights_error(f"{key}: LoRA on lm_head is not supported yet")
-        if "vision_tower" in key or "multi_modal_projector" in key:
-            raise _weights_error(f"{key}: LoRA on the vision tower is not served (loraplex serves the text model); "
-                                 "train with target_modules limited to the language model, e.g. "
-                                 "r'.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'")
         raise _weights_error(f"unexpected tensor {key!r}; expected PEFT LoRA keys like "
                              "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (made for another "
                              "architecture?)")

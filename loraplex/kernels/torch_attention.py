@@ -198,6 +198,8 @@ def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, k
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [num_seqs, num_kv_heads, max_kv_len, head_dim]
 
     gqa = not decode and num_heads != num_kv_heads
+    if window is not None and window >= group.max_kv_len:
+        window = None  # no key of this group lies behind the window (Phi-4-mini's 262144 never does)
     if window is None and softcap is None:
         out = F.scaled_dot_product_attention(
             padded_q, keys, values, attn_mask=group.mask, is_causal=group.fresh, scale=scale, enable_gqa=gqa,
@@ -214,15 +216,27 @@ def attend_group(query, k_cache, v_cache, group: AttentionGroup, scale: float, k
     return out if group.uniform else out[group.padded_index]
 
 
+# Scores a soft-capped attention holds at once (fp32 elements): the queries go through in blocks under it, so a
+# long prefill chunk does not hold [seqs, heads, chunk, context] scores whole (Gemma 2 27B, 4096 x 8192: 8 GB)
+SOFTCAP_SCORE_ELEMENTS = 1 << 25
+
+
 def _softcapped_attention(query, keys, values, mask, scale: float, softcap: float, gqa: bool) -> torch.Tensor:
     """SDPA with each score s squashed to softcap·tanh(s / softcap) before the mask and the softmax (which SDPA
-    cannot do), computed as transformers' eager Gemma 2 attention: scores in the query's dtype, softmax in fp32."""
+    cannot do), computed as transformers' eager Gemma 2 attention: scores in the query's dtype, softmax in fp32.
+    query [seqs, heads, q, D], mask [seqs, 1, q or 1, kv]."""
     if gqa:
         group = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(scale)
-    scores = torch.tanh(scores.div_(softcap)).mul_(softcap).add_(mask)
-    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(query.dtype), values)
+    seqs, heads, rows, _ = query.shape
+    step = max(1, SOFTCAP_SCORE_ELEMENTS // (seqs * heads * keys.shape[2]))
+    out = []
+    for start in range(0, rows, step):
+        block_mask = mask if mask.shape[2] == 1 else mask[:, :, start:start + step]
+        scores = torch.matmul(query[:, :, start:start + step], keys.transpose(-1, -2)).mul_(scale)
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap).add_(block_mask)
+        out.append(torch.matmul(scores.softmax(-1, dtype=torch.float32).to(query.dtype), values))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def pad_to_group(x: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

@@ -38,7 +38,7 @@ class GemmaDecoderLayer(Module):
         self.post_attention_layernorm = GemmaRMSNorm(size, eps, dtype)
         self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps, dtype)
         self.post_feedforward_layernorm = GemmaRMSNorm(size, eps, dtype)
-        self.local = config.local_rope_theta is not None and self.self_attn.window is not None
+        self.local = config.local_rope_theta is not None and config.is_sliding(layer)
 
     def forward(self, rope: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None) -> torch.Tensor:

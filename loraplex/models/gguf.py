@@ -368,8 +368,16 @@ def _tokenizer(path: Path, meta: dict[str, Any], arch: str):
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
     generation_config = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-                         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id")}
+                         "eos_token_id": _stop_ids(meta)}
     return tok, tokenizer_config, generation_config
+
+
+def _stop_ids(meta: dict[str, Any]) -> int | list[int] | None:
+    """The ids that end generation: EOS, and the end-of-turn / end-of-message tokens a chat model's file names
+    apart (Gemma's <end_of_turn>, Phi-3's <|end|>), as llama.cpp stops at them."""
+    ids = [meta.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids or None
 
 
 def _sentencepiece(path: Path, meta: dict[str, Any], arch: str, tokens: list[str]):

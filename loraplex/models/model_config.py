@@ -69,6 +69,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # Each layer's sliding window (None: global attention); () = no layer slides.
     layer_windows: tuple[int | None, ...] = ()
+    # Which layers are of the sliding kind (layer_types), whether or not a window is set: Gemma 3 turns them with
+    # its local RoPE either way; () = none.
+    sliding_layers: tuple[bool, ...] = ()
     hidden_act: str = "silu"  # of the gate: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
     rotary_dim: int | None = None  # dims of each head that RoPE turns (partial_rotary_factor); None: all
     fused_checkpoint: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
@@ -89,8 +92,8 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
-        if self.layer_windows and len(self.layer_windows) != self.num_layers:
-            raise ValueError(f"layer_types lists {len(self.layer_windows)} layers, but num_hidden_layers is "
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"layer_types lists {len(self.sliding_layers)} layers, but num_hidden_layers is "
                              f"{self.num_layers}")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: "
@@ -99,6 +102,14 @@ class ModelConfig:
         if not 0 < rotary <= self.head_dim or rotary % 2:
             raise ValueError(f"partial_rotary_factor gives {rotary} rotary dims of a {self.head_dim}-dim head; "
                              "it must give an even number between 2 and head_dim")
+        for key in ("long_factor", "short_factor") if self.rope_scaling.get("rope_type") == "longrope" else ():
+            if len(self.rope_scaling[key]) != rotary // 2:
+                raise ValueError(f"rope_scaling {key} has {len(self.rope_scaling[key])} entries; {rotary} rotary "
+                                 f"dims need {rotary // 2}")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` is of the sliding kind (its window, if any, is `window_of`)."""
+        return bool(self.sliding_layers) and self.sliding_layers[layer]
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (keys seen back from each query, itself included), or None."""
@@ -133,6 +144,7 @@ class ModelConfig:
         per_type = "full_attention" in rope_params
         global_rope = {**raw, "rope_parameters": rope_params["full_attention"]} if per_type else raw
         gemma_extras = _gemma_fields(raw, family, hidden_size, per_type, source) if family.gemma else {}
+        kinds = _sliding_layers(raw, family, sliding, num_layers, source)
         return cls(
             architecture=architecture,
             hidden_size=hidden_size,
@@ -154,9 +166,11 @@ class ModelConfig:
             sliding_window=sliding,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_tuple(raw.get("eos_token_id")),
-            layer_windows=_layer_windows(raw, family, sliding, num_layers, source),
-            hidden_act=raw.get("hidden_activation") or raw.get("hidden_act") or ("gelu_pytorch_tanh" if family.gemma
-                                                                                   else "silu"),
+            layer_windows=tuple(sliding if slides else None for slides in kinds) if sliding else (),
+            sliding_layers=kinds,
+            # transformers' Gemma reads hidden_activation only (and defaults to GeGLU)
+            hidden_act=(raw.get("hidden_activation") or "gelu_pytorch_tanh") if family.gemma
+            else raw.get("hidden_act") or "silu",
             rotary_dim=_rotary_dim(raw, head_dim),
             fused_checkpoint=family.fused_checkpoint,
             text_of_multimodal=multimodal,
@@ -177,25 +191,24 @@ def _text_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return {**defaults, **ids, **text, "architectures": [text_architecture]}
 
 
-def _layer_windows(raw: dict[str, Any], family: Family, window: int | None, num_layers: int,
-                   source: str) -> tuple[int | None, ...]:
-    if not window:
-        return ()
+def _sliding_layers(raw: dict[str, Any], family: Family, window: int | None, num_layers: int,
+                    source: str) -> tuple[bool, ...]:
+    """Each layer: of the sliding kind? From config.json's layer_types, else as transformers derives them."""
     types = raw.get("layer_types")
     if types is None:
         if family.sliding_pattern:  # Gemma: every pattern-th layer global
             pattern = raw.get("sliding_window_pattern", family.sliding_pattern)
             types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
-        elif family.sliding_opt_in:  # Qwen: the layers from max_window_layers on
-            first = raw.get("max_window_layers", num_layers)
+        elif family.sliding_opt_in:  # Qwen: with use_sliding_window, the layers from max_window_layers on
+            first = raw.get("max_window_layers", 28) if window else num_layers
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
         else:
-            types = ["sliding_attention"] * num_layers
+            types = ["sliding_attention" if window else "full_attention"] * num_layers
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown:
         raise ValueError(f"{source}: layer_types holds {unknown[0]!r}; loraplex knows sliding_attention and "
                          "full_attention")
-    return tuple(window if kind == "sliding_attention" else None for kind in types)
+    return tuple(kind == "sliding_attention" for kind in types) if "sliding_attention" in types else ()
 
 
 def _rotary_dim(raw: dict[str, Any], head_dim: int) -> int | None:
@@ -241,8 +254,8 @@ def _required(raw: dict[str, Any], key: str, source: str) -> Any:
 
 
 def _rope_theta(raw: dict[str, Any]) -> float:
-    params = raw.get("rope_parameters") or {}
-    return float(raw.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    params = raw.get("rope_parameters") or {}  # transformers >= 5: the theta inside wins, as there
+    return float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
 
 
 def _rope_scaling(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -271,7 +284,7 @@ def _longrope(raw: dict[str, Any], scaling: dict[str, Any], source: str) -> dict
     """Phi-3's LongRoPE: per-frequency divisors for short contexts and for long ones, and cos/sin scaled by the
     attention factor (transformers' defaults: factor = max_position_embeddings / original, attention factor
     sqrt(1 + ln(factor) / ln(original)))."""
-    original = scaling.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    original = raw.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
     if not isinstance(original, int) or original < 1:
         raise ValueError(f"{source}: rope_scaling type 'longrope' needs original_max_position_embeddings")
     for key in ("long_factor", "short_factor"):

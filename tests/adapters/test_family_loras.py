@@ -17,7 +17,6 @@ from tiny_families import FAMILIES, TOKENIZER_FILES, family_config, write_random
 from loraplex.adapters_store.formats import load_peft_lora
 from loraplex.adapters_store.peft_export import write_peft_lora
 from loraplex.arithmetic import MergeParams, merge
-from loraplex.errors import LoraplexError
 from loraplex.models.model_config import ModelConfig
 
 SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=4)
@@ -86,25 +85,31 @@ def test_family_loras_in_a_mixed_batch_match_peft(family, target):
 def test_a_multimodal_gemma3_serves_its_text_model_with_its_loras(demo_dir, tmp_path):
     """A Gemma3ForConditionalGeneration checkpoint (config.json with text_config; tensors under language_model.*,
     beside a vision tower and projector): loraplex serves its text model, and PEFT LoRAs made on the multimodal
-    model (limited to the language model's projections) batch with base requests; both against transformers +
-    peft running the multimodal model on text. A LoRA that reaches into the vision tower is refused by name."""
+    model batch with base requests, against transformers + peft running the multimodal model on text: one limited
+    to the language model, one on every q_proj (the vision tower's too: text never reaches those, so they are
+    skipped). A merge of the two, written for this base, loads in peft and serves there as in loraplex."""
     base = _write_base(tmp_path, "gemma3-multimodal", demo_dir)
+    config = ModelConfig.from_file(base / "config.json")
     text_only = r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"
     adapters = {"text": build_peft_adapter(tmp_path / "text", {"r": 8, "lora_alpha": 16, "target_modules": text_only},
-                                           seed=4, rel=0.3, base_dir=base)}
+                                           seed=4, rel=0.3, base_dir=base),
+                "every": build_peft_adapter(tmp_path / "every", {"r": 4, "lora_alpha": 16,
+                                                                 "target_modules": ["q_proj"]}, seed=5, rel=0.6,
+                                            base_dir=base)}
+    assert {m for _, m in load_peft_lora(adapters["every"], "every", config, 64).modules} == {"q_proj"}
+    merged = merge([load_peft_lora(adapters[n], n, config, 64) for n in ("text", "every")], [0.7, 0.6],
+                   MergeParams(method="cat"), "merged")
+    adapters["merged"] = write_peft_lora(merged, tmp_path / "merged", base=config)
     reference = PeftReference(base, dict(adapters))
     assert type(reference.model(None)).__name__ == "Gemma3ForConditionalGeneration"
-    prompts, names = make_requests(44, [("text", 30), (None, 0), ("text", 9), (None, 50)])
+    plan = [("text", 30), (None, 0), ("every", 0), ("merged", 0), ("text", 9), (None, 50), ("merged", 12)]
+    prompts, names = make_requests(44, plan)
     llm = make_llm(base, adapters)
     outputs = llm.generate(prompts, greedy(8), adapter=names)
     assert_tokens_match(reference, prompts, names, outputs, max_new=8)
     assert_logprobs_match(reference, prompts, names, outputs, 8)
-    assert outputs[0].token_ids != outputs[1].token_ids  # the adapter changes the output
-
-    vision = build_peft_adapter(tmp_path / "vision", {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]},
-                                seed=5, base_dir=base)  # every q_proj: the vision tower's too
-    with pytest.raises(LoraplexError, match="vision tower is not served"):
-        load_peft_lora(vision, "vision", ModelConfig.from_file(base / "config.json"), 64)
+    # one prompt four ways: each adapter changes its first step's log-probs
+    assert len({tuple(round(v, 3) for _, v in out.logprobs[0].top) for out in outputs[:4]}) == 4
 
 
 def test_fused_phi3_loras_split_into_their_parts(families):
@@ -143,22 +148,51 @@ def test_a_cat_merge_of_phi3_loras_matches_peft(demo_dir, tmp_path):
     config = ModelConfig.from_file(base / "config.json")
     merged = merge([load_peft_lora(made[n], n, config, 64) for n in ("x", "y")], weights,
                    MergeParams(method="cat"), "merged")
-    write_peft_lora(merged, tmp_path / "ours")
+    write_peft_lora(merged, tmp_path / "ours", base=config)
 
     model = PeftModel.from_pretrained(load_hf_base(base), made["x"], adapter_name="x")
     model.load_adapter(made["y"], adapter_name="y")
     model.add_weighted_adapter(["x", "y"], weights, "merged", combination_type="cat")
     model.save_pretrained(tmp_path / "peft", selected_adapters=["merged"])
-    reference = PeftReference(base, {"merged": tmp_path / "peft" / "merged"})
+    # PEFT's merge, and loraplex's written back fused (qkv_proj, gate_up_proj): peft loads it as it is
+    reference = PeftReference(base, {"merged": tmp_path / "peft" / "merged", "ours": tmp_path / "ours"})
 
     prompts, names = make_requests(7, [("merged", 12), (None, 30), ("merged", 40)])
     llm = make_llm(base, {"merged": tmp_path / "ours"}, max_model_len=64)
     outputs = llm.generate(prompts, greedy(8), adapter=names)
     assert_tokens_match(reference, prompts, names, outputs, max_new=8)
     assert_logprobs_match(reference, prompts, names, outputs, 8)
+    as_peft_loads_it = ["ours" if name else None for name in names]
+    assert_logprobs_match(reference, prompts, as_peft_loads_it, outputs, 8)
 
 
-def test_a_sparse_delta_of_a_phi3_finetune_serves_the_finetune(demo_dir, tmp_path):
+@pytest.mark.parametrize("method", ["svd", "dare_linear"])
+def test_phi3_merges_whose_parts_differ_in_lora_a_load_in_peft(families, tmp_path, method):
+    """svd and DARE merges give each part of a fused projection its own lora_A: written for Phi-3 they fuse back
+    into one qkv_proj / gate_up_proj (stacked lora_A, block-diagonal lora_B, the same update), which peft loads
+    and serves as loraplex serves the merge (and the CLI writes it so with --base)."""
+    from loraplex.cli import main
+
+    _, base, adapters, _ = families("phi3")
+    extra = ["--rank", "8"] if method == "svd" else ["--density", "0.7"]
+    out = tmp_path / "merged"
+    assert main(["merge", "--method", method, "--adapter", f"{adapters['mlp']}:0.9", "--adapter",
+                 f"{adapters['all']}:0.6", "--base", str(base), "-o", str(out), *extra]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        names = {key.rsplit(".", 2)[0].rsplit(".", 1)[1] for key in f.keys()}  # noqa: SIM118
+        qkv_rank = f.get_tensor("base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight").shape[0]
+    assert names == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert qkv_rank > 8  # the parts' own lora_A stacked: the block-diagonal form, not one shared lora_A
+    reference = PeftReference(base, {"merged": out})
+    prompts, names = make_requests(9, [("merged", 20), (None, 7), ("merged", 33)])
+    outputs = make_llm(base, {"merged": out}, max_model_len=64).generate(prompts, greedy(6), adapter=names)
+    assert_tokens_match(reference, prompts, names, outputs, max_new=6)
+    assert_logprobs_match(reference, prompts, names, outputs, 6)
+
+
+def test_a_sparse_delta_of_a_phi3_finetune_serves_the_finetune(demo_dir, tmp_path, capsys):
     """`loraplex adapters sparsify` on a Phi-3 checkpoint (fused qkv_proj / gate_up_proj in the files) and a copy
     with every projection changed: at density 1 the served sparse delta is the changed model, token for token
     against transformers running it."""
@@ -178,6 +212,7 @@ def test_a_sparse_delta_of_a_phi3_finetune_serves_the_finetune(demo_dir, tmp_pat
     out = tmp_path / "delta"
     assert main(["adapters", "sparsify", "--base", str(base), "--finetuned", str(finetuned), "--density", "1",
                  "--dtype", "float32", "-o", str(out)]) == 0
+    assert "differ" not in capsys.readouterr().err  # the fused tensors are held, as their parts: no warning
     llm = make_llm(base, {"ft": out}, max_model_len=64, max_sparse_density=1.0)
     prompts, _ = make_requests(43, [(None, 12), (None, 40), (None, 3)])
     outputs = llm.generate(prompts, greedy(8), adapter="ft")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from loraplex.kernels import reference
+from loraplex.kernels import reference, torch_attention
 from loraplex.kernels.torch_attention import paged_attention_planned, plan_paged_attention, write_kv
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
@@ -37,9 +37,11 @@ def _loop_oracle(q, keys, values, lens, q_lens, window=None, softcap=None):
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["planned", "twin"])
-@pytest.mark.parametrize(("window", "softcap"), [(None, None), (3, None), (None, 0.7), (4, 1.5)],
-                         ids=["plain", "window", "softcap", "both"])
-def test_matches_a_per_token_loop(lens, q_lens, dtype, impl, window, softcap):
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (3, None), (None, 0.7), (4, 1.5), (12, None)],
+                         ids=["plain", "window", "softcap", "both", "window-of-the-longest"])
+def test_matches_a_per_token_loop(lens, q_lens, dtype, impl, window, softcap, monkeypatch):
+    # soft-capped scores one query row at a time: the blocks must join up to the whole
+    monkeypatch.setattr(torch_attention, "SOFTCAP_SCORE_ELEMENTS", 1 if impl == "planned" else 1 << 25)
     g = torch.Generator().manual_seed(0)
     num_blocks = 32
     k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype)

@@ -87,3 +87,31 @@ def test_bad_family_configs_are_refused_by_name(change, message):
     raw = {"architectures": ["Phi3ForCausalLM"], **SHAPE, "original_max_position_embeddings": 64, **change}
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict(raw)
+
+
+def test_gemma3_without_a_window_still_turns_its_sliding_layers_with_the_local_rope():
+    """transformers' Gemma 3 with sliding_window null keeps its layer types, and their RoPE: the sliding kind of
+    layer attends globally then, yet turns with the local base."""
+    import torch
+
+    from loraplex.kernels.backend import TorchBackend
+    from loraplex.models.registry import model_class
+
+    raw = {"architectures": ["Gemma3ForCausalLM"], **SHAPE, "head_dim": 16, "num_hidden_layers": 6,
+           "sliding_window": None}
+    config = ModelConfig.from_dict(raw)
+    hf = transformers.Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    assert config.sliding_layers == tuple(t == "sliding_attention" for t in hf.layer_types)
+    assert config.layer_windows == () and config.local_rope_theta == hf.rope_parameters["sliding_attention"][
+        "rope_theta"]
+    with torch.device("meta"):
+        model = model_class(config)(config, TorchBackend(), torch.float32)
+    assert [layer.local for layer in model.model.layers] == [True] * 5 + [False]
+    assert all(layer.self_attn.window is None for layer in model.model.layers)
+
+
+def test_longrope_factors_of_the_wrong_length_are_refused_at_once():
+    raw = {"architectures": ["Phi3ForCausalLM"], **SHAPE, "original_max_position_embeddings": 64,
+           "rope_scaling": {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 7}}
+    with pytest.raises(ValueError, match="short_factor has 7 entries; 16 rotary dims need 8"):
+        ModelConfig.from_dict(raw)

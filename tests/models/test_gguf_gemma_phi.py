@@ -528,3 +528,29 @@ def test_gemma_query_scaling_follows_llama_cpp(tmp_path, arch, layers, scalar):
         assert "sliding_window_pattern" not in config
     else:
         assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (50.0, 30.0)  # defaults
+
+
+def test_end_of_turn_ids_stop_generation_as_eos(gguf_demo_dir, tmp_path):
+    """A chat model's file names its end-of-turn token apart from EOS (tokenizer.ggml.eot_token_id: Gemma's
+    <end_of_turn>, Phi-3's <|end|>): both end generation, as in llama.cpp."""
+    import gguf
+
+    from loraplex.models.gguf import read_gguf
+
+    path = tmp_path / "eot.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma2")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(HEADS)
+    writer.add_layer_norm_rms_eps(1e-6)
+    add_spm_vocabulary(writer, "gemma2")
+    writer.add_eot_token_id(3)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    checkpoint = read_gguf(path)
+    assert checkpoint.generation_config["eos_token_id"] == [1, 3]
+    assert checkpoint.config["eos_token_id"] == [1, 3]
