@@ -17,6 +17,7 @@ from tiny_families import FAMILIES, TOKENIZER_FILES, family_config, write_random
 from loraplex.adapters_store.formats import load_peft_lora
 from loraplex.adapters_store.peft_export import write_peft_lora
 from loraplex.arithmetic import MergeParams, merge
+from loraplex.errors import LoraplexError
 from loraplex.models.model_config import ModelConfig
 
 SPECIAL_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=4)
@@ -131,6 +132,28 @@ def test_fused_phi3_loras_split_into_their_parts(families):
     assert torch.equal(torch.cat([p.b for p in parts]), fused_b)
     assert [p.b.shape[0] for p in parts] == [64, 32, 32]
     assert torch.equal(torch.cat([p.magnitude for p in parts]), raw[f"{prefix}.lora_magnitude_vector"].float())
+    # the file's bytes in fp32: the parts' shared lora_A held (and counted) once
+    assert adapter.num_bytes == sum(t.float().nbytes for t in raw.values())
+
+
+def test_a_fused_lora_that_cannot_be_split_without_the_base_is_refused(families, tmp_path):
+    """Offline (no base model), q/k/v sizes are unknown: a qkv_proj LoRA is refused naming --base; a gate_up_proj
+    LoRA splits in halves, unless its rows are odd."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, adapters, _ = families("phi3")
+    with pytest.raises(LoraplexError, match=r"qkv_proj splits into q_proj/k_proj/v_proj .*--base"):
+        load_peft_lora(adapters["attn"], "attn", None, 64)
+    halves = load_peft_lora(adapters["mlp"], "mlp", None, 64).modules
+    assert halves[(0, "gate_proj")].b.shape[0] == halves[(0, "up_proj")].b.shape[0] == 128
+    odd = tmp_path / "odd"
+    shutil.copytree(adapters["mlp"], odd)
+    tensors = load_file(str(odd / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight"
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, str(odd / "adapter_model.safetensors"))
+    with pytest.raises(LoraplexError, match="lora_B has 255 rows"):
+        load_peft_lora(odd, "odd", None, 64)
 
 
 def test_a_cat_merge_of_phi3_loras_matches_peft(demo_dir, tmp_path):

@@ -115,3 +115,20 @@ def test_longrope_factors_of_the_wrong_length_are_refused_at_once():
            "rope_scaling": {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 7}}
     with pytest.raises(ValueError, match="short_factor has 7 entries; 16 rotary dims need 8"):
         ModelConfig.from_dict(raw)
+
+
+def test_random_gemma_weights_have_unit_norm_gains(tmp_path):
+    """--load-format dummy on a Gemma config: the norms' stored w is 0 (Gemma scales by 1 + w), so the random
+    model's gains are 1 as for the other families, and its logits stay finite."""
+    import json
+
+    import torch
+
+    from loraplex.models.loader import load_model
+
+    raw = {"architectures": ["Gemma2ForCausalLM"], **SHAPE, "head_dim": 16, "sliding_window": 8}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = load_model(tmp_path, torch.float32, torch.device("cpu"), "torch", load_format="dummy")
+    norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+    assert norms and all(bool((p == 0).all()) for p in norms)
+    assert torch.isfinite(model.compute_logits(torch.randn(3, 64))).all()
