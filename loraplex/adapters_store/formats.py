@@ -159,7 +159,9 @@ def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
 
 
 def split_fused(module: str, weights: LoRAModule, base: ModelConfig | None, full_name: str) -> dict[str, LoRAModule]:
-    """A LoRA on a fused projection -> the LoRAs on its parts (the same lora_A, each part's rows of lora_B)."""
+    """A LoRA on a fused projection -> the LoRAs on its parts: the same lora_A, each part's rows of lora_B. A part
+    keeps only the rank columns its rows use (a fused export of parts with lora_As of their own is block-diagonal:
+    each part gets its own rank back, and a part it never adapted none), unless it carries a DoRA magnitude."""
     parts = FUSED_MODULES[module]
     if base is not None:
         sizes = [module_shape(base, part)[0] for part in parts]
@@ -170,11 +172,18 @@ def split_fused(module: str, weights: LoRAModule, base: ModelConfig | None, full
                              f"model's sizes (lora_B has {weights.b.shape[0]} rows); give the base model (--base) to "
                              "read it")
     rows = torch.tensor(sizes).cumsum(0).tolist()
-    starts = [0, *rows[:-1]]
-    return {part: dataclasses.replace(
-        weights, b=weights.b[start:end].contiguous(),
-        magnitude=None if weights.magnitude is None else weights.magnitude[start:end].contiguous())
-        for part, start, end in zip(parts, starts, rows, strict=True)}
+    whole, trimmed = {}, {}
+    for part, start, end in zip(parts, [0, *rows[:-1]], rows, strict=True):
+        b = weights.b[start:end].contiguous()
+        magnitude = None if weights.magnitude is None else weights.magnitude[start:end].contiguous()
+        whole[part] = dataclasses.replace(weights, b=b, magnitude=magnitude)
+        used = b.ne(0).any(dim=0)
+        if magnitude is not None or bool(used.all()):
+            trimmed[part] = whole[part]
+        elif bool(used.any()):
+            trimmed[part] = dataclasses.replace(weights, a=weights.a[used].contiguous(), b=b[:, used].contiguous())
+        # else: no update on this part
+    return trimmed or whole  # (an untrained adapter, lora_B all zeros: its parts as they are)
 
 
 def load_peft_lora(path: Path, name: str, base: ModelConfig | None, max_rank: int,
@@ -455,14 +464,17 @@ def _pair_modules(tensors: dict[str, torch.Tensor], config: AdapterConfig, base:
         if ("M" in pair) != config.dora:
             raise _weights_error(f"{full_name}: lora_magnitude_vector must be there exactly when adapter_config.json "
                                  f"has use_dora true (use_dora is {str(config.dora).lower()})")
-        module_weights = _module(pair["A"], pair["B"], config, base, module, full_name, max_rank)
+        fused = module in FUSED_MODULES  # its parts' ranks are checked against max_rank once split
+        module_weights = _module(pair["A"], pair["B"], config, base, module, full_name,
+                                 MAX_CONFIG_RANK if fused else max_rank)
         if "M" in pair:
             module_weights = dataclasses.replace(module_weights,
                                                  magnitude=_magnitude(pair["M"], module_weights, full_name))
-        if module in FUSED_MODULES:
+        if fused:
             for part, part_weights in split_fused(module, module_weights, base, full_name).items():
                 if (layer, part) in halves:
                     raise _weights_error(f"{full_name}: adapts {part} both fused (in {module}) and alone")
+                _check_rank(part_weights.rank, max_rank, f"{full_name} ({part})")
                 modules[(layer, part)] = part_weights
         else:
             modules[(layer, module)] = module_weights
@@ -518,13 +530,17 @@ def _module(a: torch.Tensor, b: torch.Tensor, config: AdapterConfig, base: Model
     if rank != expected_rank:
         raise _weights_error(f"{full_name}: rank {rank} differs from the {expected_rank} that {CONFIG_FILE} "
                              "(r / rank_pattern) gives")
-    if rank > max_rank:
-        raise _weights_error(f"{full_name}: rank {rank} exceeds max_lora_rank {max_rank}; restart with "
-                             f"--max-lora-rank {rank} or more")
+    _check_rank(rank, max_rank, full_name)
     a, b = _fp32("lora_A", a, full_name), _fp32("lora_B", b, full_name)
     scale = config.scale_of(full_name, rank)
     check_norms(a, b, scale, full_name)
     return LoRAModule(a=a.contiguous(), b=b.contiguous(), scale=scale)
+
+
+def _check_rank(rank: int, max_rank: int, full_name: str) -> None:
+    if rank > max_rank:
+        raise _weights_error(f"{full_name}: rank {rank} exceeds max_lora_rank {max_rank}; restart with "
+                             f"--max-lora-rank {rank} or more")
 
 
 def _magnitude(tensor: torch.Tensor, module: LoRAModule, full_name: str) -> torch.Tensor:

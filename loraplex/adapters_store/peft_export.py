@@ -77,8 +77,11 @@ def _order(path: str) -> tuple[int, str]:
     return int(layer), path
 
 
-def peft_config(adapter: LoRAAdapter, base_model: str | None, base: ModelConfig | None = None) -> dict:
-    ranks = {path: a.shape[0] for path, (a, _) in peft_modules(adapter, base).items()}
+def peft_config(adapter: LoRAAdapter, base_model: str | None, base: ModelConfig | None = None,
+                modules: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+    """adapter_config.json for the adapter's `peft_modules` (given, or made here)."""
+    modules = peft_modules(adapter, base) if modules is None else modules
+    ranks = {path: a.shape[0] for path, (a, _) in modules.items()}
     r = max(ranks.values())
     pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
     return {
@@ -97,12 +100,14 @@ def write_peft_lora(adapter: LoRAAdapter, directory: Path, dtype: torch.dtype = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for path, (a, b) in peft_modules(adapter, base).items():
+    modules = peft_modules(adapter, base)
+    for path, (a, b) in modules.items():
         # a copy each (clone): parts that share one lora_A must not share memory in the file
         tensors[f"base_model.model.{path}.lora_A.weight"] = a.to("cpu", dtype).clone().contiguous()
         tensors[f"base_model.model.{path}.lora_B.weight"] = b.to("cpu", dtype).clone().contiguous()
     base_model = base_model or adapter.config.get("base_model_name_or_path")
-    (directory / CONFIG_FILE).write_text(json.dumps(peft_config(adapter, base_model, base), indent=2) + "\n")
+    config = peft_config(adapter, base_model, base, modules)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(directory / WEIGHTS_FILE))
     return directory
 

@@ -205,7 +205,7 @@ def _sliding_layers(raw: dict[str, Any], family: Family, window: int | None, num
         else:
             types = ["sliding_attention" if window else "full_attention"] * num_layers
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
-    if unknown:
+    if unknown and window:  # (without a window no layer slides: the kinds only pick Gemma 3's RoPE)
         raise ValueError(f"{source}: layer_types holds {unknown[0]!r}; loraplex knows sliding_attention and "
                          "full_attention")
     return tuple(kind == "sliding_attention" for kind in types) if "sliding_attention" in types else ()

@@ -208,6 +208,10 @@ def test_phi3_merges_whose_parts_differ_in_lora_a_load_in_peft(families, tmp_pat
         qkv_rank = f.get_tensor("base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight").shape[0]
     assert names == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     assert qkv_rank > 8  # the parts' own lora_A stacked: the block-diagonal form, not one shared lora_A
+    # read back, each part has its own rank again (what a server with --max-lora-rank of the merge's rank takes)
+    rank = 8 if method == "svd" else 4
+    parts = load_peft_lora(out, "merged", ModelConfig.from_file(base / "config.json"), rank).modules
+    assert max(m.rank for m in parts.values()) == rank
     reference = PeftReference(base, {"merged": out})
     prompts, names = make_requests(9, [("merged", 20), (None, 7), ("merged", 33)])
     outputs = make_llm(base, {"merged": out}, max_model_len=64).generate(prompts, greedy(6), adapter=names)
