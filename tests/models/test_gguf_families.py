@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import _tokenizer_metadata
+from gguf_vocab import tokenizer_metadata
 
 from loraplex import LLM, SamplingParams
 from loraplex.models.gguf import convert_gguf
@@ -59,7 +59,7 @@ def write_family(root: Path, demo_dir: Path, arch: str):
     model.save_pretrained(hf_dir)
     for name in TOKENIZER_FILES:
         shutil.copy(demo_dir / name, hf_dir / name)
-    tokens, types, merges = _tokenizer_metadata(demo_dir)
+    tokens, types, merges = tokenizer_metadata(demo_dir)
     path = root / f"{arch}.gguf"
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(TINY["max_position_embeddings"])

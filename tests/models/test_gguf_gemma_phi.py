@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from gguf_vocab import tokenizer_metadata
 
 from loraplex.models.gguf import convert_gguf, read_gguf
 
@@ -87,20 +88,6 @@ def reference_model(kind: str, **vocabulary) -> transformers.PreTrainedModel:
             else:
                 param.copy_(noise * (0.5 if "embed" in name else 1.5 / math.sqrt(param.shape[-1])))
     return model.eval()
-
-
-def tokenizer_metadata(demo_dir: Path) -> tuple[list[str], list[int], list[str]]:
-    spec = json.loads((demo_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    by_id = {index: token for token, index in spec["model"]["vocab"].items()}
-    control = set()
-    for added in spec["added_tokens"]:
-        by_id[added["id"]] = added["content"]
-        if added["special"]:
-            control.add(added["id"])
-    tokens = [by_id[i] for i in range(len(by_id))]
-    types = [3 if i in control else 1 for i in range(len(tokens))]  # llama.cpp's CONTROL, NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return tokens, types, merges
 
 
 def write_gguf(model: transformers.PreTrainedModel, kind: str, demo_dir: Path, path: Path,
@@ -372,9 +359,10 @@ def add_spm_vocabulary(writer, arch: str) -> None:
         writer.add_add_space_prefix(False)
 
 
-def write_tokenizer_gguf(path: Path, arch: str, tokenizer: str, demo_dir: Path) -> Path:
+def write_tokenizer_gguf(path: Path, arch: str, tokenizer: str, demo_dir: Path, extra=None) -> Path:
     """Model metadata (no tensors: a tokenizer's reader needs none) and a vocabulary: SentencePiece
-    (`tokenizer`="llama") or the demo's byte-level BPE with the given tokenizer.ggml.pre."""
+    (`tokenizer`="llama") or the demo's byte-level BPE with the given tokenizer.ggml.pre; `extra(writer)` adds
+    more metadata."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -396,6 +384,8 @@ def write_tokenizer_gguf(path: Path, arch: str, tokenizer: str, demo_dir: Path) 
         writer.add_bos_token_id(0)
         writer.add_eos_token_id(1)
         writer.add_add_bos_token(False)
+    if extra is not None:
+        extra(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -533,24 +523,10 @@ def test_gemma_query_scaling_follows_llama_cpp(tmp_path, arch, layers, scalar):
 def test_end_of_turn_ids_stop_generation_as_eos(gguf_demo_dir, tmp_path):
     """A chat model's file names its end-of-turn token apart from EOS (tokenizer.ggml.eot_token_id: Gemma's
     <end_of_turn>, Phi-3's <|end|>): both end generation, as in llama.cpp."""
-    import gguf
-
     from loraplex.models.gguf import read_gguf
 
-    path = tmp_path / "eot.gguf"
-    writer = gguf.GGUFWriter(str(path), "gemma2")
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(96)
-    writer.add_head_count(HEADS)
-    writer.add_layer_norm_rms_eps(1e-6)
-    add_spm_vocabulary(writer, "gemma2")
-    writer.add_eot_token_id(3)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_tokenizer_gguf(tmp_path / "eot.gguf", "gemma2", "llama", gguf_demo_dir,
+                                extra=lambda writer: writer.add_eot_token_id(3))
     checkpoint = read_gguf(path)
     assert checkpoint.generation_config["eos_token_id"] == [1, 3]
     assert checkpoint.config["eos_token_id"] == [1, 3]
