@@ -72,7 +72,8 @@ class LLMEngine:
         if config.chat_template is not None:  # the file replaces the model's template
             self.tokenizer.chat_template = Path(config.chat_template).expanduser().read_text()
         self.max_model_len = self._max_model_len(model_config.max_position_embeddings)
-        self.model.build_rope(self.device, self.max_model_len)  # (decides LongRoPE's factors: see rope_inv_freq)
+        if self.max_model_len != model_config.max_position_embeddings:  # the loader built them for that length
+            self.model.build_rope(self.device, self.max_model_len)  # (which decides LongRoPE's factors)
         self.adapters: AdapterManager | None = None
         if config.max_loras > 0:  # before sizing the KV cache, which takes a share of what is left
             self.model.enable_lora(config.max_loras, config.max_lora_rank, config.sparse_memory_bytes())

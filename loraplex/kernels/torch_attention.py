@@ -67,16 +67,8 @@ class AttentionGroup:
         """[group_seqs, 1, max_query_len, max_kv_len] additive mask: causal, and with a `window` each query at
         position p sees the keys p - window < j <= p only (padded query rows see key 0)."""
         if window not in self._masks:
-            device = self.block_tables.device
-            lens = torch.tensor(self.seq_lens, device=device).unsqueeze(1)  # [num_seqs, 1]
-            first_pos = lens - torch.tensor(self.query_lens, device=device).unsqueeze(1)
-            q_pos = first_pos + torch.arange(self.max_query_len, device=device).unsqueeze(0)
-            q_pos = torch.where(q_pos < lens, q_pos, torch.zeros_like(q_pos)).unsqueeze(-1)  # [num_seqs, max_q, 1]
-            kv_pos = torch.arange(self.max_kv_len, device=device).view(1, 1, -1)
-            attend = kv_pos <= q_pos
-            if window is not None:
-                attend &= kv_pos > q_pos - window
-            self._masks[window] = _additive(attend.unsqueeze(1), dtype)
+            self._masks[window] = _position_mask(self.seq_lens, self.query_lens, self.max_query_len, self.max_kv_len,
+                                                 self.block_tables.device, dtype, window)
         return self._masks[window]
 
 
@@ -127,20 +119,26 @@ def _plan_group(block_tables: torch.Tensor, seq_lens: list[int], query_lens: lis
     fresh = max_query_len > 1 and seq_lens == query_lens
     if fresh or max_query_len == 1 and min(seq_lens) == max_kv_len:
         mask = None  # SDPA's own causal mask, or decodes over one length that see every key
-    elif max_query_len == 1:  # decodes see their whole context
-        lens = torch.tensor(seq_lens, device=device).view(-1, 1, 1, 1)
-        mask = _additive(torch.arange(max_kv_len, device=device) < lens, dtype)  # [num_seqs, 1, 1, max_kv]
-    else:
-        # Query i of sequence b sits at position seq_lens[b] - q_len_b + i; padded rows see position 0.
-        lens = torch.tensor(seq_lens, device=device).unsqueeze(1)  # [num_seqs, 1]
-        first_pos = lens - torch.tensor(query_lens, device=device).unsqueeze(1)
-        q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
-        q_pos = torch.where(q_pos < lens, q_pos, torch.zeros_like(q_pos))
-        kv_pos = torch.arange(max_kv_len, device=device)
-        attend = (kv_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # [num_seqs, 1, max_q, max_kv]
-        mask = _additive(attend, dtype)
+    else:  # decodes see their whole context; prompt chunks theirs, causally
+        mask = _position_mask(seq_lens, query_lens, max_query_len, max_kv_len, device, dtype)
     return AttentionGroup(token_index, block_tables, padded_index, mask, max_query_len, max_kv_len, fresh, uniform,
                           tuple(seq_lens), tuple(query_lens))
+
+
+def _position_mask(seq_lens, query_lens, max_query_len: int, max_kv_len: int, device: torch.device,
+                   dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """[num_seqs, 1, max_query_len, max_kv_len] additive mask. Query i of sequence b sits at position
+    p = seq_lens[b] - q_len_b + i (padded rows at 0) and sees keys j <= p, and with a `window` only those with
+    j > p - window."""
+    lens = torch.tensor(seq_lens, device=device).unsqueeze(1)  # [num_seqs, 1]
+    first_pos = lens - torch.tensor(query_lens, device=device).unsqueeze(1)
+    q_pos = first_pos + torch.arange(max_query_len, device=device).unsqueeze(0)
+    q_pos = torch.where(q_pos < lens, q_pos, torch.zeros_like(q_pos)).unsqueeze(-1)  # [num_seqs, max_q, 1]
+    kv_pos = torch.arange(max_kv_len, device=device).view(1, 1, -1)
+    attend = kv_pos <= q_pos
+    if window is not None:
+        attend &= kv_pos > q_pos - window
+    return _additive(attend.unsqueeze(1), dtype)
 
 
 def _additive(attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

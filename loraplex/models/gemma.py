@@ -50,7 +50,8 @@ class GemmaModel(Module):
     def __init__(self, config: ModelConfig, backend: TorchBackend, dtype: torch.dtype) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_scale = config.embed_scale
+        # sqrt(hidden_size) rounded to the model's dtype first, as transformers multiplies by it
+        self.embed_scale = torch.tensor(config.embed_scale, dtype=dtype, device="cpu").item()
         self.rotary = RotaryEmbedding(config)
         self.local_rotary = None  # Gemma 3's sliding layers: plain RoPE of base local_rope_theta
         if config.local_rope_theta is not None:
@@ -63,7 +64,7 @@ class GemmaModel(Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRABatch | None):
         x = self.embed_tokens(input_ids)
-        x *= torch.tensor(self.embed_scale, dtype=x.dtype)  # rounded to the model's dtype first, as transformers
+        x *= self.embed_scale
         rope = self.rotary.lookup(positions, x.dtype)
         local_rope = self.local_rotary.lookup(positions, x.dtype) if self.local_rotary is not None else rope
         for layer in self.layers:

@@ -306,10 +306,6 @@ def _phi3_rope(path: Path, meta: dict[str, Any], reader, config: dict[str, Any])
         return
     if len(factors) != 2:
         raise ValueError(f"{path.name}: has only one of rope_factors_long/rope_factors_short")
-    rotary = round(config["head_dim"] * config["partial_rotary_factor"])
-    for key, values in factors.items():
-        if len(values) != rotary // 2:
-            raise ValueError(f"{path.name}: rope_factors ({key}) has {len(values)} entries, expected {rotary // 2}")
     original = config["original_max_position_embeddings"]
     scaling = {"rope_type": "longrope", "long_factor": factors["long_factor"],
                "short_factor": factors["short_factor"], "original_max_position_embeddings": original}

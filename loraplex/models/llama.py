@@ -86,10 +86,8 @@ def rope_inv_freq(config: ModelConfig, max_positions: int) -> torch.Tensor:
     scaling = config.rope_scaling
     if scaling["rope_type"] == "longrope":
         long = max_positions > scaling["original_max_position_embeddings"]
+        # (one per rotary frequency: ModelConfig checks their lengths)
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
-        if factors.shape[0] != dim // 2:
-            raise ValueError(f"rope_scaling {'long' if long else 'short'}_factor has {factors.shape[0]} entries; "
-                             f"{dim} rotary dims need {dim // 2}")
         return (1.0 / (factors * config.rope_theta**exponents)).float()
     inv_freq = 1.0 / (config.rope_theta**exponents)
     if scaling["rope_type"] == "linear":
